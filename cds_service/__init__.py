@@ -1,0 +1,1 @@
+"""CDS Hooks service for lumbar imaging appropriateness (ACR Low Back Pain)."""

@@ -1,0 +1,223 @@
+"""Clinical knowledge as data: value sets, the procedure catalog and the rating matrix.
+
+The YAML files beside this module are loaded and checked once at start-up by :func:`load_knowledge`.
+A site can point ``CDS_KNOWLEDGE_DIR`` at its own copy of the three files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KNOWLEDGE_DIR = Path(__file__).resolve().parent
+VARIANTS = ("V1", "V2", "V3", "V4", "V5", "V6", "V7")
+CATEGORIES = ("UA", "MBA", "MBA(D)", "UNA")
+# Higher is better: a patient in two scenarios may have the study either one supports.
+CATEGORY_RANK = {"UA": 3, "MBA": 2, "MBA(D)": 1, "UNA": 0}
+PAMA_CODE = {"UA": "appropriate", "MBA": "appropriate", "MBA(D)": "appropriate",
+             "UNA": "not-appropriate"}
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+MODALITIES = {"XR", "CT", "MR", "NM", "PET"}
+REGIONS = {"lumbar", "whole-body"}
+
+
+class KnowledgeError(ValueError):
+    """The knowledge files are missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True, eq=False)  # one object per procedure: identity is equality
+class Procedure:
+    """One of the procedures the ACR criteria rate, with the codes that order it."""
+
+    id: str
+    name: str
+    modality: str
+    contrast: str
+    region: str
+    rrl: str
+    rrl_rank: int
+    preference: int
+    order_codes: tuple[dict[str, str], ...]
+    codes: tuple[dict[str, str], ...]
+
+    @property
+    def has_contrast(self) -> bool:
+        return self.contrast != "none"
+
+
+@dataclass
+class Knowledge:
+    """The loaded knowledge with its lookup indexes (built once)."""
+
+    source: dict[str, str]
+    variants: dict[str, str]
+    procedures: dict[str, Procedure]
+    ratings: dict[str, dict[str, str]]
+    valueset_descriptions: dict[str, str]
+    aliases: dict[str, str]
+    _exact: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
+    _prefix: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
+    _prefix_lengths: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    _procedure_codes: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+
+    def normalize(self, system: str | None, code: str | None) -> tuple[str, str] | None:
+        """The (system, code) pair used for comparisons, or None for an empty coding."""
+        if not system or not code or not isinstance(system, str) or not isinstance(code, str):
+            return None
+        system = self.aliases.get(system.strip(), system.strip())
+        code = code.strip()
+        if system == ICD10CM:
+            code = code.replace(".", "").upper()
+        return system, code
+
+    def valuesets_of(self, system: str | None, code: str | None) -> frozenset[str]:
+        """Ids of every value set the coding belongs to (empty for most codes: a cheap check)."""
+        key = self.normalize(system, code)
+        if key is None:
+            return frozenset()
+        found = self._exact.get(key, frozenset())
+        for n in self._prefix_lengths.get(key[0], ()):
+            if n <= len(key[1]):
+                hit = self._prefix.get((key[0], key[1][:n]))
+                if hit:
+                    found = found | hit
+        return found
+
+    def valuesets_of_codings(self, codings: Iterable[Any]) -> frozenset[str]:
+        found: frozenset[str] = frozenset()
+        for c in codings:
+            if isinstance(c, Mapping):
+                found = found | self.valuesets_of(c.get("system"), c.get("code"))
+        return found
+
+    def procedure_of(self, codings: Iterable[Any]) -> Procedure | None:
+        """The catalog procedure ordered by any of the codings, or None."""
+        for c in codings:
+            if isinstance(c, Mapping):
+                key = self.normalize(c.get("system"), c.get("code"))
+                if key and key in self._procedure_codes:
+                    return self.procedures[self._procedure_codes[key]]
+        return None
+
+    def category(self, procedure_id: str, variants: Iterable[str]) -> str:
+        """The best category of the procedure over the applicable variants."""
+        row = self.ratings[procedure_id]
+        return max((row[v] for v in variants), key=CATEGORY_RANK.__getitem__)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KnowledgeError(f"cannot read {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise KnowledgeError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise KnowledgeError(f"{path} must hold a mapping at the top level")
+    return data
+
+
+def load_knowledge(directory: Path | None = None) -> Knowledge:
+    """Load and check the three knowledge files; raise KnowledgeError naming any problem."""
+    directory = directory or KNOWLEDGE_DIR
+    vs_doc = _read_yaml(directory / "valuesets.yaml")
+    proc_doc = _read_yaml(directory / "procedures.yaml")
+    rating_doc = _read_yaml(directory / "ratings.yaml")
+
+    vs_systems: dict[str, str] = vs_doc.get("systems") or {}
+    aliases: dict[str, str] = dict(vs_doc.get("system_aliases") or {})
+    exact: dict[tuple[str, str], set[str]] = {}
+    prefix: dict[tuple[str, str], set[str]] = {}
+    descriptions: dict[str, str] = {}
+    knowledge = Knowledge(source={}, variants={}, procedures={}, ratings={},
+                          valueset_descriptions=descriptions, aliases=aliases)
+    for vs_id, vs in (vs_doc.get("valuesets") or {}).items():
+        if not isinstance(vs, dict):
+            raise KnowledgeError(f"value set {vs_id}: must be a mapping")
+        descriptions[vs_id] = str(vs.get("description", vs_id))
+        for i, entry in enumerate(vs.get("entries") or []):
+            where = f"value set {vs_id} entry {i}"
+            system = vs_systems.get(entry.get("system"), entry.get("system"))
+            if not system or not str(system).startswith(("http", "urn:")):
+                raise KnowledgeError(f"{where}: unknown system {entry.get('system')!r}")
+            if not entry.get("source"):
+                raise KnowledgeError(f"{where}: every code needs a source")
+            if str(entry.get("verified")).lower() not in {"yes", "partial", "true"}:
+                raise KnowledgeError(f"{where}: unverified codes must be kept out")
+            if ("code" in entry) == ("prefix" in entry):
+                raise KnowledgeError(f"{where}: give exactly one of code or prefix")
+            key = knowledge.normalize(system, str(entry.get("code", entry.get("prefix"))))
+            assert key is not None
+            (exact if "code" in entry else prefix).setdefault(key, set()).add(vs_id)
+
+    proc_systems: dict[str, str] = proc_doc.get("systems") or {}
+    procedures: dict[str, Procedure] = {}
+    proc_codes: dict[tuple[str, str], str] = {}
+
+    def coding(entry: dict[str, Any], where: str) -> dict[str, str]:
+        system = proc_systems.get(entry.get("system"), entry.get("system"))
+        if not system or "code" not in entry:
+            raise KnowledgeError(f"{where}: a code needs system and code")
+        out = {"system": str(system), "code": str(entry["code"])}
+        if entry.get("display"):
+            out["display"] = str(entry["display"])
+        return out
+
+    for p in proc_doc.get("procedures") or []:
+        pid = p.get("id")
+        where = f"procedure {pid}"
+        for name in ("id", "name", "modality", "contrast", "region", "rrl", "codes", "order_codes"):
+            if p.get(name) in (None, "", []):
+                raise KnowledgeError(f"{where}: missing {name}")
+        if p["modality"] not in MODALITIES or p["region"] not in REGIONS:
+            raise KnowledgeError(f"{where}: bad modality or region")
+        codes = []
+        for c in p["codes"]:
+            if not c.get("source"):
+                raise KnowledgeError(f"{where}: code {c.get('code')} needs a source")
+            cd = coding(c, where)
+            key = knowledge.normalize(cd["system"], cd["code"])
+            assert key is not None
+            if key in proc_codes and proc_codes[key] != pid:
+                raise KnowledgeError(f"{where}: code {cd['code']} also maps to {proc_codes[key]}")
+            proc_codes[key] = pid
+            codes.append(cd)
+        procedures[pid] = Procedure(
+            id=pid, name=str(p["name"]), modality=p["modality"], contrast=str(p["contrast"]),
+            region=p["region"], rrl=str(p["rrl"]), rrl_rank=int(p.get("rrl_rank", 0)),
+            preference=int(p.get("preference", 99)),
+            order_codes=tuple(coding(c, where) for c in p["order_codes"]), codes=tuple(codes))
+
+    variants = {k: str(v.get("name", k)) for k, v in (rating_doc.get("variants") or {}).items()}
+    if tuple(variants) != VARIANTS:
+        raise KnowledgeError(f"ratings.yaml must define variants {', '.join(VARIANTS)}")
+    ratings: dict[str, dict[str, str]] = {}
+    for pid, row in (rating_doc.get("ratings") or {}).items():
+        if pid not in procedures:
+            raise KnowledgeError(f"ratings.yaml: unknown procedure {pid}")
+        if not isinstance(row, list) or len(row) != len(VARIANTS):
+            raise KnowledgeError(f"ratings.yaml: {pid} needs one category per variant (7)")
+        for cat in row:
+            if cat not in CATEGORIES:
+                raise KnowledgeError(f"ratings.yaml: {pid}: unknown category {cat!r}")
+        ratings[pid] = dict(zip(VARIANTS, row, strict=True))
+    missing = set(procedures) - set(ratings)
+    if missing:
+        raise KnowledgeError(f"ratings.yaml: no ratings for {', '.join(sorted(missing))}")
+
+    knowledge.source = {k: str(v) for k, v in (proc_doc.get("source") or {}).items()}
+    knowledge.variants = variants
+    knowledge.procedures = procedures
+    knowledge.ratings = ratings
+    knowledge._exact = {k: frozenset(v) for k, v in exact.items()}
+    knowledge._prefix = {k: frozenset(v) for k, v in prefix.items()}
+    lengths: dict[str, set[int]] = {}
+    for system, code in prefix:
+        lengths.setdefault(system, set()).add(len(code))
+    knowledge._prefix_lengths = {s: tuple(sorted(n)) for s, n in lengths.items()}
+    knowledge._procedure_codes = proc_codes
+    return knowledge

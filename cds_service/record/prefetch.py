@@ -1,0 +1,131 @@
+"""Turn the prefetch object of a hook request into a :class:`PatientRecord`.
+
+Each prefetch key arrives in one of four states: absent, ``null``, an ``OperationOutcome`` or a
+resource / Bundle. A source that was received is a closed world (absent there means absent in the
+patient); a missing one leaves the facts it would give unknown. A Bundle with a ``next`` link that
+was not followed is partial: what it holds counts, what it lacks is not proof of absence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+# key -> (resource type, FHIR query). Type searches without filters: the service filters itself.
+PREFETCH_TEMPLATES: dict[str, tuple[str, str]] = {
+    "patient": ("Patient", "Patient/{{context.patientId}}"),
+    "conditions": ("Condition", "Condition?patient={{context.patientId}}"),
+    "procedures": ("Procedure", "Procedure?patient={{context.patientId}}"),
+    "servicerequests": ("ServiceRequest", "ServiceRequest?patient={{context.patientId}}"),
+}
+
+
+class SourceState(StrEnum):
+    COMPLETE = "complete"
+    PARTIAL = "partial"
+    MISSING = "missing"
+
+
+@dataclass
+class Source:
+    """The resources of one kind received for the patient, and whether the list is whole."""
+
+    state: SourceState
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    note: str | None = None
+    next_url: str | None = None
+
+    @property
+    def received(self) -> bool:
+        return self.state is not SourceState.MISSING
+
+
+@dataclass
+class PatientRecord:
+    """Everything known about the patient for one hook call (plain dicts, not yet validated)."""
+
+    patient_id: str
+    patient: Source
+    conditions: Source
+    procedures: Source
+    service_requests: Source
+
+    def sources(self) -> dict[str, Source]:
+        return {"patient": self.patient, "conditions": self.conditions,
+                "procedures": self.procedures, "servicerequests": self.service_requests}
+
+    def missing_keys(self) -> list[str]:
+        """Prefetch keys whose data did not arrive (or arrived only in part)."""
+        return [k for k, s in self.sources().items() if s.state is not SourceState.COMPLETE]
+
+
+def _belongs_to(resource: Mapping[str, Any], patient_id: str) -> bool:
+    """False only when the resource names another patient (EHR filters are not trusted)."""
+    if resource.get("resourceType") == "Patient":
+        rid = resource.get("id")
+        return rid is None or rid == patient_id
+    subject = resource.get("subject") or resource.get("patient")
+    if not isinstance(subject, Mapping):
+        return True
+    ref = subject.get("reference")
+    if not isinstance(ref, str) or not ref:
+        return True
+    return ref.rstrip("/").rsplit("/", 1)[-1] == patient_id if "/" in ref else ref == patient_id
+
+
+def source_from_value(value: Any, resource_type: str, patient_id: str, *,
+                      present: bool) -> Source:
+    """Classify one prefetch value (see the module docstring for the four states)."""
+    if not present:
+        return Source(SourceState.MISSING, note="not prefetched")
+    if value is None:
+        # A read answered null: the resource does not exist. A search answered null: no data.
+        if resource_type == "Patient":
+            return Source(SourceState.MISSING, note="patient not provided")
+        return Source(SourceState.COMPLETE)
+    if not isinstance(value, Mapping):
+        return Source(SourceState.MISSING, note="not a FHIR resource")
+    rtype = value.get("resourceType")
+    if rtype == "OperationOutcome":
+        return Source(SourceState.MISSING, note="the EHR reported an error")
+    if rtype == resource_type:
+        if not _belongs_to(value, patient_id):
+            return Source(SourceState.MISSING, note="resource of another patient")
+        return Source(SourceState.COMPLETE, [dict(value)])
+    if rtype != "Bundle" and not (rtype is None and "entry" in value):
+        return Source(SourceState.MISSING, note=f"unexpected resource type {rtype}")
+    resources: list[dict[str, Any]] = []
+    for entry in value.get("entry") or []:
+        res = entry.get("resource") if isinstance(entry, Mapping) else None
+        if (isinstance(res, Mapping) and res.get("resourceType") == resource_type
+                and _belongs_to(res, patient_id)):
+            resources.append(res)  # type: ignore[arg-type]
+    next_url = next_link(value)
+    if next_url:
+        return Source(SourceState.PARTIAL, resources, note="more pages not read",
+                      next_url=next_url)
+    return Source(SourceState.COMPLETE, resources)
+
+
+def next_link(bundle: Mapping[str, Any]) -> str | None:
+    """The Bundle's ``next`` page URL, if any."""
+    for link in bundle.get("link") or []:
+        if isinstance(link, Mapping) and link.get("relation") == "next":
+            url = link.get("url")
+            if isinstance(url, str) and url:
+                return url
+    return None
+
+
+def record_from_prefetch(prefetch: Mapping[str, Any] | None, patient_id: str) -> PatientRecord:
+    """Build the patient record from a request's prefetch object (None = nothing prefetched)."""
+    prefetch = prefetch if isinstance(prefetch, Mapping) else {}
+    sources = {
+        key: source_from_value(prefetch.get(key), rtype, patient_id, present=key in prefetch)
+        for key, (rtype, _) in PREFETCH_TEMPLATES.items()
+    }
+    return PatientRecord(patient_id=patient_id, patient=sources["patient"],
+                         conditions=sources["conditions"], procedures=sources["procedures"],
+                         service_requests=sources["servicerequests"])

@@ -1,0 +1,73 @@
+"""All configuration in one object. Every field is an environment variable prefixed ``CDS_``."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+
+
+def _default_cards_dir() -> Path:
+    """The ``cards/`` folder beside the package (a source checkout or the container image)."""
+    return PROJECT_DIR / "cards"
+
+
+class Settings(BaseSettings):
+    """Service configuration; see the README table for what each variable does."""
+
+    model_config = SettingsConfigDict(env_prefix="CDS_", extra="ignore")
+
+    env: Literal["development", "test", "production"] = "production"
+
+    # HTTP
+    public_base_url: str | None = None
+    max_body_bytes: int = 5 * 1024 * 1024
+    cors_origins: str = "*"
+
+    # Trust of the calling EHR (JWT)
+    trusted_issuers_file: Path | None = None
+    jwt_algorithms: str = "ES256,ES384,ES512,RS256,RS384,RS512,PS256,PS384,PS512"
+    jwt_leeway_seconds: int = 60
+    jwt_max_lifetime_seconds: int = 3600
+    jwks_cache_seconds: int = 600
+    jwks_timeout_seconds: float = 2.0
+
+    # Clinical knowledge and card wording
+    knowledge_dir: Path | None = None
+    cards_dir: Path = Field(default_factory=_default_cards_dir)
+    qcdsm_id: str = "cds-lbp-imaging"
+    auc_applied: str = "https://acsearch.acr.org/docs/69483/Narrative/"
+    assume_candidate_after_failed_care: bool = True
+    conservative_care_weeks: int = 6
+    elderly_age: int = 65
+    episode_grace_days: int = 14
+    recent_mri_months: int = 12
+    recent_trauma_days: int = 90
+
+    # Data and logs
+    data_dir: Path = Path("var")
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @property
+    def is_development(self) -> bool:
+        return self.env == "development"
+
+    @cached_property
+    def jwt_algorithm_list(self) -> list[str]:
+        return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
+
+    @cached_property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def get_settings() -> Settings:
+    """Read the settings from the environment (a fresh object each call)."""
+    return Settings()
