@@ -1,0 +1,279 @@
+"""The FastAPI application: discovery, the two hook services, feedback, health.
+
+Routes stay thin: parse, authenticate, build the patient record, call the engine, serialise.
+``create_app()`` is the factory (tests pass their own settings and clock); ``app`` is created on
+first access so that ``uvicorn cds_service.app:app`` works and importing the module does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cds_service.engine import Engine
+from cds_service.errors import (
+    ProtocolError,
+    error_response,
+    issue,
+    outcome_response,
+    validation_issues,
+)
+from cds_service.knowledge import load_knowledge
+from cds_service.protocol import (
+    Discovery,
+    Feedback,
+    HookRequest,
+    ServiceDescription,
+    ServiceResponse,
+)
+from cds_service.record import PREFETCH_TEMPLATES, record_from_prefetch
+from cds_service.render import load_templates
+from cds_service.security import AuthError, JwtVerifier, bearer_token, load_trusted_issuers
+from cds_service.settings import Settings, get_settings
+
+log = logging.getLogger("cds_service.app")
+
+SERVICES: dict[str, ServiceDescription] = {
+    "lbp-imaging-order-select": ServiceDescription(
+        hook="order-select", id="lbp-imaging-order-select",
+        title="Lumbar imaging appropriateness (order select)",
+        description="Rates a selected lumbar spine imaging order against the ACR "
+                    "Appropriateness Criteria for Low Back Pain and suggests the study that "
+                    "fits the patient's scenario; returns a PAMA appropriateness rating.",
+        prefetch={k: q for k, (_, q) in PREFETCH_TEMPLATES.items()}),
+    "lbp-imaging-order-sign": ServiceDescription(
+        hook="order-sign", id="lbp-imaging-order-sign",
+        title="Lumbar imaging appropriateness (order sign)",
+        description="Rates every draft lumbar spine imaging order at signing against the ACR "
+                    "Appropriateness Criteria for Low Back Pain; returns PAMA ratings.",
+        prefetch={k: q for k, (_, q) in PREFETCH_TEMPLATES.items()}),
+}
+
+
+class ConfigurationError(RuntimeError):
+    """The service cannot start with this configuration."""
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+class BodyLimit:
+    """Reject request bodies above the limit with 413 before they are read whole."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = outcome_response(413, [issue(
+            "too-long", f"request body larger than {self.limit} bytes")])
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_verifier(settings: Settings) -> JwtVerifier | None:
+    """The JWT verifier, or None in development mode without trusted issuers."""
+    if settings.trusted_issuers_file is None:
+        if settings.is_development:
+            return None
+        raise ConfigurationError(
+            "CDS_TRUSTED_ISSUERS_FILE is required outside development mode "
+            "(set CDS_ENV=development to accept calls without a token)")
+    try:
+        issuers = load_trusted_issuers(settings.trusted_issuers_file)
+    except ValueError as exc:
+        raise ConfigurationError(f"CDS_TRUSTED_ISSUERS_FILE: {exc}") from exc
+    return JwtVerifier(issuers, settings)
+
+
+def create_app(settings: Settings | None = None, *,
+               clock: Callable[[], datetime] | None = None) -> FastAPI:
+    """Build the application; raise ConfigurationError if it must not start."""
+    settings = settings or get_settings()
+    clock = clock or (lambda: datetime.now(UTC))
+    knowledge = load_knowledge(settings.knowledge_dir)
+    templates = load_templates(settings.cards_dir)
+    engine = Engine(knowledge, templates, settings)
+    verifier = build_verifier(settings)
+    if verifier is None:
+        log.warning("DEVELOPMENT MODE: calls without a JWT are accepted and tokens are not "
+                    "verified. Never expose this instance to a network.")
+
+    app = FastAPI(title="Lumbar imaging appropriateness CDS service", version="0.1.0",
+                  docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.clock = clock
+    app.state.verifier = verifier
+
+    async def authenticate(request: Request) -> None:
+        try:
+            token = bearer_token(request.headers.get("authorization"))
+            if verifier is None:
+                return
+            if token is None:
+                raise AuthError("no bearer token")
+            audience = (settings.public_base_url.rstrip("/") + request.url.path
+                        if settings.public_base_url
+                        else str(request.url.replace(query="", fragment="")))
+            await verifier.verify(token, audience)
+        except AuthError as exc:
+            log.info("authentication refused", extra={"reason": str(exc),
+                                                      "path": request.url.path})
+            raise ProtocolError(401, "login", "authentication failed",
+                                headers={"WWW-Authenticate": "Bearer"}) from None
+
+    async def read_json(request: Request) -> Any:
+        body = await request.body()
+        if not body:
+            raise ProtocolError(400, "structure", "request body is empty")
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError(400, "structure", f"malformed JSON: {exc}") from None
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol(_: Request, exc: ProtocolError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
+        message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+        return outcome_response(exc.status_code, [issue(code, message)],
+                                getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        return outcome_response(400, [issue("structure", "invalid request")])
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error", extra={"path": request.url.path,
+                                             "error": type(exc).__name__})
+        return outcome_response(500, [issue("exception", "internal error")])
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/cds-services")
+    async def discovery(request: Request) -> Response:
+        await authenticate(request)
+        body = Discovery(services=list(SERVICES.values()))
+        return _json(body.model_dump(mode="json", exclude_none=True))
+
+    @app.post("/cds-services/{service_id}")
+    async def service(service_id: str, request: Request) -> Response:
+        described = SERVICES.get(service_id)
+        if described is None:
+            raise ProtocolError(404, "not-found", f"unknown CDS service '{service_id}'",
+                                ["service"])
+        await authenticate(request)
+        started = time.perf_counter()
+        data = await read_json(request)
+        if not isinstance(data, dict):
+            raise ProtocolError(400, "structure", "request body must be a JSON object")
+        hook = data.get("hook")
+        if isinstance(hook, str) and hook != described.hook:
+            raise ProtocolError(400, "not-supported",
+                                f"hook '{hook}' is not served by '{service_id}' "
+                                f"(it serves '{described.hook}')", ["hook"])
+        try:
+            hook_request = HookRequest.model_validate(data)
+        except ValidationError as exc:
+            return outcome_response(400, validation_issues(exc))
+        record = record_from_prefetch(hook_request.prefetch, hook_request.context.patientId)
+        cards, actions = engine.evaluate(hook_request, record, clock())
+        response = ServiceResponse(cards=cards)
+        if actions:
+            response.systemActions = actions
+            response.extension = {"systemActions": [a.model_dump(mode="json", exclude_none=True)
+                                                    for a in actions]}
+        log.info("hook evaluated", extra={
+            "hookInstance": hook_request.hookInstance, "hook": hook_request.hook,
+            "service": service_id, "cards": len(cards), "ratings": len(actions),
+            "missing": record.missing_keys(),
+            "ms": round((time.perf_counter() - started) * 1000, 2)})
+        return _json(response.to_json())
+
+    @app.post("/cds-services/{service_id}/feedback")
+    async def feedback(service_id: str, request: Request) -> Response:
+        if service_id not in SERVICES:
+            raise ProtocolError(404, "not-found", f"unknown CDS service '{service_id}'",
+                                ["service"])
+        await authenticate(request)
+        data = await read_json(request)
+        try:
+            parsed = Feedback.model_validate(data)
+        except ValidationError as exc:
+            return outcome_response(400, validation_issues(exc))
+        log.info("feedback received", extra={
+            "service": service_id, "items": len(parsed.feedback),
+            "outcomes": sorted({f.outcome for f in parsed.feedback})})
+        return _json({"received": len(parsed.feedback)})
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(  # outermost, so that even a 413 carries the CORS headers
+        CORSMiddleware, allow_origins=settings.cors_origin_list,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Content-Type", "Authorization"], max_age=600)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``cds_service.app:app`` builds the application from the environment on first use."""
+    if name == "app":
+        from cds_service.logs import configure_logging
+
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_json)
+        application = create_app(settings)
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,186 @@
+"""CDS Hooks 2.0 request and response models.
+
+Requests are read leniently where real clients differ (``Bundle.type`` missing, unknown draft order
+types, no ``encounterId``) and strictly where the service cannot work without a field. Responses
+are serialised without ``None`` values: optional fields are omitted, never sent as null.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+HOOKS = ("order-select", "order-sign")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class FhirAuthorization(_Lenient):
+    access_token: str = Field(min_length=1)
+    token_type: str = "Bearer"
+    expires_in: int | None = None
+    scope: str | None = None
+    subject: str | None = None
+    patient: str | None = None
+
+    def __repr__(self) -> str:  # never show the token, even in a traceback
+        return f"FhirAuthorization(token_type={self.token_type!r}, scope={self.scope!r})"
+
+    __str__ = __repr__
+
+
+class DraftOrders(_Lenient):
+    """A Bundle of unsigned orders; ``type`` is often missing and entries may be of any type."""
+
+    resourceType: Literal["Bundle"] = "Bundle"
+    entry: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("entry", mode="before")
+    @classmethod
+    def _entries(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, list):
+            return [e for e in value if isinstance(e, dict)]
+        return value
+
+    def resources(self) -> list[dict[str, Any]]:
+        return [e["resource"] for e in self.entry if isinstance(e.get("resource"), dict)]
+
+
+class OrderContext(_Lenient):
+    userId: str | None = None
+    patientId: str = Field(min_length=1)
+    encounterId: str | None = None
+    selections: list[str] | None = None
+    draftOrders: DraftOrders
+
+
+class HookRequest(_Lenient):
+    hook: str = Field(min_length=1)
+    hookInstance: str = Field(min_length=1)
+    fhirServer: str | None = None
+    fhirAuthorization: FhirAuthorization | None = None
+    context: OrderContext
+    prefetch: dict[str, Any] | None = None
+    extension: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _server_with_token(self) -> HookRequest:
+        if self.fhirAuthorization is not None and not self.fhirServer:
+            raise ValueError("fhirServer is required when fhirAuthorization is present")
+        return self
+
+
+# ---------------------------------------------------------------- responses
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Coding(_Out):
+    system: str
+    code: str
+    display: str | None = None
+
+
+class CardSource(_Out):
+    label: str
+    url: str | None = None
+    icon: str | None = None
+    topic: Coding | None = None
+
+
+class Action(_Out):
+    type: Literal["create", "update", "delete"]
+    description: str
+    resource: dict[str, Any] | None = None
+    resourceId: str | None = None
+
+
+class Suggestion(_Out):
+    label: str
+    uuid: str
+    isRecommended: bool | None = None
+    actions: list[Action] | None = None
+
+
+class Link(_Out):
+    label: str
+    url: str
+    type: Literal["absolute", "smart"]
+    appContext: str | None = None
+
+
+class Card(_Out):
+    uuid: str
+    summary: str = Field(max_length=139)
+    indicator: Literal["info", "warning", "critical"]
+    source: CardSource
+    detail: str | None = None
+    suggestions: list[Suggestion] | None = None
+    selectionBehavior: Literal["at-most-one", "any"] | None = None
+    overrideReasons: list[Coding] | None = None
+    links: list[Link] | None = None
+
+
+class ServiceResponse(_Out):
+    cards: list[Card]
+    systemActions: list[Action] | None = None
+    extension: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class ServiceDescription(_Out):
+    hook: str
+    id: str
+    title: str | None = None
+    description: str
+    prefetch: dict[str, str] | None = None
+    usageRequirements: str | None = None
+
+
+class Discovery(_Out):
+    services: list[ServiceDescription]
+
+
+# ---------------------------------------------------------------- feedback
+
+
+class FeedbackCoding(_Lenient):
+    system: str | None = None
+    code: str = Field(min_length=1)
+    display: str | None = None
+
+
+class OverrideReason(_Lenient):
+    reason: FeedbackCoding | None = None
+    userComment: str | None = None
+
+
+class AcceptedSuggestion(_Lenient):
+    id: str = Field(min_length=1)
+
+
+class FeedbackItem(_Lenient):
+    card: str = Field(min_length=1)
+    outcome: Literal["accepted", "overridden"]
+    acceptedSuggestions: list[AcceptedSuggestion] | None = None
+    overrideReason: OverrideReason | None = None
+    outcomeTimestamp: AwareDatetime
+
+    @model_validator(mode="after")
+    def _accepted_needs_suggestions(self) -> FeedbackItem:
+        if self.outcome == "accepted" and not self.acceptedSuggestions:
+            raise ValueError("acceptedSuggestions is required when outcome is accepted")
+        return self
+
+
+class Feedback(_Lenient):
+    feedback: list[FeedbackItem] = Field(min_length=1)

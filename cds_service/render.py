@@ -1,0 +1,172 @@
+"""Cards from the clinician-editable templates in ``cards/``.
+
+Each card kind is one YAML file (indicator, summary, detail, suggestion labels, override reasons);
+``common.yaml`` holds the shared wording and ``evidence.j2`` the evidence block every detail can
+include. Templates are compiled and test-rendered once at start-up, so a broken edit stops the
+start rather than a request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jinja2 import DictLoader, StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+
+KINDS = ("not-appropriate", "better-alternative", "cauda-equina", "mri-safety", "recent-mri",
+         "missing-data")
+INDICATORS = {"info", "warning", "critical"}
+TEXT_FIELDS = ("summary", "detail", "suggestion_label", "action_description", "cancel_label",
+               "cancel_description")
+SUMMARY_LIMIT = 139
+
+
+class TemplateProblem(ValueError):
+    """A card template is missing, malformed or does not render."""
+
+
+@dataclass
+class CardKind:
+    name: str
+    indicator: str
+    templates: dict[str, Any]
+    override_reasons: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class CardTemplates:
+    """All card kinds plus the shared wording, ready to render."""
+
+    source: dict[str, str]
+    override_system: str
+    categories: dict[str, str]
+    facts: dict[str, dict[str, str]]
+    kinds: dict[str, CardKind]
+
+    def render(self, kind: str, field_name: str, context: dict[str, Any]) -> str | None:
+        template = self.kinds[kind].templates.get(field_name)
+        if template is None:
+            return None
+        text = template.render(**context).strip()
+        if field_name == "summary":
+            text = " ".join(text.split())
+            if len(text) > SUMMARY_LIMIT:
+                text = text[: SUMMARY_LIMIT - 1].rstrip() + "…"
+        elif field_name == "detail":
+            text = _tidy_markdown(text)
+        return text
+
+    def fact_label(self, name: str) -> str:
+        return self.facts.get(name, {}).get("label", name.replace("_", " "))
+
+    def fact_document(self, name: str) -> str:
+        return self.facts.get(name, {}).get("document", name.replace("_", " "))
+
+
+def _tidy_markdown(text: str) -> str:
+    """Strip template indentation and runs of blank lines; keep paragraph breaks."""
+    out: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line and (not out or not out[-1]):
+            continue
+        if line.startswith("|") and out and out[-1] and not out[-1].startswith("|"):
+            out.append("")  # a table needs a blank line before it
+        out.append(line)
+    return "\n".join(out).strip()
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TemplateProblem(f"cannot read {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise TemplateProblem(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TemplateProblem(f"{path} must hold a mapping")
+    return data
+
+
+def load_templates(directory: Path) -> CardTemplates:
+    """Load, compile and test-render every card template; raise TemplateProblem on any fault."""
+    common = _read(directory / "common.yaml")
+    try:
+        evidence = (directory / "evidence.j2").read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TemplateProblem(f"cannot read {directory / 'evidence.j2'}: {exc}") from exc
+    env = SandboxedEnvironment(loader=DictLoader({"evidence": evidence}),
+                               undefined=StrictUndefined, autoescape=False,
+                               trim_blocks=False, lstrip_blocks=True)
+    source = common.get("source") or {}
+    if not source.get("label"):
+        raise TemplateProblem("common.yaml: source.label is required")
+    kinds: dict[str, CardKind] = {}
+    for kind in KINDS:
+        path = directory / f"{kind}.yaml"
+        data = _read(path)
+        if data.get("indicator") not in INDICATORS:
+            raise TemplateProblem(f"{path}: indicator must be one of {sorted(INDICATORS)}")
+        if not data.get("summary"):
+            raise TemplateProblem(f"{path}: summary is required")
+        compiled = {}
+        for name in TEXT_FIELDS:
+            if data.get(name):
+                try:
+                    compiled[name] = env.from_string(str(data[name]))
+                except TemplateError as exc:
+                    raise TemplateProblem(f"{path}: {name}: {exc}") from exc
+        reasons = []
+        for r in data.get("override_reasons") or []:
+            if not isinstance(r, dict) or not r.get("code") or not r.get("display"):
+                raise TemplateProblem(f"{path}: each override reason needs code and display")
+            reasons.append({"code": str(r["code"]), "display": str(r["display"])})
+        kinds[kind] = CardKind(kind, data["indicator"], compiled, reasons)
+    templates = CardTemplates(
+        source={k: str(v) for k, v in source.items()},
+        override_system=str(common.get("override_reason_system") or ""),
+        categories={k: str(v) for k, v in (common.get("categories") or {}).items()},
+        facts=common.get("facts") or {}, kinds=kinds)
+    if any(k.override_reasons for k in kinds.values()) and not templates.override_system:
+        raise TemplateProblem("common.yaml: override_reason_system is required")
+    _test_render(templates)
+    return templates
+
+
+def sample_context() -> dict[str, Any]:
+    """A context with every variable a template may use (for the start-up check)."""
+    alt = {"name": "MRI lumbar spine without IV contrast", "short": "MRI without contrast",
+           "category": "UA", "category_label": "Usually appropriate", "rrl": "0"}
+    return {
+        "order": {"id": "sample", "name": "MRI lumbar spine with IV contrast"},
+        "rating": {"pama": "not-appropriate", "category": "UNA",
+                   "category_label": "Usually not appropriate"},
+        "scenario": "sample scenario", "suggestion": alt, "cancel": False,
+        "alternatives": [alt], "assumptions": ["sample assumption"],
+        "evidence": [{"label": "Pain duration", "code": "M54.16", "display": "sample",
+                      "date": "2026-01-01", "resource": "Condition/sample"}],
+        "missing": [{"name": "duration", "label": "Pain duration", "document": "onset"}],
+        "missing_first": "onset", "missing_text": "onset", "devices": "pacemaker",
+        "unavailable": "procedures",
+        "recent": {"date": "2026-01-01", "resource": "Procedure/sample"},
+    }
+
+
+def _test_render(templates: CardTemplates) -> None:
+    variants = [sample_context(), {**sample_context(), "suggestion": None, "cancel": True,
+                                   "scenario": None, "alternatives": [], "evidence": []}]
+    for kind in templates.kinds.values():
+        for name in kind.templates:
+            for ctx in variants:
+                if ctx["suggestion"] is None and name in ("suggestion_label",
+                                                          "action_description"):
+                    continue
+                if kind.name == "better-alternative" and ctx["suggestion"] is None:
+                    continue
+                try:
+                    templates.render(kind.name, name, ctx)
+                except Exception as exc:  # noqa: BLE001 - any template fault stops the start
+                    raise TemplateProblem(f"cards/{kind.name}.yaml: {name}: {exc}") from exc
