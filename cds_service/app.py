@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +40,7 @@ from cds_service.protocol import (
     ServiceResponse,
 )
 from cds_service.record import PREFETCH_TEMPLATES, record_from_prefetch
+from cds_service.record.fetch import FetchPolicy, FhirFetcher
 from cds_service.render import load_templates
 from cds_service.security import AuthError, JwtVerifier, bearer_token, load_trusted_issuers
 from cds_service.settings import Settings, get_settings
@@ -140,16 +142,27 @@ def create_app(settings: Settings | None = None, *,
     templates = load_templates(settings.cards_dir)
     engine = Engine(knowledge, templates, settings)
     verifier = build_verifier(settings)
+    fetcher = FhirFetcher(FetchPolicy(
+        allowed=FetchPolicy.parse_allowed(settings.fhir_allowed_servers),
+        require_https=not settings.is_development,
+        timeout_seconds=settings.fhir_timeout_seconds,
+        budget_seconds=settings.fhir_budget_seconds, max_pages=settings.fhir_max_pages))
     if verifier is None:
         log.warning("DEVELOPMENT MODE: calls without a JWT are accepted and tokens are not "
                     "verified. Never expose this instance to a network.")
 
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await fetcher.aclose()
+
     app = FastAPI(title="Lumbar imaging appropriateness CDS service", version="0.1.0",
-                  docs_url="/docs", redoc_url=None)
+                  docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
     app.state.clock = clock
     app.state.verifier = verifier
+    app.state.fetcher = fetcher
 
     async def authenticate(request: Request) -> None:
         try:
@@ -229,7 +242,23 @@ def create_app(settings: Settings | None = None, *,
         except ValidationError as exc:
             return outcome_response(400, validation_issues(exc))
         record = record_from_prefetch(hook_request.prefetch, hook_request.context.patientId)
-        cards, actions = engine.evaluate(hook_request, record, clock())
+        fetch_outcomes: dict[str, str] = {}
+        if record.missing_keys() and engine.imaging_targets(hook_request):
+            auth = hook_request.fhirAuthorization
+            report = await fetcher.complete(record, hook_request.fhirServer,
+                                            auth.access_token if auth else None)
+            fetch_outcomes = report.outcomes
+        results = engine.rate(hook_request, record, clock())
+        missing = record.missing_keys()
+        if missing and any(not r.decision.determinate for r in results):
+            log.info("undecidable without data", extra={
+                "hookInstance": hook_request.hookInstance, "missing": missing,
+                "fetch": fetch_outcomes})
+            return outcome_response(412, [issue(
+                "incomplete", "prefetch data needed to rate the order is missing and could not "
+                f"be fetched from the FHIR server: {', '.join(missing)}",
+                [f"prefetch.{k}" for k in missing])])
+        cards, actions = engine.respond(results)
         response = ServiceResponse(cards=cards)
         if actions:
             response.systemActions = actions
@@ -238,7 +267,7 @@ def create_app(settings: Settings | None = None, *,
         log.info("hook evaluated", extra={
             "hookInstance": hook_request.hookInstance, "hook": hook_request.hook,
             "service": service_id, "cards": len(cards), "ratings": len(actions),
-            "missing": record.missing_keys(),
+            "missing": missing, "fetch": fetch_outcomes,
             "ms": round((time.perf_counter() - started) * 1000, 2)})
         return _json(response.to_json())
 

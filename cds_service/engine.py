@@ -120,21 +120,29 @@ class Engine:
     def evaluate(self, request: HookRequest, record: PatientRecord,
                  now: datetime) -> tuple[list[Card], list[Action]]:
         """Cards and PAMA system actions for the hook request."""
-        results = self.rate(request, record, now)
+        return self.respond(self.rate(request, record, now))
+
+    def respond(self, results: list[OrderResult]) -> tuple[list[Card], list[Action]]:
+        """Cards and system actions of already rated orders."""
         cards = [c for r in results for c in r.cards]
         actions = [self._rating_action(r) for r in results if r.decision.pama]
         return cards, actions
 
-    def rate(self, request: HookRequest, record: PatientRecord,
-             now: datetime) -> list[OrderResult]:
-        """Decide every target order that is lumbar imaging (others are left alone)."""
+    def imaging_targets(self, request: HookRequest) -> list[tuple[dict[str, Any], Procedure]]:
+        """The target orders that are imaging studies of the catalog (a cheap code check)."""
         targets = []
         for order in target_orders(request):
             code = order.get("code")
             codings = code.get("coding") if isinstance(code, Mapping) else None
-            proc = self.knowledge.procedure_of(codings or [])
+            proc = self.knowledge.procedure_of(codings if isinstance(codings, list) else [])
             if proc is not None:
                 targets.append((order, proc))
+        return targets
+
+    def rate(self, request: HookRequest, record: PatientRecord,
+             now: datetime) -> list[OrderResult]:
+        """Decide every target order that is lumbar imaging (others are left alone)."""
+        targets = self.imaging_targets(request)
         if not targets:
             return []
         scan = scan_record(record, self.knowledge)
@@ -144,8 +152,7 @@ class Engine:
             facts = derive_facts(scan, order, drafts, self.knowledge, now, self.params)
             if proc.region != "lumbar" and facts.indication.value is not Tri.YES:
                 continue  # a whole-body study for another indication is not lumbar imaging
-            decision = decide(facts, self.knowledge, proc,
-                              self.params.assume_candidate_after_failed_care)
+            decision = decide(facts, self.knowledge, proc)
             kinds_cards = self._cards(_Subject(order, proc, facts, decision,
                                                record.missing_keys()))
             results.append(OrderResult(order, proc, facts, decision,

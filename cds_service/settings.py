@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     jwks_cache_seconds: int = 600
     jwks_timeout_seconds: float = 2.0
 
+    # FHIR fetch of what the prefetch lacks (SSRF guard: only these servers, comma-separated)
+    fhir_allowed_servers: str = ""
+    fhir_timeout_seconds: float = 0.25
+    fhir_budget_seconds: float = 0.4
+    fhir_max_pages: int = 5
+
     # Clinical knowledge and card wording
     knowledge_dir: Path | None = None
     cards_dir: Path = Field(default_factory=_default_cards_dir)

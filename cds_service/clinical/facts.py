@@ -106,6 +106,7 @@ class Facts:
     mri_safety: Fact
     recent_mri: Fact
     assumptions: list[str] = field(default_factory=list)
+    assume_candidate: bool = True  # candidate assumed after failed care (ClinicalParams)
 
     def all(self) -> list[Fact]:
         return [self.indication, self.radiculopathy, self.duration_fact, self.care,
@@ -479,6 +480,7 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
         steroids=cond_fact("steroids", frozenset({"chronic_steroids"})),
         mri_safety=cond_fact("mri_safety", frozenset({"mri_safety"})),
         recent_mri=recent_mri, assumptions=assumptions,
+        assume_candidate=params.assume_candidate_after_failed_care,
     )
 
 

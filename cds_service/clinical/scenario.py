@@ -151,9 +151,9 @@ class Decision:
     worlds: int = 0
 
 
-def decide(facts: Facts, knowledge: Knowledge, ordered: Procedure,
-           assume_candidate: bool = True) -> Decision:
+def decide(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decision:
     """Rate the order; determinate only when every possible world agrees on the PAMA code."""
+    assume_candidate = facts.assume_candidate
     worlds = possible_worlds(facts)
     cache: dict[tuple[object, ...], Outcome] = {}
     outcomes: dict[World, Outcome] = {}

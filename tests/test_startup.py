@@ -1,0 +1,125 @@
+"""Start-up checks: knowledge and card templates are validated before any request."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cds_service.app import ConfigurationError, create_app
+from cds_service.knowledge import KNOWLEDGE_DIR, KnowledgeError, load_knowledge
+from cds_service.render import TemplateProblem, load_templates
+from cds_service.settings import Settings
+from tests.conftest import ROOT, dev_settings
+
+
+def copy_dir(src: Path, tmp: Path, name: str) -> Path:
+    dst = tmp / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_broken_template_fails_the_start(tmp_path: Path) -> None:
+    cards = copy_dir(ROOT / "cards", tmp_path, "cards")
+    path = cards / "not-appropriate.yaml"
+    path.write_text(path.read_text().replace("{{ order.name }}", "{{ order.name ", 1))
+    with pytest.raises(TemplateProblem, match="not-appropriate"):
+        load_templates(cards)
+    with pytest.raises(TemplateProblem):
+        create_app(dev_settings(cards_dir=cards))
+
+
+def test_template_with_unknown_variable_fails_the_start(tmp_path: Path) -> None:
+    cards = copy_dir(ROOT / "cards", tmp_path, "cards")
+    path = cards / "recent-mri.yaml"
+    path.write_text(path.read_text().replace("{{ recent.date }}", "{{ recent.when }}", 1))
+    with pytest.raises(TemplateProblem, match="recent-mri"):
+        load_templates(cards)
+
+
+def test_missing_card_kind_fails_the_start(tmp_path: Path) -> None:
+    cards = copy_dir(ROOT / "cards", tmp_path, "cards")
+    (cards / "mri-safety.yaml").unlink()
+    with pytest.raises(TemplateProblem, match="mri-safety"):
+        load_templates(cards)
+
+
+def test_override_reason_without_display_fails(tmp_path: Path) -> None:
+    cards = copy_dir(ROOT / "cards", tmp_path, "cards")
+    path = cards / "cauda-equina.yaml"
+    path.write_text(path.read_text().replace('display: "Already evaluated; cauda equina '
+                                             'syndrome excluded"', "x: y"))
+    with pytest.raises(TemplateProblem, match="display"):
+        load_templates(cards)
+
+
+def test_edited_wording_appears_without_code_change(tmp_path: Path) -> None:
+    cards = copy_dir(ROOT / "cards", tmp_path, "cards")
+    path = cards / "common.yaml"
+    path.write_text(path.read_text().replace("Usually not appropriate", "Rarely indicated"))
+    templates = load_templates(cards)
+    assert templates.categories["UNA"] == "Rarely indicated"
+
+
+def test_unverified_code_is_refused(tmp_path: Path) -> None:
+    know = copy_dir(KNOWLEDGE_DIR, tmp_path, "knowledge")
+    for extra in know.glob("*.py"):
+        extra.unlink()
+    path = know / "valuesets.yaml"
+    path.write_text(path.read_text().replace(
+        '{system: icd10cm, code: G83.4, source: ICD-10-CM FY2026, verified: yes}',
+        '{system: icd10cm, code: G83.4, source: ICD-10-CM FY2026, verified: yes}\n'
+        '      - {system: snomed, code: "12345", source: guess, verified: no}'))
+    with pytest.raises(KnowledgeError, match="unverified"):
+        load_knowledge(know)
+
+
+def test_code_without_source_is_refused(tmp_path: Path) -> None:
+    know = copy_dir(KNOWLEDGE_DIR, tmp_path, "knowledge")
+    path = know / "procedures.yaml"
+    path.write_text(path.read_text().replace(
+        '{system: cpt, code: "72148", source: CPT 2026}', '{system: cpt, code: "72148"}'))
+    with pytest.raises(KnowledgeError, match="source"):
+        load_knowledge(know)
+
+
+def test_incomplete_rating_row_is_refused(tmp_path: Path) -> None:
+    know = copy_dir(KNOWLEDGE_DIR, tmp_path, "knowledge")
+    path = know / "ratings.yaml"
+    path.write_text(path.read_text().replace("mri-w:       [UNA, UNA, UNA, UNA, UNA, UNA, UNA]",
+                                             "mri-w:       [UNA, UNA]"))
+    with pytest.raises(KnowledgeError, match="mri-w"):
+        load_knowledge(know)
+
+
+def test_site_knowledge_dir_is_used(tmp_path: Path) -> None:
+    know = copy_dir(KNOWLEDGE_DIR, tmp_path, "knowledge")
+    path = know / "ratings.yaml"
+    path.write_text(path.read_text().replace("mri-w:       [UNA, UNA, UNA",
+                                             "mri-w:       [UNA, UNA, MBA"))
+    assert load_knowledge(know).ratings["mri-w"]["V3"] == "MBA"
+
+
+def test_production_refuses_to_start_without_trusted_issuers() -> None:
+    with pytest.raises(ConfigurationError, match="CDS_TRUSTED_ISSUERS_FILE"):
+        create_app(Settings(env="production"))
+    with pytest.raises(ConfigurationError, match="CDS_TRUSTED_ISSUERS_FILE"):
+        create_app(Settings(env="test"))
+
+
+def test_unreadable_trusted_issuers_file(tmp_path: Path) -> None:
+    bad = tmp_path / "issuers.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigurationError, match="CDS_TRUSTED_ISSUERS_FILE"):
+        create_app(Settings(env="production", trusted_issuers_file=bad))
+
+
+def test_development_mode_announces_itself(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    logger = logging.getLogger("cds_service")
+    logger.propagate = True
+    with caplog.at_level("WARNING", logger="cds_service"):
+        create_app(dev_settings())
+    assert any("DEVELOPMENT MODE" in r.getMessage() for r in caplog.records)
