@@ -290,7 +290,7 @@ def test_body_over_limit_is_413() -> None:
         assert r.status_code == 413
         assert "larger than 2000 bytes" in issue_text(r)
 
-        async def chunks() -> Any:  # no content-length: counted while streaming
+        def chunks() -> Any:  # no content-length: counted while streaming
             for _ in range(10):
                 yield b"x" * 500
 

