@@ -101,9 +101,10 @@ class Outcome:
 def _alternatives(knowledge: Knowledge, ordered: Procedure, variants: frozenset[str],
                   mri_unsafe: bool) -> tuple[tuple[Alternative, ...] | str, bool]:
     """Closest alternatives that are UA and safe, else (MRI unsafe) MBA ones, else cancel."""
-    rated = [(p, knowledge.category(p.id, variants)) for p in knowledge.procedures.values()
-             if p.id != ordered.id]
-    ua_any = [p for p, c in rated if c == "UA"]
+    every = [(p, knowledge.category(p.id, variants)) for p in knowledge.procedures.values()]
+    rated = [(p, c) for p, c in every if p.id != ordered.id]
+    # An MRI that is UA but unsafe for this patient (the ordered one included).
+    ua_any = [p for p, c in every if c == "UA" and mri_unsafe and p.modality == "MR"]
     safe = [(p, c) for p, c in rated if not (mri_unsafe and p.modality == "MR")]
     ua = [p for p, c in safe if c == "UA"]
 
