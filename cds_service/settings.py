@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     fhir_allowed_servers: str = ""
     fhir_timeout_seconds: float = 0.25
     fhir_budget_seconds: float = 0.4
-    fhir_max_pages: int = 5
+    fhir_max_pages: int = 10
 
     # Clinical knowledge and card wording
     knowledge_dir: Path | None = None

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cds_service.app import create_app
-from tests.builders import hook_request, order, seed_prefetch
+from tests.builders import condition, day, hook_request, order, seed_prefetch
 from tests.conftest import FIXTURE_NOW, FIXTURES, SELECT, ValidatingClient, dev_settings
 from tests.fhir_server import FhirTestServer
 
@@ -48,13 +48,14 @@ def fixture_requests() -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def fhir() -> Any:
-    with FhirTestServer(page_size=1) as server:
+    with FhirTestServer(page_size=3) as server:
         yield server
 
 
 @pytest.fixture
 def api(fhir: FhirTestServer) -> Any:
     settings = dev_settings(fhir_allowed_servers=fhir.base, fhir_budget_seconds=2.0,
+                            fhir_max_pages=20,
                             fhir_timeout_seconds=1.0)
     with ValidatingClient(create_app(settings, clock=lambda: FIXTURE_NOW)) as c:
         yield c
@@ -73,7 +74,10 @@ def fetched_variant(body: dict[str, Any], fhir: FhirTestServer) -> dict[str, Any
 
 
 def test_seed_over_socket_with_pagination(api: ValidatingClient, fhir: FhirTestServer) -> None:
-    body = hook_request(order(cpt="72148"), prefetch=seed_prefetch(FIXTURE_NOW))
+    prefetch = seed_prefetch(FIXTURE_NOW)
+    prefetch["conditions"]["entry"] += [
+        {"resource": condition(f"noise-{i}", "I10", day(FIXTURE_NOW, 900))} for i in range(4)]
+    body = hook_request(order(cpt="72148"), prefetch=prefetch)
     fhir.requests.clear()
     with_prefetch = api.post(SELECT, json=body)
     fetched = api.post(SELECT, json=fetched_variant(body, fhir))
