@@ -23,7 +23,6 @@ from tests.cds_validator import (
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
-SHARED_EXAMPLES = ROOT.parent / "shared" / "examples"
 SELECT = "/cds-services/lbp-imaging-order-select"
 SIGN = "/cds-services/lbp-imaging-order-sign"
 
