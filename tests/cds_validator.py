@@ -28,13 +28,13 @@ def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
-def _no_empty_values(value: Any, path: str, problems: list[str], top: bool = False) -> None:
-    """No optional field may be null, "", [] or {} anywhere (``cards: []`` is the exception)."""
+def _no_empty_values(value: Any, path: str, problems: list[str], top: str = "") -> None:
+    """No optional field may be null, "", [] or {} anywhere (the required top list may be [])."""
     if isinstance(value, dict):
         for k, v in value.items():
             p = f"{path}/{k}"
             if v is None or v == "" or v == [] or v == {}:
-                if not (top and k == "cards" and v == []):
+                if not (top and k == top and v == []):
                     problems.append(f"{p}: empty or null value must be omitted")
             else:
                 _no_empty_values(v, p, problems)
@@ -222,7 +222,7 @@ def validate_service_response(body: Any) -> list[str]:
                     _action(a, f"/extension/systemActions/{i}", problems)
                 if actions is not None and ext["systemActions"] != actions:
                     problems.append("/extension/systemActions: must equal /systemActions")
-    _no_empty_values(body, "", problems, top=True)
+    _no_empty_values(body, "", problems, top="cards")
     return problems
 
 
@@ -250,7 +250,7 @@ def validate_discovery(body: Any) -> list[str]:
         if key in seen:
             problems.append(f"{p}/id: duplicate")
         seen.add(key)
-    _no_empty_values(body, "", problems)
+    _no_empty_values(body, "", problems, top="services")
     return problems
 
 
