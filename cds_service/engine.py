@@ -199,16 +199,23 @@ class Engine:
         t = self.templates
         order, proc, facts, decision = (subject.order, subject.procedure, subject.facts,
                                         subject.decision)
+        this_order = f"ServiceRequest/{order.get('id')}"
         scenario = None
         if decision.variants:
             scenario = "; ".join(f"{self.knowledge.variants[v]} ({v})"
                                  for v in sorted(decision.variants))
-        evidence = []
+        rows: dict[tuple[str, str, str | None], dict[str, Any]] = {}
         for name in FACT_ORDER:
             fact = getattr(facts, name)
             for e in fact.evidence:
-                evidence.append({"label": t.fact_label(fact.name), "code": e.code,
-                                 "display": e.display, "date": e.date, "resource": e.resource})
+                label = t.fact_label(fact.name)
+                row = rows.setdefault((e.resource, e.code, e.date), {
+                    "labels": [], "code": e.code, "display": e.display,
+                    "date": e.date or ("this order" if e.resource == this_order else None),
+                    "resource": e.resource})
+                if label not in row["labels"]:
+                    row["labels"].append(label)
+        evidence = [{**r, "label": ", ".join(r["labels"])} for r in rows.values()]
         alternatives = []
         if decision.variants:
             rated = [(p, self.knowledge.category(p.id, decision.variants))

@@ -129,7 +129,14 @@ class Hit:
     end: datetime | None
     procedure: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    readable: bool = True
+    _readable: bool | None = field(default=None, repr=False)
+
+    @property
+    def readable(self) -> bool:
+        """Whether the resource passes FHIR R4B validation (checked once, only when used)."""
+        if self._readable is None:
+            self._readable = not self.raw or _validate(self.rtype, self.raw)
+        return self._readable
 
     def evidence(self, role: str) -> Evidence:
         day = None
@@ -152,7 +159,6 @@ class RecordScan:
     procedures: list[Hit]
     service_requests: list[Hit]
     birth: tuple[datetime, datetime] | None
-    invalid: int = 0
 
 
 def _codings(concept: Any) -> list[Mapping[str, Any]]:
@@ -202,7 +208,6 @@ def _birth(record: PatientRecord) -> tuple[datetime, datetime] | None:
 def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
     """Screen every resource by code and keep (validated) hits."""
     birth = _birth(record)
-    invalid = 0
     conditions: list[Hit] = []
     for raw in record.conditions.resources:
         codings = _codings(raw.get("code"))
@@ -215,17 +220,14 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
         has_abatement = any(k.startswith("abatement") for k in raw)
         active = clinical in ACTIVE if clinical else not has_abatement
         lo, hi = _condition_onset(raw, birth)
-        readable = _validate("Condition", raw)
-        invalid += not readable
         conditions.append(Hit("Condition", str(raw.get("id", "?")), sets,
                               _first_matching(knowledge, codings), active, True, lo, hi,
-                              raw=raw, readable=readable))
+                              raw=raw))
     procedures = [h for h in (_order_like_hit(raw, "Procedure", knowledge)
                               for raw in record.procedures.resources) if h]
     service_requests = [h for h in (_order_like_hit(raw, "ServiceRequest", knowledge)
                                     for raw in record.service_requests.resources) if h]
-    invalid += sum(not h.readable for h in procedures + service_requests)
-    return RecordScan(record, conditions, procedures, service_requests, birth, invalid)
+    return RecordScan(record, conditions, procedures, service_requests, birth)
 
 
 def _condition_onset(raw: Mapping[str, Any],
@@ -270,8 +272,7 @@ def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) ->
     lo, hi = span if span else (None, None)
     return Hit(rtype, str(raw.get("id", "?")), sets, _first_matching(knowledge, codings),
                active=planned, usable=usable, start=lo, end=hi,
-               procedure=proc.id if proc else None, raw=raw,
-               readable=_validate(rtype, raw))
+               procedure=proc.id if proc else None, raw=raw)
 
 
 def _is_referral(raw: Mapping[str, Any]) -> bool:
@@ -398,13 +399,14 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
         ended = [h.end or h.start for h in scan.conditions
                  if not h.active and h.sets & LBP_SETS and (h.end or h.start)]
         cutoff = max(ended) if ended else None  # type: ignore[type-var]
-    therapy = [h for h in scan.procedures + scan.service_requests
-               if h.usable and h.sets & THERAPY_SETS and h.start and h.readable
-               and (cutoff is None or (h.end or h.start) >= cutoff)]
+    therapy = sorted((h for h in scan.procedures + scan.service_requests
+                      if h.usable and h.sets & THERAPY_SETS and h.start
+                      and (cutoff is None or (h.end or h.start) >= cutoff)),
+                     key=lambda h: h.start or now)
+    first = next((h for h in therapy if h.readable), None)  # validates only up to the first
     care_weeks = None
     care_ev: list[Evidence] = []
-    if therapy:
-        first = min(therapy, key=lambda h: h.start or now)
+    if first is not None:
         assert first.start is not None
         care_weeks = max(0.0, (now - first.start).total_seconds() / (7 * 86400))
         care_ev = [first.evidence("first conservative therapy of this episode")]
@@ -412,7 +414,7 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
     orders = scan.procedures + scan.service_requests
 
     def unreadable(sets: frozenset[str]) -> bool:
-        return any(not h.readable and h.sets & sets for h in orders)
+        return any(h.sets & sets and not h.readable for h in orders)
 
     if care_weeks is not None and care_weeks >= params.conservative_care_weeks:
         care = Fact("conservative_care", Tri.YES, care_ev)
@@ -464,12 +466,11 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
     # Lumbar MRI in the last months.
     since = now - timedelta(days=round(params.recent_mri_months * 30.44))
     mri_ev = [h.evidence("lumbar MRI already done") for h in scan.procedures + scan.service_requests
-              if h.procedure in {"mri-wo", "mri-w", "mri-wwo"} and h.readable
-              and (h.rtype == "Procedure" and h.raw.get("status") == "completed"
-                   or h.rtype == "ServiceRequest" and h.raw.get("status") == "completed")
-              and h.start is not None and since <= h.start <= now]
+              if h.procedure in {"mri-wo", "mri-w", "mri-wwo"}
+              and h.raw.get("status") == "completed"
+              and h.start is not None and since <= h.start <= now and h.readable]
     recent_mri = _fact("recent_mri", mri_ev, care_sources, any(
-        not h.readable and h.procedure in {"mri-wo", "mri-w", "mri-wwo"} for h in orders))
+        h.procedure in {"mri-wo", "mri-w", "mri-wwo"} and not h.readable for h in orders))
 
     return Facts(
         indication=indication, radiculopathy=radiculopathy, duration=duration,
