@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cds_service.engine import Engine
+from cds_service.engine import Engine, OrderResult
 from cds_service.errors import (
     ProtocolError,
     error_response,
@@ -32,6 +32,7 @@ from cds_service.errors import (
     validation_issues,
 )
 from cds_service.knowledge import load_knowledge
+from cds_service.metrics import Metrics
 from cds_service.protocol import (
     Discovery,
     Feedback,
@@ -42,8 +43,10 @@ from cds_service.protocol import (
 from cds_service.record import PREFETCH_TEMPLATES, record_from_prefetch
 from cds_service.record.fetch import FetchPolicy, FhirFetcher
 from cds_service.render import load_templates
+from cds_service.report import build_report, parse_day, render_html
 from cds_service.security import AuthError, JwtVerifier, bearer_token, load_trusted_issuers
 from cds_service.settings import Settings, get_settings
+from cds_service.store import CallAudit, CardAudit, FeedbackRecord, Store, StoreUnavailable
 
 log = logging.getLogger("cds_service.app")
 
@@ -118,6 +121,32 @@ class _TooLarge(Exception):
     pass
 
 
+class CountRequests:
+    """Count requests by route template and status (no ids in labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
 def build_verifier(settings: Settings) -> JwtVerifier | None:
     """The JWT verifier, or None in development mode without trusted issuers."""
     if settings.trusted_issuers_file is None:
@@ -133,6 +162,43 @@ def build_verifier(settings: Settings) -> JwtVerifier | None:
     return JwtVerifier(issuers, settings)
 
 
+def audit_hash_key(settings: Settings) -> str:
+    """CDS_AUDIT_HASH_KEY; in development a random key kept in the data directory."""
+    if settings.audit_hash_key:
+        return settings.audit_hash_key
+    if not settings.is_development:
+        raise ConfigurationError("CDS_AUDIT_HASH_KEY is required outside development mode "
+                                 "(the secret that hashes patient ids in the audit)")
+    path = settings.data_dir / "audit-hash.key"
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _audit(service_id: str, request: HookRequest, results: list[OrderResult],
+           latency_ms: float) -> CallAudit:
+    variants = next((r.decision.variants for r in results if r.decision.variants), None)
+    cards = []
+    for r in results:
+        for kind, card in zip(r.kinds, r.cards, strict=True):
+            cards.append(CardAudit(
+                uuid=card.uuid, kind=kind, indicator=card.indicator, procedure=r.procedure.id,
+                pama=r.decision.pama, category=r.decision.category,
+                suggestions=[s.uuid for s in card.suggestions or []]))
+    return CallAudit(
+        service_id=service_id, hook=request.hook, hook_instance=request.hookInstance,
+        patient_id=request.context.patientId,
+        scenario="+".join(sorted(variants)) if variants else None,
+        orders=[{"procedure": r.procedure.id, "pama": r.decision.pama,
+                 "category": r.decision.category,
+                 "variants": sorted(r.decision.variants or [])} for r in results],
+        cards=cards, latency_ms=round(latency_ms, 3))
+
+
 def create_app(settings: Settings | None = None, *,
                clock: Callable[[], datetime] | None = None) -> FastAPI:
     """Build the application; raise ConfigurationError if it must not start."""
@@ -142,6 +208,8 @@ def create_app(settings: Settings | None = None, *,
     templates = load_templates(settings.cards_dir)
     engine = Engine(knowledge, templates, settings)
     verifier = build_verifier(settings)
+    store = Store(settings.database, audit_hash_key(settings))
+    metrics = Metrics()
     fetcher = FhirFetcher(FetchPolicy(
         allowed=FetchPolicy.parse_allowed(settings.fhir_allowed_servers),
         require_https=not settings.is_development,
@@ -153,8 +221,16 @@ def create_app(settings: Settings | None = None, *,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_start:
+            try:
+                await store.upgrade()
+            except StoreUnavailable as exc:
+                metrics.db_errors.labels("migrate").inc()
+                log.error("database migration failed; hooks still answer",
+                          extra={"error": str(exc)})
         yield
         await fetcher.aclose()
+        await store.dispose()
 
     app = FastAPI(title="Lumbar imaging appropriateness CDS service", version="0.1.0",
                   docs_url="/docs", redoc_url=None, lifespan=lifespan)
@@ -163,6 +239,28 @@ def create_app(settings: Settings | None = None, *,
     app.state.clock = clock
     app.state.verifier = verifier
     app.state.fetcher = fetcher
+    app.state.store = store
+    app.state.metrics = metrics
+
+    async def record_call(audit: CallAudit) -> None:
+        try:
+            await store.record_call(audit)
+        except StoreUnavailable as exc:
+            metrics.db_errors.labels("audit").inc()
+            log.warning("audit not stored", extra={"hookInstance": audit.hook_instance,
+                                                   "error": str(exc)})
+
+    def admin(request: Request) -> None:
+        token = settings.admin_token
+        if not token:
+            raise ProtocolError(404, "not-found", "no such endpoint")
+        import hmac
+
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ProtocolError(401, "login", "authentication failed",
+                                headers={"WWW-Authenticate": "Bearer"})
+
 
     async def authenticate(request: Request) -> None:
         try:
@@ -221,8 +319,40 @@ def create_app(settings: Settings | None = None, *,
         body = Discovery(services=list(SERVICES.values()))
         return _json(body.model_dump(mode="json", exclude_none=True))
 
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ok = await store.ping()
+        body = {"status": "ready" if ok else "not ready", "database": ok,
+                "knowledge": bool(engine.knowledge.procedures)}
+        return _json(body, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/report")
+    async def report(request: Request, start: str | None = None, end: str | None = None,
+                     service: str | None = None) -> Response:
+        admin(request)
+        try:
+            since, until = parse_day(start), parse_day(end)
+        except ValueError:
+            raise ProtocolError(400, "value", "start and end must be ISO dates",
+                                ["start", "end"]) from None
+        try:
+            cards, feedback = await store.rows(since, until, service)
+        except StoreUnavailable:
+            metrics.db_errors.labels("report").inc()
+            raise ProtocolError(503, "transient", "database unavailable",
+                                headers={"Retry-After": "5"}) from None
+        body = build_report(cards, feedback, since, until, service)
+        if "application/json" in request.headers.get("accept", ""):
+            return _json(body)
+        return Response(render_html(body), media_type="text/html; charset=utf-8")
+
     @app.post("/cds-services/{service_id}")
-    async def service(service_id: str, request: Request) -> Response:
+    async def service(service_id: str, request: Request,
+                      background: BackgroundTasks) -> Response:
         described = SERVICES.get(service_id)
         if described is None:
             raise ProtocolError(404, "not-found", f"unknown CDS service '{service_id}'",
@@ -259,6 +389,18 @@ def create_app(settings: Settings | None = None, *,
                 f"be fetched from the FHIR server: {', '.join(missing)}",
                 [f"prefetch.{k}" for k in missing])])
         cards, actions = engine.respond(results)
+        for r in results:
+            for kind, card in zip(r.kinds, r.cards, strict=True):
+                metrics.cards.labels(kind, card.indicator).inc()
+            if r.decision.pama:
+                metrics.ratings.labels(r.decision.pama).inc()
+        for outcome in fetch_outcomes.values():
+            metrics.fetches.labels(outcome).inc()
+        elapsed = time.perf_counter() - started
+        metrics.latency.labels(hook_request.hook).observe(elapsed)
+        if results:
+            background.add_task(record_call, _audit(service_id, hook_request, results,
+                                                    elapsed * 1000))
         response = ServiceResponse(cards=cards)
         if actions:
             response.systemActions = actions
@@ -268,7 +410,7 @@ def create_app(settings: Settings | None = None, *,
             "hookInstance": hook_request.hookInstance, "hook": hook_request.hook,
             "service": service_id, "cards": len(cards), "ratings": len(actions),
             "missing": missing, "fetch": fetch_outcomes,
-            "ms": round((time.perf_counter() - started) * 1000, 2)})
+            "ms": round(elapsed * 1000, 2)})
         return _json(response.to_json())
 
     @app.post("/cds-services/{service_id}/feedback")
@@ -282,11 +424,31 @@ def create_app(settings: Settings | None = None, *,
             parsed = Feedback.model_validate(data)
         except ValidationError as exc:
             return outcome_response(400, validation_issues(exc))
-        log.info("feedback received", extra={
-            "service": service_id, "items": len(parsed.feedback),
-            "outcomes": sorted({f.outcome for f in parsed.feedback})})
-        return _json({"received": len(parsed.feedback)})
+        records = [FeedbackRecord(
+            card=f.card, outcome=f.outcome, outcome_timestamp=f.outcomeTimestamp,
+            accepted_suggestions=[a.id for a in f.acceptedSuggestions or []],
+            override_system=f.overrideReason.reason.system
+            if f.overrideReason and f.overrideReason.reason else None,
+            override_code=f.overrideReason.reason.code
+            if f.overrideReason and f.overrideReason.reason else None,
+            override_display=f.overrideReason.reason.display
+            if f.overrideReason and f.overrideReason.reason else None,
+            user_comment=f.overrideReason.userComment if f.overrideReason else None)
+            for f in parsed.feedback]
+        try:
+            counts = await store.store_feedback(service_id, records)
+        except StoreUnavailable as exc:
+            metrics.db_errors.labels("feedback").inc()
+            log.warning("feedback not stored; asked the client to retry",
+                        extra={"service": service_id, "error": str(exc)})
+            raise ProtocolError(503, "transient", "feedback could not be stored; retry later",
+                                headers={"Retry-After": "5"}) from None
+        for f in parsed.feedback:
+            metrics.feedback.labels(f.outcome).inc()
+        log.info("feedback stored", extra={"service": service_id, **counts})
+        return _json(counts)
 
+    app.add_middleware(CountRequests, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(  # outermost, so that even a 413 carries the CORS headers
         CORSMiddleware, allow_origins=settings.cors_origin_list,

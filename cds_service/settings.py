@@ -58,8 +58,19 @@ class Settings(BaseSettings):
 
     # Data and logs
     data_dir: Path = Path("var")
+    database_url: str | None = None
+    migrate_on_start: bool = True
+    audit_hash_key: str | None = None
+    admin_token: str | None = None
     log_level: str = "INFO"
     log_json: bool = True
+
+    @property
+    def database(self) -> str:
+        """The database URL: CDS_DATABASE_URL, else a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'cds.db').resolve()}"
 
     @property
     def is_development(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,8 +58,11 @@ class ValidatingClient(TestClient):
         return response
 
 
+TEST_DATA = Path(tempfile.mkdtemp(prefix="cds-test-"))
+
+
 def dev_settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {"env": "development", "log_json": True}
+    base: dict[str, Any] = {"env": "development", "log_json": True, "data_dir": TEST_DATA}
     base.update(overrides)
     return Settings(**base)
 

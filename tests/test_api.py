@@ -349,7 +349,7 @@ def test_feedback_accepted_and_overridden(client: ValidatingClient) -> None:
          "outcomeTimestamp": "2026-11-23T22:56:36Z"},
     ]
     r = client.post(SELECT + "/feedback", json={"feedback": items})
-    assert r.status_code == 200 and r.json() == {"received": 2}
+    assert r.status_code == 200 and r.json()["received"] == 2
 
 
 @pytest.mark.parametrize(("item", "field"), [

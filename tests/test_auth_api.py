@@ -34,7 +34,8 @@ def api(tmp_path: Path, key: ec.EllipticCurvePrivateKey) -> Iterator[ValidatingC
     issuers = tmp_path / "issuers.json"
     issuers.write_text(json.dumps([{"iss": ISS, "jwks": {"keys": [public]}}]))
     settings = Settings(env="production", trusted_issuers_file=issuers,
-                        public_base_url="https://cds.example.org")
+                        public_base_url="https://cds.example.org", audit_hash_key="k" * 32,
+                        data_dir=tmp_path)
     with ValidatingClient(create_app(settings, clock=lambda: FIXTURE_NOW)) as c:
         yield c
 

@@ -53,7 +53,7 @@ def test_sandbox_captures(client: ValidatingClient) -> None:
     assert [c["indicator"] for c in r.json()["cards"]] == ["warning"]
     feedback = json.loads((sandbox / "sandbox-ui-captured-feedback-accepted.json").read_text())
     r = client.post(SELECT + "/feedback", json=feedback)
-    assert r.status_code == 200 and r.json() == {"received": 1}
+    assert r.status_code == 200 and r.json()["received"] == 1
 
 
 def test_spec_feedback_examples_are_accepted(client: ValidatingClient) -> None:

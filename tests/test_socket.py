@@ -31,7 +31,8 @@ def free_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "CDS_ENV": "development", "CDS_LOG_LEVEL": "DEBUG"}
+    env = {**os.environ, "CDS_ENV": "development", "CDS_LOG_LEVEL": "DEBUG",
+           "CDS_DATA_DIR": str(log.parent / "data")}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cds_service", "serve", "--port", str(port)],

@@ -112,7 +112,15 @@ def test_unreadable_trusted_issuers_file(tmp_path: Path) -> None:
     bad = tmp_path / "issuers.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigurationError, match="CDS_TRUSTED_ISSUERS_FILE"):
-        create_app(Settings(env="production", trusted_issuers_file=bad))
+        create_app(Settings(env="production", trusted_issuers_file=bad,
+                            audit_hash_key="k" * 32))
+
+
+def test_production_refuses_to_start_without_audit_hash_key(tmp_path: Path) -> None:
+    issuers = tmp_path / "issuers.json"
+    issuers.write_text('[{"iss": "https://ehr.example", "jwks": {"keys": []}}]')
+    with pytest.raises(ConfigurationError, match="CDS_AUDIT_HASH_KEY"):
+        create_app(Settings(env="production", trusted_issuers_file=issuers))
 
 
 def test_development_mode_announces_itself(caplog: pytest.LogCaptureFixture) -> None:

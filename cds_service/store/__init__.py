@@ -1,0 +1,217 @@
+"""Persistence of hook calls, cards and feedback (SQLAlchemy 2 async; SQLite or PostgreSQL).
+
+Migrations are Alembic scripts under ``migrations/``; :meth:`Store.upgrade` applies them (at
+start-up, or with ``cds-service db upgrade``). Patient ids are stored only as an HMAC-SHA256 of
+the id under ``CDS_AUDIT_HASH_KEY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from cds_service.store.models import CardShown, FeedbackItem, HookCall
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+class StoreUnavailable(Exception):
+    """The database could not be reached or refused the write."""
+
+
+@dataclass
+class CardAudit:
+    uuid: str
+    kind: str
+    indicator: str
+    procedure: str
+    pama: str | None
+    category: str | None
+    suggestions: list[str]
+
+
+@dataclass
+class CallAudit:
+    """What one hook call decided (no PHI: the patient id is hashed before storing)."""
+
+    service_id: str
+    hook: str
+    hook_instance: str
+    patient_id: str
+    scenario: str | None
+    orders: list[dict[str, Any]]
+    cards: list[CardAudit]
+    latency_ms: float
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass
+class FeedbackRecord:
+    card: str
+    outcome: str
+    outcome_timestamp: datetime
+    accepted_suggestions: list[str] = field(default_factory=list)
+    override_system: str | None = None
+    override_code: str | None = None
+    override_display: str | None = None
+    user_comment: str | None = None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Store:
+    """The service's database."""
+
+    def __init__(self, url: str, hash_key: str, *, connect_timeout: float = 3.0):
+        self.url = url
+        self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+        self._key = hash_key.encode()
+        if self.dialect == "sqlite":
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: AsyncEngine = create_async_engine(
+                url, poolclass=NullPool, connect_args={"timeout": 10})
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_async_engine(
+                url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_timeout=3,
+                connect_args={"timeout": connect_timeout, "command_timeout": 5})
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    def patient_hash(self, patient_id: str) -> str:
+        return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+    # ------------------------------------------------------------------ schema
+
+    async def upgrade(self) -> None:
+        """Apply every Alembic migration not yet applied."""
+        def run(connection: Connection) -> None:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.set_main_option("sqlalchemy.url", self.url)
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(run)
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(f"migration failed: {type(exc).__name__}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                await asyncio.wait_for(conn.execute(select(1)), timeout=2)
+            return True
+        except (SQLAlchemyError, OSError, TimeoutError):
+            return False
+
+    # ------------------------------------------------------------------ writes
+
+    async def record_call(self, audit: CallAudit) -> None:
+        try:
+            async with self.sessions.begin() as session:
+                call = HookCall(created_at=audit.created_at, service_id=audit.service_id,
+                                hook=audit.hook, hook_instance=audit.hook_instance,
+                                patient_hash=self.patient_hash(audit.patient_id),
+                                scenario=audit.scenario, orders=audit.orders,
+                                latency_ms=audit.latency_ms)
+                session.add(call)
+                await session.flush()
+                for c in audit.cards:
+                    session.add(CardShown(
+                        uuid=c.uuid, hook_call_id=call.id, created_at=audit.created_at,
+                        service_id=audit.service_id, kind=c.kind, indicator=c.indicator,
+                        procedure=c.procedure, pama=c.pama, category=c.category,
+                        suggestions=c.suggestions))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    async def store_feedback(self, service_id: str,
+                             items: list[FeedbackRecord]) -> dict[str, int]:
+        """Store every item (idempotent); unknown cards are kept and flagged."""
+        insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        now = datetime.now(UTC)
+        try:
+            async with self.sessions.begin() as session:
+                uuids = {i.card for i in items}
+                known = set((await session.execute(
+                    select(CardShown.uuid).where(CardShown.uuid.in_(uuids)))).scalars())
+                stored = 0
+                for item in items:
+                    stmt = insert(FeedbackItem).values(
+                        card_uuid=item.card, known_card=item.card in known,
+                        service_id=service_id, outcome=item.outcome,
+                        accepted_suggestions=item.accepted_suggestions,
+                        override_system=item.override_system,
+                        override_code=item.override_code,
+                        override_display=item.override_display,
+                        user_comment=item.user_comment,
+                        outcome_timestamp=item.outcome_timestamp, received_at=now,
+                    ).on_conflict_do_nothing(
+                        index_elements=["card_uuid", "outcome", "outcome_timestamp"])
+                    result = await session.execute(stmt)
+                    stored += max(result.rowcount or 0, 0)  # type: ignore[attr-defined]
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        return {"received": len(items), "stored": stored, "duplicates": len(items) - stored,
+                "unknown_cards": len({i.card for i in items} - known)}
+
+    # ------------------------------------------------------------------ reads
+
+    async def rows(self, start: datetime | None, end: datetime | None,
+                   service: str | None) -> tuple[list[CardShown], list[FeedbackItem]]:
+        """Cards shown in the window and the feedback about them (or about unknown cards)."""
+        try:
+            async with self.sessions() as session:
+                q = select(CardShown)
+                unknown = select(FeedbackItem).where(FeedbackItem.known_card.is_(False))
+                if start:
+                    q = q.where(CardShown.created_at >= start)
+                    unknown = unknown.where(FeedbackItem.outcome_timestamp >= start)
+                if end:
+                    q = q.where(CardShown.created_at < end)
+                    unknown = unknown.where(FeedbackItem.outcome_timestamp < end)
+                if service:
+                    q = q.where(CardShown.service_id == service)
+                    unknown = unknown.where(FeedbackItem.service_id == service)
+                cards = list((await session.execute(q)).scalars())
+                feedback: list[FeedbackItem] = []
+                uuids = [c.uuid for c in cards]
+                for i in range(0, len(uuids), 500):
+                    feedback += (await session.execute(select(FeedbackItem).where(
+                        FeedbackItem.card_uuid.in_(uuids[i:i + 500])))).scalars()
+                feedback += (await session.execute(unknown)).scalars()
+                return cards, feedback
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    async def count(self, table: type[Any]) -> int:
+        async with self.sessions() as session:
+            return int((await session.execute(select(func.count()).select_from(table)))
+                       .scalar_one())

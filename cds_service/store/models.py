@@ -1,0 +1,78 @@
+"""Tables: one row per hook call (audit), per card shown, and per feedback item."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class HookCall(Base):
+    """One evaluated hook call. The patient is kept only as a keyed hash."""
+
+    __tablename__ = "hook_call"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    service_id: Mapped[str] = mapped_column(String(100), index=True)
+    hook: Mapped[str] = mapped_column(String(40))
+    hook_instance: Mapped[str] = mapped_column(String(100), index=True)
+    patient_hash: Mapped[str] = mapped_column(String(64), index=True)
+    scenario: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    orders: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    latency_ms: Mapped[float] = mapped_column(Float)
+
+
+class CardShown(Base):
+    """A card the service returned, with what it was about."""
+
+    __tablename__ = "card"
+
+    uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hook_call_id: Mapped[int] = mapped_column(ForeignKey("hook_call.id", ondelete="CASCADE"),
+                                              index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    service_id: Mapped[str] = mapped_column(String(100), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    indicator: Mapped[str] = mapped_column(String(20))
+    procedure: Mapped[str] = mapped_column(String(40))
+    pama: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    category: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    suggestions: Mapped[list[str]] = mapped_column(JSON)
+
+
+class FeedbackItem(Base):
+    """One feedback item as the EHR sent it; the same item twice is one row."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("card_uuid", "outcome", "outcome_timestamp",
+                                       name="uq_feedback_item"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    card_uuid: Mapped[str] = mapped_column(String(100), index=True)
+    known_card: Mapped[bool] = mapped_column(Boolean)
+    service_id: Mapped[str] = mapped_column(String(100), index=True)
+    outcome: Mapped[str] = mapped_column(String(20))
+    accepted_suggestions: Mapped[list[str]] = mapped_column(JSON)
+    override_system: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    override_code: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    override_display: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    user_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    outcome_timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
