@@ -180,7 +180,7 @@ def audit_hash_key(settings: Settings) -> str:
 
 
 def _audit(service_id: str, request: HookRequest, results: list[OrderResult],
-           latency_ms: float) -> CallAudit:
+           latency_ms: float, created_at: datetime) -> CallAudit:
     variants = next((r.decision.variants for r in results if r.decision.variants), None)
     cards = []
     for r in results:
@@ -196,7 +196,7 @@ def _audit(service_id: str, request: HookRequest, results: list[OrderResult],
         orders=[{"procedure": r.procedure.id, "pama": r.decision.pama,
                  "category": r.decision.category,
                  "variants": sorted(r.decision.variants or [])} for r in results],
-        cards=cards, latency_ms=round(latency_ms, 3))
+        cards=cards, latency_ms=round(latency_ms, 3), created_at=created_at)
 
 
 def create_app(settings: Settings | None = None, *,
@@ -378,7 +378,8 @@ def create_app(settings: Settings | None = None, *,
             report = await fetcher.complete(record, hook_request.fhirServer,
                                             auth.access_token if auth else None)
             fetch_outcomes = report.outcomes
-        results = engine.rate(hook_request, record, clock())
+        now = clock()
+        results = engine.rate(hook_request, record, now)
         missing = record.missing_keys()
         if missing and any(not r.decision.determinate for r in results):
             log.info("undecidable without data", extra={
@@ -400,7 +401,7 @@ def create_app(settings: Settings | None = None, *,
         metrics.latency.labels(hook_request.hook).observe(elapsed)
         if results:
             background.add_task(record_call, _audit(service_id, hook_request, results,
-                                                    elapsed * 1000))
+                                                    elapsed * 1000, now))
         response = ServiceResponse(cards=cards)
         if actions:
             response.systemActions = actions
