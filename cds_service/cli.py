@@ -88,6 +88,72 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store() -> Any:
+    from cds_service.app import audit_hash_key
+    from cds_service.settings import get_settings
+    from cds_service.store import Store
+
+    settings = get_settings()
+    return Store(settings.database, audit_hash_key(settings))
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cds_service.store import StoreUnavailable
+
+    async def run() -> None:
+        store = _store()
+        try:
+            await store.upgrade()
+        finally:
+            await store.dispose()
+
+    try:
+        asyncio.run(run())
+    except StoreUnavailable as exc:
+        print(f"database upgrade failed: {exc}", file=sys.stderr)
+        return 1
+    print("database is at the latest schema")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cds_service.report import build_report, parse_day, render_html
+
+    async def run() -> dict[str, Any]:
+        store = _store()
+        try:
+            start, end = parse_day(args.start), parse_day(args.end)
+            cards, feedback = await store.rows(start, end, args.service)
+            return build_report(cards, feedback, start, end, args.service)
+        finally:
+            await store.dispose()
+
+    report = asyncio.run(run())
+    if args.html:
+        Path(args.html).write_text(render_html(report), encoding="utf-8")
+        print(f"wrote {args.html}")
+    elif args.json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        t = report["totals"]
+        print(f"cards shown {t['shown']}: accepted {t['accepted']}, overridden "
+              f"{t['overridden']}, ignored {t['ignored']}")
+        for title, key in (("by card kind", "kind"), ("by rating", "rating"),
+                           ("by week", "week")):
+            print(f"\n{title}:")
+            for r in report["by_" + key if key != "week" else "weekly"]:
+                print(f"  {r[key]:<32} shown {r['shown']:>5}  accepted {r['accepted']:>5}  "
+                      f"overridden {r['overridden']:>5}  ignored {r['ignored']:>5}")
+        print("\noverride reasons:")
+        for r in report["override_reasons"]:
+            print(f"  {r['count']:>5}  {r['display']} ({r['code']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--now", help="evaluation time (ISO 8601), default: now")
     evaluate.add_argument("--json", action="store_true", help="print only the response JSON")
     evaluate.set_defaults(func=cmd_evaluate)
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade"])
+    db.set_defaults(func=cmd_db)
+    report = sub.add_parser("report", help="the card feedback report")
+    report.add_argument("--start", help="from this day (YYYY-MM-DD)")
+    report.add_argument("--end", help="until this day, exclusive")
+    report.add_argument("--service", help="one service id")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--html", metavar="FILE", help="write the HTML page to FILE")
+    report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
