@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from fastapi import BackgroundTasks, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
@@ -46,7 +46,14 @@ from cds_service.render import load_templates
 from cds_service.report import build_report, parse_day, render_html
 from cds_service.security import AuthError, JwtVerifier, bearer_token, load_trusted_issuers
 from cds_service.settings import Settings, get_settings
-from cds_service.store import CallAudit, CardAudit, FeedbackRecord, Store, StoreUnavailable
+from cds_service.store import (
+    AuditWriter,
+    CallAudit,
+    CardAudit,
+    FeedbackRecord,
+    Store,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("cds_service.app")
 
@@ -228,7 +235,9 @@ def create_app(settings: Settings | None = None, *,
                 metrics.db_errors.labels("migrate").inc()
                 log.error("database migration failed; hooks still answer",
                           extra={"error": str(exc)})
+        audits.start()
         yield
+        await audits.stop()
         await fetcher.aclose()
         await store.dispose()
 
@@ -242,13 +251,12 @@ def create_app(settings: Settings | None = None, *,
     app.state.store = store
     app.state.metrics = metrics
 
-    async def record_call(audit: CallAudit) -> None:
-        try:
-            await store.record_call(audit)
-        except StoreUnavailable as exc:
-            metrics.db_errors.labels("audit").inc()
-            log.warning("audit not stored", extra={"hookInstance": audit.hook_instance,
-                                                   "error": str(exc)})
+    def audit_failed(error: str, count: int) -> None:
+        metrics.db_errors.labels("audit").inc(count)
+        log.warning("audit rows not stored", extra={"rows": count, "error": error})
+
+    audits = AuditWriter(store, audit_failed)
+    app.state.audits = audits
 
     def admin(request: Request) -> None:
         token = settings.admin_token
@@ -340,6 +348,7 @@ def create_app(settings: Settings | None = None, *,
             raise ProtocolError(400, "value", "start and end must be ISO dates",
                                 ["start", "end"]) from None
         try:
+            await audits.flush()
             cards, feedback = await store.rows(since, until, service)
         except StoreUnavailable:
             metrics.db_errors.labels("report").inc()
@@ -351,8 +360,7 @@ def create_app(settings: Settings | None = None, *,
         return Response(render_html(body), media_type="text/html; charset=utf-8")
 
     @app.post("/cds-services/{service_id}")
-    async def service(service_id: str, request: Request,
-                      background: BackgroundTasks) -> Response:
+    async def service(service_id: str, request: Request) -> Response:
         described = SERVICES.get(service_id)
         if described is None:
             raise ProtocolError(404, "not-found", f"unknown CDS service '{service_id}'",
@@ -400,8 +408,7 @@ def create_app(settings: Settings | None = None, *,
         elapsed = time.perf_counter() - started
         metrics.latency.labels(hook_request.hook).observe(elapsed)
         if results:
-            background.add_task(record_call, _audit(service_id, hook_request, results,
-                                                    elapsed * 1000, now))
+            audits.submit(_audit(service_id, hook_request, results, elapsed * 1000, now))
         response = ServiceResponse(cards=cards)
         if actions:
             response.systemActions = actions
@@ -437,6 +444,7 @@ def create_app(settings: Settings | None = None, *,
             user_comment=f.overrideReason.userComment if f.overrideReason else None)
             for f in parsed.feedback]
         try:
+            await audits.flush()  # the cards this feedback is about are written first
             counts = await store.store_feedback(service_id, records)
         except StoreUnavailable as exc:
             metrics.db_errors.labels("feedback").inc()

@@ -134,23 +134,31 @@ class Store:
     # ------------------------------------------------------------------ writes
 
     async def record_call(self, audit: CallAudit) -> None:
+        await self.record_calls([audit])
+
+    async def record_calls(self, audits: list[CallAudit]) -> None:
+        """Store a batch of hook calls in one transaction."""
         try:
             async with self.sessions.begin() as session:
-                call = HookCall(created_at=audit.created_at, service_id=audit.service_id,
-                                hook=audit.hook, hook_instance=audit.hook_instance,
-                                patient_hash=self.patient_hash(audit.patient_id),
-                                scenario=audit.scenario, orders=audit.orders,
-                                latency_ms=audit.latency_ms)
-                session.add(call)
-                await session.flush()
-                for c in audit.cards:
-                    session.add(CardShown(
-                        uuid=c.uuid, hook_call_id=call.id, created_at=audit.created_at,
-                        service_id=audit.service_id, kind=c.kind, indicator=c.indicator,
-                        procedure=c.procedure, pama=c.pama, category=c.category,
-                        suggestions=c.suggestions))
+                for audit in audits:
+                    await self._add_call(session, audit)
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
+
+    async def _add_call(self, session: Any, audit: CallAudit) -> None:
+        call = HookCall(created_at=audit.created_at, service_id=audit.service_id,
+                        hook=audit.hook, hook_instance=audit.hook_instance,
+                        patient_hash=self.patient_hash(audit.patient_id),
+                        scenario=audit.scenario, orders=audit.orders,
+                        latency_ms=audit.latency_ms)
+        session.add(call)
+        await session.flush()
+        for c in audit.cards:
+            session.add(CardShown(
+                uuid=c.uuid, hook_call_id=call.id, created_at=audit.created_at,
+                service_id=audit.service_id, kind=c.kind, indicator=c.indicator,
+                procedure=c.procedure, pama=c.pama, category=c.category,
+                suggestions=c.suggestions))
 
     async def store_feedback(self, service_id: str,
                              items: list[FeedbackRecord]) -> dict[str, int]:
@@ -215,3 +223,64 @@ class Store:
         async with self.sessions() as session:
             return int((await session.execute(select(func.count()).select_from(table)))
                        .scalar_one())
+
+
+class AuditWriter:
+    """Writes hook-call audits in batches off the request path.
+
+    ``submit`` never blocks; a background task commits what has queued up every ``interval``
+    seconds in one transaction. A failed batch is dropped and reported through ``on_error``
+    (the hook answers are never held up by the database).
+    """
+
+    def __init__(self, store: Store, on_error: Any, *, interval: float = 0.05,
+                 batch: int = 500, max_queue: int = 10_000):
+        self.store = store
+        self.on_error = on_error
+        self.interval = interval
+        self.batch = batch
+        self.queue: asyncio.Queue[CallAudit] = asyncio.Queue(max_queue)
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def submit(self, audit: CallAudit) -> None:
+        try:
+            self.queue.put_nowait(audit)
+        except asyncio.QueueFull:
+            self.on_error("audit-queue-full", 1)
+
+    async def flush(self) -> None:
+        """Write everything queued so far (used before reads that need the cards)."""
+        async with self._lock:
+            while not self.queue.empty():
+                await self._write_batch()
+
+    async def _write_batch(self) -> None:
+        items: list[CallAudit] = []
+        while not self.queue.empty() and len(items) < self.batch:
+            items.append(self.queue.get_nowait())
+        if not items:
+            return
+        try:
+            await self.store.record_calls(items)
+        except StoreUnavailable as exc:
+            self.on_error(str(exc), len(items))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if not self.queue.empty():
+                async with self._lock:
+                    await self._write_batch()
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()
