@@ -7,12 +7,13 @@ the card kind per the alert policy and renders it from the ``cards/`` templates.
 
 from __future__ import annotations
 
-import copy
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from cds_service.clinical.facts import (
     ClinicalParams,
@@ -304,14 +305,14 @@ class Engine:
 
     def _with_rating(self, resource: dict[str, Any], pama: str,
                      category: str | None) -> dict[str, Any]:
-        out = prune(copy.deepcopy(resource))
+        out = prune(orjson.loads(orjson.dumps(resource)))
         kept = [e for e in out.get("extension") or []
                 if not (isinstance(e, Mapping) and str(e.get("url", "")).startswith(PAMA))]
         out["extension"] = kept + self.pama_extensions(pama, category)
         return out
 
     def _replacement(self, order: dict[str, Any], alt: Alternative) -> dict[str, Any]:
-        new = copy.deepcopy(order)
+        new = orjson.loads(orjson.dumps(order))
         new["code"] = {"coding": [dict(c) for c in alt.procedure.order_codes],
                        "text": alt.procedure.name}
         pama = "appropriate" if alt.category != "UNA" else "not-appropriate"

@@ -162,8 +162,10 @@ class RecordScan:
 
 
 def _codings(concept: Any) -> list[Mapping[str, Any]]:
-    if isinstance(concept, Mapping):
-        return [c for c in concept.get("coding") or [] if isinstance(c, Mapping)]
+    if isinstance(concept, dict):
+        codings = concept.get("coding")
+        if isinstance(codings, list):
+            return [c for c in codings if isinstance(c, dict)]
     return []
 
 

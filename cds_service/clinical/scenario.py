@@ -183,24 +183,19 @@ def decide(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decision:
 
 def _deciding_facts(worlds: list[World], outcomes: dict[World, Outcome],
                     facts: Facts) -> list[str]:
-    """Unknown facts whose value changes the rating in some world."""
+    """Unknown facts whose value changes the rating in some world (else: the open ones)."""
+    varying = [i for i, name in enumerate(WORLD_FACTS)
+               if len({w[i] for w in worlds}) > 1]
     out = []
-    for name in WORLD_FACTS:
-        values = {getattr(w, name) for w in worlds}
-        if len(values) < 2:
-            continue
-        for w in worlds:
-            changed = False
-            for v in values:
-                other = w._replace(**{name: v})
-                if other in outcomes and outcomes[other].pama != outcomes[w].pama:
-                    changed = True
-                    break
-            if changed:
-                out.append(name)
-                break
+    if len({o.pama for o in outcomes.values()}) > 1:
+        for i in varying:
+            groups: dict[tuple[object, ...], set[str | None]] = {}
+            for w in worlds:
+                groups.setdefault(w[:i] + w[i + 1:], set()).add(outcomes[w].pama)
+            if any(len(pamas) > 1 for pamas in groups.values()):
+                out.append(WORLD_FACTS[i])
     if not out:  # the PAMA code is settled; the scenario (and so the suggestion) is not
-        out = [n for n in WORLD_FACTS if len({getattr(w, n) for w in worlds}) > 1]
+        out = [WORLD_FACTS[i] for i in varying]
     expanded: list[str] = []
     for name in out:
         if name in GROUPS:

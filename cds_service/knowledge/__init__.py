@@ -6,7 +6,7 @@ A site can point ``CDS_KNOWLEDGE_DIR`` at its own copy of the three files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ class Knowledge:
     _prefix: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
     _prefix_lengths: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     _procedure_codes: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[Any, Any], frozenset[str]] = field(default_factory=dict, repr=False)
 
     def normalize(self, system: str | None, code: str | None) -> tuple[str, str] | None:
         """The (system, code) pair used for comparisons, or None for an empty coding."""
@@ -76,6 +77,16 @@ class Knowledge:
 
     def valuesets_of(self, system: str | None, code: str | None) -> frozenset[str]:
         """Ids of every value set the coding belongs to (empty for most codes: a cheap check)."""
+        cached = self._cache.get((system, code))
+        if cached is not None:
+            return cached
+        found = self._lookup(system, code)
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[(system, code)] = found
+        return found
+
+    def _lookup(self, system: str | None, code: str | None) -> frozenset[str]:
         key = self.normalize(system, code)
         if key is None:
             return frozenset()
@@ -90,14 +101,16 @@ class Knowledge:
     def valuesets_of_codings(self, codings: Iterable[Any]) -> frozenset[str]:
         found: frozenset[str] = frozenset()
         for c in codings:
-            if isinstance(c, Mapping):
-                found = found | self.valuesets_of(c.get("system"), c.get("code"))
+            if isinstance(c, dict):
+                hit = self.valuesets_of(c.get("system"), c.get("code"))
+                if hit:
+                    found = found | hit
         return found
 
     def procedure_of(self, codings: Iterable[Any]) -> Procedure | None:
         """The catalog procedure ordered by any of the codings, or None."""
         for c in codings:
-            if isinstance(c, Mapping):
+            if isinstance(c, dict):
                 key = self.normalize(c.get("system"), c.get("code"))
                 if key and key in self._procedure_codes:
                     return self.procedures[self._procedure_codes[key]]

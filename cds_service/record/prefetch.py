@@ -67,7 +67,7 @@ def _belongs_to(resource: Mapping[str, Any], patient_id: str) -> bool:
         rid = resource.get("id")
         return rid is None or rid == patient_id
     subject = resource.get("subject") or resource.get("patient")
-    if not isinstance(subject, Mapping):
+    if not isinstance(subject, dict):
         return True
     ref = subject.get("reference")
     if not isinstance(ref, str) or not ref:
@@ -98,8 +98,8 @@ def source_from_value(value: Any, resource_type: str, patient_id: str, *,
         return Source(SourceState.MISSING, note=f"unexpected resource type {rtype}")
     resources: list[dict[str, Any]] = []
     for entry in value.get("entry") or []:
-        res = entry.get("resource") if isinstance(entry, Mapping) else None
-        if (isinstance(res, Mapping) and res.get("resourceType") == resource_type
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        if (isinstance(res, dict) and res.get("resourceType") == resource_type
                 and _belongs_to(res, patient_id)):
             resources.append(res)  # type: ignore[arg-type]
     next_url = next_link(value)
