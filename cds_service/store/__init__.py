@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -139,31 +140,34 @@ class Store:
     async def record_calls(self, audits: list[CallAudit]) -> None:
         """Store a batch of hook calls in one transaction."""
         try:
-            async with self.sessions.begin() as session:
-                for audit in audits:
-                    await self._add_call(session, audit)
+            calls, cards = self._rows(audits)
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(HookCall), calls)
+                if cards:
+                    await conn.execute(insert(CardShown), cards)
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
 
-    async def _add_call(self, session: Any, audit: CallAudit) -> None:
-        call = HookCall(created_at=audit.created_at, service_id=audit.service_id,
-                        hook=audit.hook, hook_instance=audit.hook_instance,
-                        patient_hash=self.patient_hash(audit.patient_id),
-                        scenario=audit.scenario, orders=audit.orders,
-                        latency_ms=audit.latency_ms)
-        session.add(call)
-        await session.flush()
-        for c in audit.cards:
-            session.add(CardShown(
-                uuid=c.uuid, hook_call_id=call.id, created_at=audit.created_at,
-                service_id=audit.service_id, kind=c.kind, indicator=c.indicator,
-                procedure=c.procedure, pama=c.pama, category=c.category,
-                suggestions=c.suggestions))
+    def _rows(self, audits: list[CallAudit]) -> tuple[list[dict[str, Any]],
+                                                      list[dict[str, Any]]]:
+        calls, cards = [], []
+        for a in audits:
+            call_id = str(uuid.uuid4())
+            calls.append({"id": call_id, "created_at": a.created_at, "service_id": a.service_id,
+                          "hook": a.hook, "hook_instance": a.hook_instance,
+                          "patient_hash": self.patient_hash(a.patient_id),
+                          "scenario": a.scenario, "orders": a.orders,
+                          "latency_ms": a.latency_ms})
+            cards += [{"uuid": c.uuid, "hook_call_id": call_id, "created_at": a.created_at,
+                       "service_id": a.service_id, "kind": c.kind, "indicator": c.indicator,
+                       "procedure": c.procedure, "pama": c.pama, "category": c.category,
+                       "suggestions": c.suggestions} for c in a.cards]
+        return calls, cards
 
     async def store_feedback(self, service_id: str,
                              items: list[FeedbackRecord]) -> dict[str, int]:
         """Store every item (idempotent); unknown cards are kept and flagged."""
-        insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        upsert = pg_insert if self.dialect == "postgresql" else sqlite_insert
         now = datetime.now(UTC)
         try:
             async with self.sessions.begin() as session:
@@ -172,7 +176,7 @@ class Store:
                     select(CardShown.uuid).where(CardShown.uuid.in_(uuids)))).scalars())
                 stored = 0
                 for item in items:
-                    stmt = insert(FeedbackItem).values(
+                    stmt = upsert(FeedbackItem).values(
                         card_uuid=item.card, known_card=item.card in known,
                         service_id=service_id, outcome=item.outcome,
                         accepted_suggestions=item.accepted_suggestions,

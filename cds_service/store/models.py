@@ -28,7 +28,7 @@ class HookCall(Base):
 
     __tablename__ = "hook_call"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     service_id: Mapped[str] = mapped_column(String(100), index=True)
     hook: Mapped[str] = mapped_column(String(40))
@@ -45,7 +45,7 @@ class CardShown(Base):
     __tablename__ = "card"
 
     uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    hook_call_id: Mapped[int] = mapped_column(ForeignKey("hook_call.id", ondelete="CASCADE"),
+    hook_call_id: Mapped[str] = mapped_column(ForeignKey("hook_call.id", ondelete="CASCADE"),
                                               index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     service_id: Mapped[str] = mapped_column(String(100), index=True)

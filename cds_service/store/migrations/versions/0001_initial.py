@@ -17,7 +17,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "hook_call",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", sa.String(36), primary_key=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("service_id", sa.String(100), nullable=False),
         sa.Column("hook", sa.String(40), nullable=False),
@@ -32,7 +32,7 @@ def upgrade() -> None:
     op.create_table(
         "card",
         sa.Column("uuid", sa.String(64), primary_key=True),
-        sa.Column("hook_call_id", sa.Integer,
+        sa.Column("hook_call_id", sa.String(36),
                   sa.ForeignKey("hook_call.id", ondelete="CASCADE"), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("service_id", sa.String(100), nullable=False),
