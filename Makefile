@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,15 @@ run: $(STAMP)
 	CDS_ENV=development $(BIN)/cds-service serve --host 127.0.0.1 --port 8080
 
 test: $(STAMP)
-	$(BIN)/ruff check cds_service tests fixtures
+	$(BIN)/ruff check cds_service tests fixtures bench docs
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench/test_engine_bench.py -q --benchmark-columns=min,median,mean,max,rounds
+	$(BIN)/python bench/run.py --duration $${BENCH_SECONDS:-10}
+
 lint: $(STAMP)
-	$(BIN)/ruff check cds_service tests fixtures
+	$(BIN)/ruff check cds_service tests fixtures bench docs
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
