@@ -409,17 +409,15 @@ def create_app(settings: Settings | None = None, *,
         metrics.latency.labels(hook_request.hook).observe(elapsed)
         if results:
             audits.submit(_audit(service_id, hook_request, results, elapsed * 1000, now))
-        response = ServiceResponse(cards=cards)
-        if actions:
-            response.systemActions = actions
-            response.extension = {"systemActions": [a.model_dump(mode="json", exclude_none=True)
-                                                    for a in actions]}
+        response = ServiceResponse(cards=cards, systemActions=actions or None).to_json()
+        if actions:  # the sandbox reads the older Argonaut location: same actions, dumped once
+            response["extension"] = {"systemActions": response["systemActions"]}
         log.info("hook evaluated", extra={
             "hookInstance": hook_request.hookInstance, "hook": hook_request.hook,
             "service": service_id, "cards": len(cards), "ratings": len(actions),
             "missing": missing, "fetch": fetch_outcomes,
             "ms": round(elapsed * 1000, 2)})
-        return _json(response.to_json())
+        return _json(response)
 
     @app.post("/cds-services/{service_id}/feedback")
     async def feedback(service_id: str, request: Request) -> Response:

@@ -75,12 +75,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     settings)
     record = record_from_prefetch(request.prefetch, request.context.patientId)
     cards, actions = engine.evaluate(request, record, _now(args.now))
-    response = ServiceResponse(cards=cards)
+    body = ServiceResponse(cards=cards, systemActions=actions or None).to_json()
     if actions:
-        response.systemActions = actions
-        response.extension = {"systemActions": [a.model_dump(mode="json", exclude_none=True)
-                                                for a in actions]}
-    body = response.to_json()
+        body["extension"] = {"systemActions": body["systemActions"]}
     if not args.json:
         print(summarize(body))
         print()
