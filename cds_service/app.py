@@ -44,12 +44,19 @@ from cds_service.record import PREFETCH_TEMPLATES, record_from_prefetch
 from cds_service.record.fetch import FetchPolicy, FhirFetcher
 from cds_service.render import load_templates
 from cds_service.report import build_report, parse_day, render_html
-from cds_service.security import AuthError, JwtVerifier, bearer_token, load_trusted_issuers
+from cds_service.security import (
+    AuthError,
+    JwtVerifier,
+    ReplayStore,
+    bearer_token,
+    load_trusted_issuers,
+)
 from cds_service.settings import Settings, get_settings
 from cds_service.store import (
     AuditWriter,
     CallAudit,
     CardAudit,
+    DatabaseReplayCache,
     FeedbackRecord,
     Store,
     StoreUnavailable,
@@ -154,19 +161,31 @@ class CountRequests:
             self.metrics.requests.labels(route, str(status)).inc()
 
 
-def build_verifier(settings: Settings) -> JwtVerifier | None:
+def check_production(settings: Settings) -> None:
+    """Outside development mode, name every secret setting that is missing."""
+    if settings.is_development:
+        return
+    missing = [name for name, value in (("CDS_TRUSTED_ISSUERS_FILE",
+                                         settings.trusted_issuers_file),
+                                        ("CDS_AUDIT_HASH_KEY", settings.audit_hash_key))
+               if not value]
+    if missing:
+        raise ConfigurationError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required outside "
+            "development mode (CDS_ENV=development accepts calls without a token)")
+
+
+def build_verifier(settings: Settings, replay: ReplayStore | None = None) -> JwtVerifier | None:
     """The JWT verifier, or None in development mode without trusted issuers."""
     if settings.trusted_issuers_file is None:
         if settings.is_development:
             return None
-        raise ConfigurationError(
-            "CDS_TRUSTED_ISSUERS_FILE is required outside development mode "
-            "(set CDS_ENV=development to accept calls without a token)")
+        raise ConfigurationError("CDS_TRUSTED_ISSUERS_FILE is required outside development mode")
     try:
         issuers = load_trusted_issuers(settings.trusted_issuers_file)
     except ValueError as exc:
         raise ConfigurationError(f"CDS_TRUSTED_ISSUERS_FILE: {exc}") from exc
-    return JwtVerifier(issuers, settings)
+    return JwtVerifier(issuers, settings, replay=replay)
 
 
 def audit_hash_key(settings: Settings) -> str:
@@ -214,8 +233,9 @@ def create_app(settings: Settings | None = None, *,
     knowledge = load_knowledge(settings.knowledge_dir)
     templates = load_templates(settings.cards_dir)
     engine = Engine(knowledge, templates, settings)
-    verifier = build_verifier(settings)
+    check_production(settings)
     store = Store(settings.database, audit_hash_key(settings))
+    verifier = build_verifier(settings, DatabaseReplayCache(store))
     metrics = Metrics()
     fetcher = FhirFetcher(FetchPolicy(
         allowed=FetchPolicy.parse_allowed(settings.fhir_allowed_servers),
@@ -286,6 +306,10 @@ def create_app(settings: Settings | None = None, *,
                                                       "path": request.url.path})
             raise ProtocolError(401, "login", "authentication failed",
                                 headers={"WWW-Authenticate": "Bearer"}) from None
+        except StoreUnavailable:
+            metrics.db_errors.labels("jwt-replay").inc()
+            raise ProtocolError(503, "transient", "cannot check the token now; retry later",
+                                headers={"Retry-After": "5"}) from None
 
     async def read_json(request: Request) -> Any:
         body = await request.body()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,22 @@ def _now(value: str | None) -> datetime:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from cds_service.app import ConfigurationError, audit_hash_key, build_verifier, check_production
+    from cds_service.knowledge import KnowledgeError, load_knowledge
+    from cds_service.render import TemplateProblem, load_templates
+    from cds_service.settings import get_settings
+
+    settings = get_settings()
+    try:  # refuse to start, saying why, before any worker is spawned
+        check_production(settings)
+        audit_hash_key(settings)
+        build_verifier(settings)
+        load_knowledge(settings.knowledge_dir)
+        load_templates(settings.cards_dir)
+    except (ConfigurationError, KnowledgeError, TemplateProblem) as exc:
+        print(f"cds-service: cannot start: {exc}", file=sys.stderr)
+        return 2
 
     uvicorn.run("cds_service.app:app", host=args.host, port=args.port, workers=args.workers,
                 proxy_headers=True, access_log=False, log_level="warning")
@@ -157,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve the CDS Hooks API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("CDS_WORKERS", "1")),
+                       help="worker processes (default: CDS_WORKERS or 1)")
     serve.set_defaults(func=cmd_serve)
     evaluate = sub.add_parser("evaluate", help="evaluate a hook request file, no server")
     evaluate.add_argument("file")

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import jwt
@@ -79,8 +79,14 @@ def bearer_token(header: str | None) -> str | None:
     return token.strip()
 
 
+class ReplayStore(Protocol):
+    """Where seen ``jti`` values are kept (in memory, or the shared database)."""
+
+    async def check_and_store(self, key: str, expires_at: float) -> bool: ...
+
+
 class ReplayCache:
-    """Remembers ``jti`` values until their token expires (one process; swap for a shared one)."""
+    """Remembers ``jti`` values until their token expires (one process only)."""
 
     def __init__(self) -> None:
         self._seen: dict[str, float] = {}
@@ -127,7 +133,7 @@ class JwtVerifier:
     """Checks the EHR's JWT on each call."""
 
     def __init__(self, issuers: list[TrustedIssuer], settings: Settings,
-                 replay: ReplayCache | None = None, http: httpx.AsyncClient | None = None):
+                 replay: ReplayStore | None = None, http: httpx.AsyncClient | None = None):
         self.settings = settings
         self.algorithms = [a for a in settings.jwt_algorithm_list if a in ASYMMETRIC]
         self.replay = replay or ReplayCache()

@@ -93,3 +93,27 @@ def test_malformed_authorization_header(api: ValidatingClient) -> None:
 
 def test_health_needs_no_token(api: ValidatingClient) -> None:
     assert api.get("/healthz").status_code == 200
+
+
+def test_replay_is_refused_by_another_replica(tmp_path: Path,
+                                              key: ec.EllipticCurvePrivateKey) -> None:
+    """Two instances sharing one database: a token used on one is refused by the other."""
+    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    public.update(kid=KID, use="sig", alg="ES384")
+    issuers = tmp_path / "issuers.json"
+    issuers.write_text(json.dumps([{"iss": ISS, "jwks": {"keys": [public]}}]))
+    shared = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+
+    def replica() -> ValidatingClient:
+        return ValidatingClient(create_app(Settings(
+            env="production", trusted_issuers_file=issuers, audit_hash_key="k" * 32,
+            public_base_url="https://cds.example.org", database_url=shared, data_dir=tmp_path),
+            clock=lambda: FIXTURE_NOW))
+
+    t = token(key, SELECT)
+    body = hook_request(order(), prefetch=seed_prefetch(FIXTURE_NOW))
+    with replica() as a, replica() as b:
+        assert a.post(SELECT, json=body, headers={"Authorization": f"Bearer {t}"}
+                      ).status_code == 200
+        assert b.post(SELECT, json=body, headers={"Authorization": f"Bearer {t}"}
+                      ).status_code == 401

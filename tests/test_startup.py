@@ -101,11 +101,12 @@ def test_site_knowledge_dir_is_used(tmp_path: Path) -> None:
     assert load_knowledge(know).ratings["mri-w"]["V3"] == "MBA"
 
 
-def test_production_refuses_to_start_without_trusted_issuers() -> None:
-    with pytest.raises(ConfigurationError, match="CDS_TRUSTED_ISSUERS_FILE"):
+def test_production_refuses_to_start_and_names_what_is_missing() -> None:
+    with pytest.raises(ConfigurationError,
+                       match="CDS_TRUSTED_ISSUERS_FILE and CDS_AUDIT_HASH_KEY are required"):
         create_app(Settings(env="production"))
-    with pytest.raises(ConfigurationError, match="CDS_TRUSTED_ISSUERS_FILE"):
-        create_app(Settings(env="test"))
+    with pytest.raises(ConfigurationError, match="CDS_TRUSTED_ISSUERS_FILE is required"):
+        create_app(Settings(env="test", audit_hash_key="k" * 32))
 
 
 def test_unreadable_trusted_issuers_file(tmp_path: Path) -> None:

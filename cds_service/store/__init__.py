@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from cds_service.store.models import CardShown, FeedbackItem, HookCall
+from cds_service.store.models import CardShown, FeedbackItem, HookCall, JwtSeen
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -288,3 +288,36 @@ class AuditWriter:
             except asyncio.CancelledError:
                 pass
         await self.flush()
+
+
+class DatabaseReplayCache:
+    """JWT replay protection shared by every replica through the database."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._writes = 0
+
+    async def check_and_store(self, key: str, expires_at: float) -> bool:
+        """True the first time ``key`` is seen before it expires; False on a replay."""
+        from sqlalchemy import delete, update
+
+        upsert = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
+        now = datetime.now(UTC)
+        expires = datetime.fromtimestamp(expires_at, UTC)
+        key = hashlib.sha256(key.encode()).hexdigest()  # no token material stored as such
+        try:
+            async with self.store.engine.begin() as conn:
+                result = await conn.execute(upsert(JwtSeen).values(
+                    key=key, expires_at=expires).on_conflict_do_nothing(index_elements=["key"]))
+                if not result.rowcount:
+                    # seen before: a replay unless that entry has expired
+                    stale = await conn.execute(update(JwtSeen).where(
+                        JwtSeen.key == key, JwtSeen.expires_at < now).values(expires_at=expires))
+                    if not stale.rowcount:
+                        return False
+                self._writes += 1
+                if self._writes % 500 == 0:
+                    await conn.execute(delete(JwtSeen).where(JwtSeen.expires_at < now))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        return True

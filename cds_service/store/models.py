@@ -76,3 +76,12 @@ class FeedbackItem(Base):
     user_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
     outcome_timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class JwtSeen(Base):
+    """A JWT id seen by any replica, kept until the token expires (replay protection)."""
+
+    __tablename__ = "jwt_seen"
+
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
