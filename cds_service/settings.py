@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     migrate_on_start: bool = True
     audit_hash_key: str | None = None
+    audit_flush_seconds: float = 0.5
     admin_token: str | None = None
     log_level: str = "INFO"
     log_json: bool = True
