@@ -35,10 +35,6 @@ PAMA_QCDSM = "http://fhir.org/argonaut/Extension/pama-rating-qcdsm-consulted"
 PAMA_CONSULT = "http://fhir.org/argonaut/Extension/pama-rating-consult-id"
 PAMA_AUC = "http://fhir.org/argonaut/Extension/pama-rating-auc-applied"
 ACR_CATEGORY_SYSTEM = "https://cds-lbp-imaging.example.org/CodeSystem/acr-appropriateness-category"
-SHORT_NAMES = {"mri-wo": "MRI without contrast", "mri-wwo": "MRI without and with contrast",
-               "mri-w": "MRI with contrast", "ct-wo": "CT without contrast",
-               "ct-w": "CT with contrast", "ct-wwo": "CT without and with contrast",
-               "xr-lumbar": "lumbar X-ray"}
 SOURCE_NAMES = {"patient": "demographics", "conditions": "problem list",
                 "procedures": "procedures", "servicerequests": "orders and referrals"}
 FACT_ORDER = ("indication", "radiculopathy", "duration_fact", "care", "candidate_evidence",
@@ -238,7 +234,8 @@ class Engine:
             "suggestion": self._alt(suggestion.procedure, suggestion.category)
             if suggestion else None,
             "cancel": cancel, "alternatives": alternatives, "evidence": evidence,
-            "assumptions": facts.assumptions, "missing": missing,
+            "assumptions": [t.assumption(code, params) for code, params in facts.assumptions],
+            "missing": missing,
             "missing_first": missing[0]["document"] if missing else "the patient's history",
             "missing_text": "; ".join(m["document"] for m in missing) or "the patient's history",
             "devices": devices or "an implant", "unavailable": unavailable,
@@ -246,7 +243,7 @@ class Engine:
         }
 
     def _alt(self, proc: Procedure, category: str) -> dict[str, Any]:
-        return {"id": proc.id, "name": proc.name, "short": SHORT_NAMES.get(proc.id, proc.name),
+        return {"id": proc.id, "name": proc.name, "short": proc.short_name,
                 "category": category, "rrl": proc.rrl,
                 "category_label": self.templates.categories.get(category, category)}
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jinja2 import DictLoader, StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
+
+from cds_service.knowledge import read_yaml_mapping
 
 KINDS = ("not-appropriate", "better-alternative", "cauda-equina", "mri-safety", "recent-mri",
          "missing-data")
@@ -45,6 +46,15 @@ class CardTemplates:
     categories: dict[str, str]
     facts: dict[str, dict[str, str]]
     kinds: dict[str, CardKind]
+    assumptions: dict[str, str] = field(default_factory=dict)
+
+    def assumption(self, code: str, params: dict[str, Any]) -> str:
+        """The wording of an assumption the engine made (its code if the text is missing)."""
+        text = self.assumptions.get(code)
+        try:
+            return text.format(**params) if text else code
+        except (KeyError, IndexError, ValueError):
+            return code
 
     def render(self, kind: str, field_name: str, context: dict[str, Any]) -> str | None:
         template = self.kinds[kind].templates.get(field_name)
@@ -80,15 +90,7 @@ def _tidy_markdown(text: str) -> str:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise TemplateProblem(f"cannot read {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise TemplateProblem(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TemplateProblem(f"{path} must hold a mapping")
-    return data
+    return read_yaml_mapping(path, TemplateProblem)
 
 
 def load_templates(directory: Path) -> CardTemplates:
@@ -129,9 +131,13 @@ def load_templates(directory: Path) -> CardTemplates:
         source={k: str(v) for k, v in source.items()},
         override_system=str(common.get("override_reason_system") or ""),
         categories={k: str(v) for k, v in (common.get("categories") or {}).items()},
-        facts=common.get("facts") or {}, kinds=kinds)
+        facts=common.get("facts") or {}, kinds=kinds,
+        assumptions={str(k): str(v) for k, v in (common.get("assumptions") or {}).items()})
     if any(k.override_reasons for k in kinds.values()) and not templates.override_system:
         raise TemplateProblem("common.yaml: override_reason_system is required")
+    for code in templates.assumptions:
+        if templates.assumption(code, {"weeks": 8}) == code:
+            raise TemplateProblem(f"common.yaml: assumptions.{code}: only {{weeks}} may be used")
     _test_render(templates)
     return templates
 

@@ -105,7 +105,8 @@ class Facts:
     steroids: Fact
     mri_safety: Fact
     recent_mri: Fact
-    assumptions: list[str] = field(default_factory=list)
+    # (code, parameters); the wording is in cards/common.yaml "assumptions"
+    assumptions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     assume_candidate: bool = True  # candidate assumed after failed care (ClinicalParams)
 
     def all(self) -> list[Fact]:
@@ -376,14 +377,13 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
     lbp_conditions = [h for h in scan.conditions
                       if h.active and h.sets & LBP_SETS and h.readable]
     dated = [h for h in lbp_conditions if h.start is not None]
-    assumptions: list[str] = []
+    assumptions: list[tuple[str, dict[str, Any]]] = []
     onset_lo = onset_hi = None
     if dated:
         onset_lo = min(h.start for h in dated if h.start is not None)
         onset_hi = min(h.end for h in dated if h.end is not None)
         if onset_lo == MIN_TIME:
-            assumptions.append("pain duration counted from the date the condition was recorded "
-                               "(onset not documented)")
+            assumptions.append(("duration-from-recorded-date", {}))
         duration = _duration_categories(now - onset_hi, now - onset_lo)
         duration_fact = Fact("duration", Tri.YES,
                              [h.evidence("onset of low back pain") for h in dated])
@@ -441,8 +441,7 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
     if (candidate_evidence.value is not Tri.YES and params.assume_candidate_after_failed_care
             and care.value is Tri.YES and care_weeks is not None):
         candidate_assumed = True
-        assumptions.append(f"candidate for surgery or an injection assumed after "
-                           f"{int(care_weeks)} weeks of conservative therapy without relief")
+        assumptions.append(("candidate-after-failed-care", {"weeks": int(care_weeks)}))
 
     # Prior lumbar surgery: a diagnosis (even resolved) or a completed surgery.
     ps_ev, ps_unreadable = cond_evidence(frozenset({"prior_lumbar_surgery"}), history=True)

@@ -43,6 +43,7 @@ class Procedure:
     preference: int
     order_codes: tuple[dict[str, str], ...]
     codes: tuple[dict[str, str], ...]
+    short_name: str = ""
 
     @property
     def has_contrast(self) -> bool:
@@ -122,16 +123,21 @@ class Knowledge:
         return max((row[v] for v in variants), key=CATEGORY_RANK.__getitem__)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """A YAML file holding a mapping; any fault raises ``error`` naming the file."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise KnowledgeError(f"cannot read {path}: {exc}") from exc
+        raise error(f"cannot read {path}: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise KnowledgeError(f"{path} is not valid YAML: {exc}") from exc
+        raise error(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise KnowledgeError(f"{path} must hold a mapping at the top level")
+        raise error(f"{path} must hold a mapping at the top level")
     return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return read_yaml_mapping(path, KnowledgeError)
 
 
 def load_knowledge(directory: Path | None = None) -> Knowledge:
@@ -203,7 +209,8 @@ def load_knowledge(directory: Path | None = None) -> Knowledge:
             id=pid, name=str(p["name"]), modality=p["modality"], contrast=str(p["contrast"]),
             region=p["region"], rrl=str(p["rrl"]), rrl_rank=int(p.get("rrl_rank", 0)),
             preference=int(p.get("preference", 99)),
-            order_codes=tuple(coding(c, where) for c in p["order_codes"]), codes=tuple(codes))
+            order_codes=tuple(coding(c, where) for c in p["order_codes"]), codes=tuple(codes),
+            short_name=str(p.get("short_name") or p["name"]))
 
     variants = {k: str(v.get("name", k)) for k, v in (rating_doc.get("variants") or {}).items()}
     if tuple(variants) != VARIANTS:
