@@ -26,6 +26,7 @@ from cds_service.clinical.scenario import CANCEL, Alternative, Decision, decide
 from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
 from cds_service.protocol import Action, Card, CardSource, Coding, HookRequest, Suggestion
 from cds_service.record import PatientRecord
+from cds_service.record.prefetch import as_list
 from cds_service.render import CardTemplates
 from cds_service.settings import Settings
 
@@ -77,7 +78,9 @@ def params_from(settings: Settings) -> ClinicalParams:
 def target_orders(request: HookRequest) -> list[dict[str, Any]]:
     """Draft ServiceRequests to judge: the selections (order-select) or all (order-sign)."""
     drafts = request.context.draftOrders.resources()
-    service_requests = [r for r in drafts if r.get("resourceType") == "ServiceRequest"]
+    # An order without a usable id cannot be updated or rated by reference: leave it alone.
+    service_requests = [r for r in drafts if r.get("resourceType") == "ServiceRequest"
+                        and isinstance(r.get("id"), str) and r["id"]]
     selections = request.context.selections
     if request.hook == "order-sign" or selections is None:
         return service_requests
@@ -303,7 +306,7 @@ class Engine:
     def _with_rating(self, resource: dict[str, Any], pama: str,
                      category: str | None) -> dict[str, Any]:
         out = prune(orjson.loads(orjson.dumps(resource)))
-        kept = [e for e in out.get("extension") or []
+        kept = [e for e in as_list(out.get("extension"))
                 if not (isinstance(e, Mapping) and str(e.get("url", "")).startswith(PAMA))]
         out["extension"] = kept + self.pama_extensions(pama, category)
         return out

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 
 from cds_service.clinical.dates import add_age, age_years, parse_span, period_start
 from cds_service.knowledge import Knowledge
-from cds_service.record import PatientRecord, Source, SourceState
+from cds_service.record import PatientRecord
+from cds_service.record.prefetch import Source, SourceState, as_list
 
 LBP_SETS = frozenset({"low_back_pain", "radiculopathy", "lumbar_degenerative"})
 INDICATION_SETS = LBP_SETS | {"cauda_equina"}
@@ -279,7 +280,7 @@ def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) ->
 
 
 def _is_referral(raw: Mapping[str, Any]) -> bool:
-    for cat in raw.get("category") or []:
+    for cat in as_list(raw.get("category")):
         if not isinstance(cat, Mapping):
             continue
         if str(cat.get("text", "")).strip().lower() == "referral":
@@ -324,7 +325,7 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
     coded_reason = bool(reason_hits) or any(
         c.get("code") for c in _codings_many(order.get("reasonCode")))
     by_id = {h.rid: h for h in scan.conditions}
-    for ref in order.get("reasonReference") or []:
+    for ref in as_list(order.get("reasonReference")):
         if isinstance(ref, Mapping) and isinstance(ref.get("reference"), str):
             rtype, _, rid = ref["reference"].rpartition("/")
             if rtype.endswith("Condition") and rid in by_id:

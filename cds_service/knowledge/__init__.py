@@ -78,6 +78,8 @@ class Knowledge:
 
     def valuesets_of(self, system: str | None, code: str | None) -> frozenset[str]:
         """Ids of every value set the coding belongs to (empty for most codes: a cheap check)."""
+        if not isinstance(system, str) or not isinstance(code, str):
+            return frozenset()
         cached = self._cache.get((system, code))
         if cached is not None:
             return cached

@@ -61,6 +61,11 @@ class PatientRecord:
         return [k for k, s in self.sources().items() if s.state is not SourceState.COMPLETE]
 
 
+def as_list(value: Any) -> list[Any]:
+    """A JSON array as a list; anything else (a client's mistake) as an empty one."""
+    return value if isinstance(value, list) else []
+
+
 def _belongs_to(resource: Mapping[str, Any], patient_id: str) -> bool:
     """False only when the resource names another patient (EHR filters are not trusted)."""
     if resource.get("resourceType") == "Patient":
@@ -97,7 +102,7 @@ def source_from_value(value: Any, resource_type: str, patient_id: str, *,
     if rtype != "Bundle" and not (rtype is None and "entry" in value):
         return Source(SourceState.MISSING, note=f"unexpected resource type {rtype}")
     resources: list[dict[str, Any]] = []
-    for entry in value.get("entry") or []:
+    for entry in as_list(value.get("entry")):
         res = entry.get("resource") if isinstance(entry, dict) else None
         if (isinstance(res, dict) and res.get("resourceType") == resource_type
                 and _belongs_to(res, patient_id)):
@@ -111,7 +116,7 @@ def source_from_value(value: Any, resource_type: str, patient_id: str, *,
 
 def next_link(bundle: Mapping[str, Any]) -> str | None:
     """The Bundle's ``next`` page URL, if any."""
-    for link in bundle.get("link") or []:
+    for link in as_list(bundle.get("link")):
         if isinstance(link, Mapping) and link.get("relation") == "next":
             url = link.get("url")
             if isinstance(url, str) and url:
