@@ -8,12 +8,14 @@ validated with the FHIR R4B models and become evidence.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import orjson
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.procedure import Procedure as FhirProcedure
 from fhir.resources.R4B.servicerequest import ServiceRequest
@@ -195,12 +197,28 @@ def _first_matching(knowledge: Knowledge, codings: Iterable[Mapping[str, Any]]) 
     return {}
 
 
+_VALID: dict[bytes, bool] = {}
+
+
 def _validate(rtype: str, raw: Mapping[str, Any]) -> bool:
+    """Whether the resource is valid FHIR R4B (memoised by content: same bytes, same answer)."""
+    try:
+        key = hashlib.blake2b(rtype.encode() + orjson.dumps(raw, option=orjson.OPT_SORT_KEYS),
+                              digest_size=16).digest()
+    except TypeError:
+        return False
+    known = _VALID.get(key)
+    if known is not None:
+        return known
     try:
         MODELS[rtype].model_validate(raw)
+        valid = True
     except (ValidationError, ValueError, TypeError):
-        return False
-    return True
+        valid = False
+    if len(_VALID) > 20_000:
+        _VALID.clear()
+    _VALID[key] = valid
+    return valid
 
 
 def _birth(record: PatientRecord) -> tuple[datetime, datetime] | None:
