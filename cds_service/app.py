@@ -267,7 +267,7 @@ def create_app(settings: Settings | None = None, *,
         await store.dispose()
 
     app = FastAPI(title="Lumbar imaging appropriateness CDS service", version="0.1.0",
-                  docs_url="/docs", redoc_url=None, lifespan=lifespan)
+                  docs_url=None, redoc_url=None, lifespan=lifespan)  # no CDN pages
     app.state.settings = settings
     app.state.engine = engine
     app.state.clock = clock
