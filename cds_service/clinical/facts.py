@@ -112,12 +112,6 @@ class Facts:
     assumptions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     assume_candidate: bool = True  # candidate assumed after failed care (ClinicalParams)
 
-    def all(self) -> list[Fact]:
-        return [self.indication, self.radiculopathy, self.duration_fact, self.care,
-                self.candidate_evidence, self.cauda_equina, self.cancer, self.infection,
-                self.immunosuppression, self.prior_surgery, self.trauma, self.osteoporosis,
-                self.elderly, self.steroids, self.mri_safety, self.recent_mri]
-
 
 @dataclass
 class Hit:

@@ -18,7 +18,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, func, insert, select
+from sqlalchemy import event, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -134,9 +134,6 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    async def record_call(self, audit: CallAudit) -> None:
-        await self.record_calls([audit])
-
     async def record_calls(self, audits: list[CallAudit]) -> None:
         """Store a batch of hook calls in one transaction."""
         try:
@@ -223,10 +220,6 @@ class Store:
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
 
-    async def count(self, table: type[Any]) -> int:
-        async with self.sessions() as session:
-            return int((await session.execute(select(func.count()).select_from(table)))
-                       .scalar_one())
 
 
 class AuditWriter:
