@@ -8,7 +8,9 @@ first access so that ``uvicorn cds_service.app:app`` works and importing the mod
 from __future__ import annotations
 
 import gc
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -198,8 +200,6 @@ def audit_hash_key(settings: Settings) -> str:
                                  "(the secret that hashes patient ids in the audit)")
     path = settings.data_dir / "audit-hash.key"
     if not path.exists():
-        import secrets
-
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_hex(32))
         path.chmod(0o600)
@@ -287,13 +287,10 @@ def create_app(settings: Settings | None = None, *,
         token = settings.admin_token
         if not token:
             raise ProtocolError(404, "not-found", "no such endpoint")
-        import hmac
-
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise ProtocolError(401, "login", "authentication failed",
                                 headers={"WWW-Authenticate": "Bearer"})
-
 
     async def authenticate(request: Request) -> None:
         try:
