@@ -261,3 +261,20 @@ def test_evaluation_time_is_an_input() -> None:
     later = derive_facts(scan, draft, [draft], KNOWLEDGE, NOW + timedelta(weeks=5))
     assert early.duration == frozenset({"acute"})
     assert later.duration == frozenset({"subacute"})
+
+
+def test_completed_spine_referral_in_history_makes_candidate() -> None:
+    params = ClinicalParams(assume_candidate_after_failed_care=False)
+    p = seed_prefetch(NOW)
+    referral = order("ref-1", cpt="0", reason="M54.16")
+    referral.update(status="completed", intent="order", authoredOn=day(NOW, 20),
+                    category=[{"text": "Referral"}])
+    referral["code"] = {"text": "Referral to spine surgery"}
+    p["servicerequests"] = bundle(referral)
+    facts, d = rate(p, "mri-wo", params=params)
+    assert facts.candidate_evidence.value is Tri.YES
+    assert d.variants == frozenset({"V3"}) and d.category == "UA"
+    referral["status"] = "revoked"
+    facts, d = rate(p, "mri-wo", params=params)
+    assert facts.candidate_evidence.value is Tri.NO
+    assert d.variants == frozenset({"V2"})

@@ -437,10 +437,14 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
         care = _fact("conservative_care", [], care_sources, unreadable(THERAPY_SETS))
 
     # Intervention candidate: a referral or planned intervention, in history or in the drafts.
+    # A referral or intervention order counts when active or completed; a procedure when it
+    # is planned or under way (a completed surgery is prior surgery, V5).
     cand_ev = [h.evidence("planned intervention or referral")
                for h in scan.service_requests + scan.procedures
-               if h.sets & INTERVENTION_SETS and h.active and h.readable
-               and (h.rtype == "ServiceRequest" or h.raw.get("status") == "preparation")]
+               if h.sets & INTERVENTION_SETS
+               and (h.usable if h.rtype == "ServiceRequest"
+                    else h.raw.get("status") in {"preparation", "in-progress"})
+               and h.readable]
     for d in drafts:
         if d is order or d.get("resourceType") != "ServiceRequest":
             continue
