@@ -10,13 +10,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import orjson
 
 from cds_service.clinical.facts import (
     ClinicalParams,
+    Evidence,
     Facts,
     Tri,
     derive_facts,
@@ -37,10 +38,13 @@ PAMA_CONSULT = "http://fhir.org/argonaut/Extension/pama-rating-consult-id"
 PAMA_AUC = "http://fhir.org/argonaut/Extension/pama-rating-auc-applied"
 ACR_CATEGORY_SYSTEM = "https://cds-lbp-imaging.example.org/CodeSystem/acr-appropriateness-category"
 SOURCE_NAMES = {"patient": "demographics", "conditions": "problem list",
-                "procedures": "procedures", "servicerequests": "orders and referrals"}
+                "procedures": "procedures", "servicerequests": "orders and referrals",
+                "medications": "medication orders"}
 FACT_ORDER = ("indication", "radiculopathy", "duration_fact", "care", "candidate_evidence",
-              "cauda_equina", "cancer", "infection", "immunosuppression", "prior_surgery",
-              "trauma", "osteoporosis", "elderly", "steroids", "mri_safety", "recent_mri")
+              "cauda_equina", "neuro_deficit", "cancer", "infection", "immunosuppression",
+              "prior_surgery", "trauma", "osteoporosis", "elderly", "steroids", "mri_safety",
+              "recent_mri")
+MAY_BE = ("MBA", "MBA(D)")
 
 
 @dataclass
@@ -64,14 +68,17 @@ class _Subject:
     facts: Facts
     decision: Decision
     missing: list[str]
+    drafted: frozenset[str] = frozenset()  # procedures of the other draft orders
+    now: datetime | None = None
 
 
 def params_from(settings: Settings) -> ClinicalParams:
     return ClinicalParams(
         conservative_care_weeks=settings.conservative_care_weeks,
-        elderly_age=settings.elderly_age, episode_grace_days=settings.episode_grace_days,
+        elderly_over_age=settings.elderly_over_age, episode_grace_days=settings.episode_grace_days,
         recent_mri_months=settings.recent_mri_months,
         recent_trauma_days=settings.recent_trauma_days,
+        recent_red_flag_days=settings.recent_red_flag_days,
         assume_candidate_after_failed_care=settings.assume_candidate_after_failed_care)
 
 
@@ -91,6 +98,36 @@ def target_orders(request: HookRequest) -> list[dict[str, Any]]:
             if rtype.rsplit("/", 1)[-1] == "ServiceRequest":
                 wanted.add(rid)
     return [r for r in service_requests if r.get("id") in wanted]
+
+
+def _days_since(day: str | None, now: datetime | None) -> int:
+    if not day or now is None:
+        return 0
+    try:
+        return max(0, (now.date() - date.fromisoformat(day)).days)
+    except ValueError:
+        return 0
+
+
+def finding(e: Evidence) -> str:
+    """A finding in words with its code after it: "pacemaker (Z95.0)"."""
+    if e.display and e.code:
+        return f"{e.display} ({e.code})"
+    return e.display or e.code or e.resource
+
+
+def _order_codings(order: Mapping[str, Any]) -> list[Any]:
+    code = order.get("code")
+    codings = code.get("coding") if isinstance(code, Mapping) else None
+    return [c for c in codings if isinstance(c, dict)] if isinstance(codings, list) else []
+
+
+def may_cancel(facts: Facts) -> bool:
+    """A cancel suggestion only for a routine order, with every red flag recorded as absent, a
+    dated onset and no conservative care under way."""
+    return (not facts.urgent and all(f.value is Tri.NO for f in facts.red_flags())
+            and facts.duration_dated and facts.care_weeks is None
+            and facts.care_states == ("none",))
 
 
 def prune(value: Any) -> Any:
@@ -129,15 +166,36 @@ class Engine:
         return cards, actions
 
     def imaging_targets(self, request: HookRequest) -> list[tuple[dict[str, Any], Procedure]]:
-        """The target orders that are imaging studies of the catalog (a cheap code check)."""
+        """The target orders that are imaging studies of the catalog (a cheap code check).
+
+        A study ordered with a companion code (72132 with an intrathecal injection, in the same
+        order or another draft) is the combined procedure (CT myelography).
+        """
         targets = []
+        companions: list[Any] | None = None
         for order in target_orders(request):
-            code = order.get("code")
-            codings = code.get("coding") if isinstance(code, Mapping) else None
-            proc = self.knowledge.procedure_of(codings if isinstance(codings, list) else [])
-            if proc is not None:
-                targets.append((order, proc))
+            codings = _order_codings(order)
+            proc = self.knowledge.procedure_of(codings)
+            if proc is None:
+                continue
+            if any(c.when == proc.id for c in self.knowledge.combinations):
+                if companions is None:
+                    companions = [c for d in request.context.draftOrders.resources()
+                                  for c in _order_codings(d)]
+                proc = self.knowledge.combined_procedure(proc, codings + companions)
+            targets.append((order, proc))
         return targets
+
+    def _drafted(self, request: HookRequest, order: dict[str, Any]) -> frozenset[str]:
+        """Catalog procedures of the other draft orders (a suggestion must not duplicate one)."""
+        out = set()
+        for d in request.context.draftOrders.resources():
+            if d is order or d.get("resourceType") != "ServiceRequest":
+                continue
+            proc = self.knowledge.procedure_of(_order_codings(d))
+            if proc is not None:
+                out.add(proc.id)
+        return frozenset(out)
 
     def rate(self, request: HookRequest, record: PatientRecord,
              now: datetime) -> list[OrderResult]:
@@ -149,12 +207,15 @@ class Engine:
         drafts = request.context.draftOrders.resources()
         results = []
         for order, proc in targets:
-            facts = derive_facts(scan, order, drafts, self.knowledge, now, self.params)
-            if proc.region != "lumbar" and facts.indication.value is not Tri.YES:
-                continue  # a whole-body study for another indication is not lumbar imaging
+            facts = derive_facts(scan, order, drafts, self.knowledge, now, self.params,
+                                 lumbar=proc.region == "lumbar")
+            if (proc.region != "lumbar" and facts.indication.value is not Tri.YES
+                    and not facts.other_indication):
+                continue  # a whole-body study with no indication given is not lumbar imaging
             decision = decide(facts, self.knowledge, proc)
+            drafted = self._drafted(request, order)
             kinds_cards = self._cards(_Subject(order, proc, facts, decision,
-                                               record.missing_keys()))
+                                               record.missing_keys(), drafted, now))
             results.append(OrderResult(order, proc, facts, decision,
                                        [c for _, c in kinds_cards], [k for k, _ in kinds_cards]))
         return results
@@ -162,40 +223,48 @@ class Engine:
     # ------------------------------------------------------------------ policy
 
     def _cards(self, subject: _Subject) -> list[tuple[str, Card]]:
+        """At most one card per order (the alert policy of the design)."""
+        chosen = self._policy(subject)
+        if chosen is None:
+            return []
+        kind, options, cancel = chosen
+        return [(kind, self._card(kind, subject, options, cancel=cancel))]
+
+    def _policy(self, subject: _Subject) -> tuple[str, list[Alternative], bool] | None:
+        """(card kind, suggested studies, offer a cancel) for one order, or no card."""
         proc, facts, decision = subject.procedure, subject.facts, subject.decision
         if facts.indication.value is Tri.NO or decision.pama == "no-criteria-apply":
-            return []
-        out: list[tuple[str, Card]] = []
+            return None
         alts = decision.alternatives
-        first = alts[0] if isinstance(alts, tuple) and alts else None
+        options = [a for a in alts if a.procedure.id not in subject.drafted] if isinstance(
+            alts, tuple) else []
+        mri_unsafe = proc.modality == "MR" and facts.mri_safety.value is Tri.YES
         if facts.cauda_equina.value is Tri.YES:
-            suggestion = None if proc.id == "mri-wo" else first
-            out.append(("cauda-equina", self._card("cauda-equina", subject,
-                                                   [suggestion] if suggestion else [])))
-        elif not decision.determinate:
-            out.append(("missing-data", self._card("missing-data", subject, [])))
-        elif decision.category == "UNA" or decision.pama == "not-appropriate":
+            if self.knowledge.category(proc.id, ("V4",)) == "UA":  # already the right study
+                return ("mri-safety", options, False) if mri_unsafe else None
+            if facts.mri_safety.value is Tri.YES:  # MRI unsafe: CT myelography first
+                options.sort(key=lambda a: a.procedure.id != "ct-myelo")
+            return "cauda-equina", options[:1], False
+        if not decision.determinate:
+            return "missing-data", [], False
+        if decision.pama == "not-appropriate":
             if alts == CANCEL:
-                out.append(("not-appropriate", self._card("not-appropriate", subject, [],
-                                                          cancel=True)))
-            else:
-                options = list(alts) if isinstance(alts, tuple) else []
-                out.append(("not-appropriate", self._card("not-appropriate", subject, options)))
-        elif proc.modality == "MR" and facts.mri_safety.value is Tri.YES:
-            options = list(alts) if isinstance(alts, tuple) else []
-            out.append(("mri-safety", self._card("mri-safety", subject, options)))
-        elif (decision.category in ("MBA", "MBA(D)") and first is not None
-              and first.category == "UA"):
-            out.append(("better-alternative", self._card("better-alternative", subject,
-                                                         [first])))
+                if facts.urgent:
+                    return "urgent-order", [], False
+                return "not-appropriate", [], may_cancel(facts)
+            return "not-appropriate", options, False
+        if mri_unsafe:
+            return "mri-safety", options, False
+        if decision.category in MAY_BE and options and options[0].category == "UA":
+            return "better-alternative", options[:1], False
         if proc.modality == "MR" and facts.recent_mri.value is Tri.YES:
-            out.append(("recent-mri", self._card("recent-mri", subject, [])))
-        return out
+            return "recent-mri", [], False
+        return None
 
     # ------------------------------------------------------------------ rendering
 
-    def _context(self, subject: _Subject, suggestion: Alternative | None,
-                 cancel: bool) -> dict[str, Any]:
+    def _context(self, subject: _Subject, suggestion: Alternative | None, cancel: bool,
+                 kind: str) -> dict[str, Any]:
         t = self.templates
         order, proc, facts, decision = (subject.order, subject.procedure, subject.facts,
                                         subject.decision)
@@ -223,27 +292,95 @@ class Engine:
             rated = [(p, c) for p, c in rated if c != "UNA"]
             rated.sort(key=lambda pc: (-CATEGORY_RANK[pc[1]], pc[0].rrl_rank, pc[0].preference))
             alternatives = [self._alt(p, c) for p, c in rated]
-        missing = [{"name": n, "label": t.fact_label(n), "document": t.fact_document(n)}
-                   for n in decision.deciding]
-        unavailable = ", ".join(SOURCE_NAMES[k] for k in subject.missing)
+        document, not_sent = self._missing(subject)
         mri = facts.recent_mri.evidence[0] if facts.recent_mri.evidence else None
-        devices = ", ".join(sorted({e.display or e.code for e in facts.mri_safety.evidence}))
+        devices = ", ".join(sorted({finding(e) for e in facts.mri_safety.evidence}))
+        assumed = [(code, params) for code, params in facts.assumptions
+                   if code != "candidate-after-failed-care" or decision.assumption_drives]
         category = decision.category
+        alts = decision.alternatives
+        already = next((a.procedure.name for a in alts if a.procedure.id in subject.drafted),
+                       None) if isinstance(alts, tuple) and not suggestion else None
         return {
-            "order": {"id": order.get("id"), "name": proc.name},
+            "kind": kind,
+            "order": {"id": order.get("id"), "name": proc.name, "short": proc.short_name,
+                      "priority": str(order.get("priority") or "routine")},
             "rating": {"pama": decision.pama, "category": category,
                        "category_label": t.categories.get(category or "", "not rated")},
-            "scenario": scenario,
+            "scenario": scenario, "why": self._why(facts, subject.now),
+            "conditional": t.phrase("if-candidate") if decision.assumption_rates else "",
+            "suggest_if": t.phrase("suggest-if-candidate")
+            if decision.assumption_suggests and not decision.assumption_rates else "",
             "suggestion": self._alt(suggestion.procedure, suggestion.category)
             if suggestion else None,
             "cancel": cancel, "alternatives": alternatives, "evidence": evidence,
-            "assumptions": [t.assumption(code, params) for code, params in facts.assumptions],
-            "missing": missing,
-            "missing_first": missing[0]["document"] if missing else "the patient's history",
-            "missing_text": "; ".join(m["document"] for m in missing) or "the patient's history",
-            "devices": devices or "an implant", "unavailable": unavailable,
+            "assumptions": [t.assumption(code, params) for code, params in assumed],
+            "missing": document,
+            "missing_first": document[0]["document"] if document else "the patient's history",
+            "missing_text": "; ".join(m["document"] for m in document)
+            or "the patient's history",
+            "devices": devices or "an implant", "device_found": bool(devices),
+            "unavailable": ", ".join(not_sent),
+            "care": self._care_text(facts),
             "recent": {"date": mri.date, "resource": mri.resource} if mri else None,
+            "already": already,
         }
+
+    def _missing(self, subject: _Subject) -> tuple[list[dict[str, str]], list[str]]:
+        """What the clinician should document, and what the EHR did not send (said apart)."""
+        t, facts = self.templates, subject.facts
+        document, not_sent = [], []
+        for name in subject.decision.deciding:
+            fact = getattr(facts, "duration_fact" if name == "duration" else name)
+            sources = [SOURCE_NAMES[m] for m in fact.missing if m in SOURCE_NAMES]
+            if sources:
+                not_sent += [s for s in sources if s not in not_sent]
+            else:
+                document.append({"name": name, "label": t.fact_label(name),
+                                 "document": t.fact_document(name)})
+        for key in subject.missing:
+            if SOURCE_NAMES[key] not in not_sent:
+                not_sent.append(SOURCE_NAMES[key])
+        return document, not_sent
+
+    def _why(self, facts: Facts, now: datetime | None) -> str:
+        """The first line of every card: what the rating rests on, and what was checked."""
+        t = self.templates
+        parts = [self._duration_text(facts, now)]
+        found = [f for f in facts.red_flags() if f.value is Tri.YES]
+        unknown = [f for f in facts.red_flags() if f.value is Tri.UNKNOWN]
+        if found:
+            parts.append(t.phrase("red-flags", found="; ".join(
+                f"{t.fact_short(f.name)}: " + ", ".join(finding(e) for e in f.evidence)
+                for f in found)))
+        elif unknown:
+            parts.append(t.phrase("red-flags-unknown", unknown=", ".join(
+                t.fact_short(f.name) for f in unknown)))
+        else:
+            parts.append(t.phrase("no-red-flags", checked=", ".join(
+                t.fact_short(f.name) for f in facts.red_flags())))
+        if facts.urgent:
+            parts.append(t.phrase("urgent"))
+        return "; ".join(p for p in parts if p) + "."
+
+    def _duration_text(self, facts: Facts, now: datetime | None) -> str:
+        t = self.templates
+        onset = [e for e in facts.duration_fact.evidence if e.date]
+        if not onset:
+            return t.phrase("duration-unknown")
+        days = max(_days_since(e.date, now) for e in onset)
+        span = f"{days} days" if days < 28 else f"{days // 7} weeks"
+        return t.phrase("duration" if facts.duration_dated else "duration-bound", span=span)
+
+    def _care_text(self, facts: Facts) -> str:
+        t = self.templates
+        needed = self.params.conservative_care_weeks
+        if facts.care_weeks is None:
+            return "" if facts.care.value is Tri.UNKNOWN else t.phrase("care-none")
+        weeks = int(facts.care_weeks)
+        if weeks >= needed:
+            return t.phrase("care-done", weeks=weeks)
+        return t.phrase("care-under-way", weeks=weeks, needed=needed)
 
     def _alt(self, proc: Procedure, category: str) -> dict[str, Any]:
         return {"id": proc.id, "name": proc.name, "short": proc.short_name,
@@ -255,7 +392,7 @@ class Engine:
         t = self.templates
         order, proc = subject.order, subject.procedure
         first = options[0] if options else None
-        ctx = self._context(subject, first, cancel)
+        ctx = self._context(subject, first, cancel, kind)
         suggestions: list[Suggestion] = []
         for i, alt in enumerate(options):
             sctx = {**ctx, "suggestion": self._alt(alt.procedure, alt.category)}
@@ -270,7 +407,7 @@ class Engine:
         if cancel:
             suggestions.append(Suggestion(
                 label=t.render(kind, "cancel_label", ctx) or "Cancel the order",
-                uuid=str(uuid.uuid4()), isRecommended=True,
+                uuid=str(uuid.uuid4()),
                 actions=[Action(type="delete",
                                 description=t.render(kind, "cancel_description", ctx)
                                 or "Remove the draft order",

@@ -18,11 +18,17 @@ from jinja2.sandbox import SandboxedEnvironment
 from cds_service.knowledge import read_yaml_mapping
 
 KINDS = ("not-appropriate", "better-alternative", "cauda-equina", "mri-safety", "recent-mri",
-         "missing-data")
+         "missing-data", "urgent-order")
 INDICATORS = {"info", "warning", "critical"}
 TEXT_FIELDS = ("summary", "detail", "suggestion_label", "action_description", "cancel_label",
                "cancel_description")
 SUMMARY_LIMIT = 139
+# The phrases the engine composes the first line of a card from (common.yaml "phrases").
+PHRASES = ("duration", "duration-bound", "duration-unknown", "red-flags", "red-flags-unknown",
+           "no-red-flags", "urgent", "care-none", "care-done", "care-under-way", "if-candidate",
+           "suggest-if-candidate")
+PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer",
+                 "checked": "cancer", "weeks": 3, "needed": 6}
 
 
 class TemplateProblem(ValueError):
@@ -47,6 +53,15 @@ class CardTemplates:
     facts: dict[str, dict[str, str]]
     kinds: dict[str, CardKind]
     assumptions: dict[str, str] = field(default_factory=dict)
+    phrases: dict[str, str] = field(default_factory=dict)
+
+    def phrase(self, code: str, **params: Any) -> str:
+        """A shared phrase of common.yaml ("phrases"), filled in; its code if it is missing."""
+        text = self.phrases.get(code)
+        try:
+            return text.format(**params) if text else code
+        except (KeyError, IndexError, ValueError):
+            return code
 
     def assumption(self, code: str, params: dict[str, Any]) -> str:
         """The wording of an assumption the engine made (its code if the text is missing)."""
@@ -71,6 +86,11 @@ class CardTemplates:
 
     def fact_label(self, name: str) -> str:
         return self.facts.get(name, {}).get("label", name.replace("_", " "))
+
+    def fact_short(self, name: str) -> str:
+        """The short name of a fact in a sentence ("cauda equina symptoms")."""
+        entry = self.facts.get(name, {})
+        return entry.get("short") or entry.get("label", name.replace("_", " ")).lower()
 
     def fact_document(self, name: str) -> str:
         return self.facts.get(name, {}).get("document", name.replace("_", " "))
@@ -132,12 +152,19 @@ def load_templates(directory: Path) -> CardTemplates:
         override_system=str(common.get("override_reason_system") or ""),
         categories={k: str(v) for k, v in (common.get("categories") or {}).items()},
         facts=common.get("facts") or {}, kinds=kinds,
-        assumptions={str(k): str(v) for k, v in (common.get("assumptions") or {}).items()})
+        assumptions={str(k): str(v) for k, v in (common.get("assumptions") or {}).items()},
+        phrases={str(k): str(v) for k, v in (common.get("phrases") or {}).items()})
     if any(k.override_reasons for k in kinds.values()) and not templates.override_system:
         raise TemplateProblem("common.yaml: override_reason_system is required")
     for code in templates.assumptions:
         if templates.assumption(code, {"weeks": 8}) == code:
             raise TemplateProblem(f"common.yaml: assumptions.{code}: only {{weeks}} may be used")
+    for code in PHRASES:
+        if code not in templates.phrases:
+            raise TemplateProblem(f"common.yaml: phrases.{code} is required")
+        if templates.phrase(code, **PHRASE_SAMPLE) == code:
+            raise TemplateProblem(f"common.yaml: phrases.{code}: unknown placeholder (use "
+                                  f"{', '.join('{' + k + '}' for k in PHRASE_SAMPLE)})")
     _test_render(templates)
     return templates
 
@@ -147,7 +174,11 @@ def sample_context() -> dict[str, Any]:
     alt = {"name": "MRI lumbar spine without IV contrast", "short": "MRI without contrast",
            "category": "UA", "category_label": "Usually appropriate", "rrl": "0"}
     return {
-        "order": {"id": "sample", "name": "MRI lumbar spine with IV contrast"},
+        "kind": "sample", "why": "Pain for 10 days; no red flags recorded.", "conditional": "",
+        "suggest_if": "",
+        "care": "3 of 6 weeks of conservative care so far", "device_found": True,
+        "order": {"id": "sample", "name": "MRI lumbar spine with IV contrast",
+                  "short": "MRI with contrast", "priority": "stat"},
         "rating": {"pama": "not-appropriate", "category": "UNA",
                    "category_label": "Usually not appropriate"},
         "scenario": "sample scenario", "suggestion": alt, "cancel": False,
@@ -158,6 +189,7 @@ def sample_context() -> dict[str, Any]:
         "missing_first": "onset", "missing_text": "onset", "devices": "pacemaker",
         "unavailable": "procedures",
         "recent": {"date": "2026-01-01", "resource": "Procedure/sample"},
+        "already": "MRI lumbar spine without IV contrast",
     }
 
 

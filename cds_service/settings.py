@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     auc_applied: str = "https://acsearch.acr.org/docs/69483/Narrative/"
     assume_candidate_after_failed_care: bool = True
     conservative_care_weeks: int = 6
-    elderly_age: int = 65
+    elderly_over_age: int = 70  # the fracture red flag: older than this many years
+    recent_red_flag_days: int = 90  # red-flag symptoms this recent count (as do this episode's)
     episode_grace_days: int = 14
     recent_mri_months: int = 12
     recent_trauma_days: int = 90

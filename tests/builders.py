@@ -61,6 +61,7 @@ def seed_prefetch(now: datetime) -> dict[str, Any]:
         "procedures": bundle(procedure("p-pt1", "97161", day(now, 56)),
                              procedure("p-pt2", "97110", day(now, 49))),
         "servicerequests": bundle(),
+        "medications": bundle(),
     }
 
 

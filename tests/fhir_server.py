@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 TYPES = {"Condition": "conditions", "Procedure": "procedures",
-         "ServiceRequest": "servicerequests"}
+         "ServiceRequest": "servicerequests", "MedicationRequest": "medications"}
 
 
 class FhirTestServer:

@@ -48,6 +48,7 @@ def test_discovery_lists_one_service_per_hook_with_prefetch(client: ValidatingCl
         "conditions": "Condition?patient={{context.patientId}}",
         "procedures": "Procedure?patient={{context.patientId}}",
         "servicerequests": "ServiceRequest?patient={{context.patientId}}",
+        "medications": "MedicationRequest?patient={{context.patientId}}",
     }
 
 
@@ -152,7 +153,11 @@ def test_order_sign_without_selections_judges_every_draft(client: ValidatingClie
     data = r.json()
     ratings = {a["resource"]["id"]: rating_of(a) for a in data["systemActions"]}
     assert ratings == {"a": "not-appropriate", "b": "appropriate", "c": "appropriate"}
-    assert sorted(c["indicator"] for c in data["cards"]) == ["info", "warning"]
+    # MRI without contrast is already drafted: no suggestion duplicates it, so the X-ray (MBA)
+    # gets no card and the MRI with contrast a warning without a change suggestion.
+    (card,) = data["cards"]
+    assert card["indicator"] == "warning" and "suggestions" not in card
+    assert "already among the draft orders" in card["detail"]
 
 
 def test_sandbox_empty_initial_order_gets_200_and_nothing(client: ValidatingClient) -> None:

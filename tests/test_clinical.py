@@ -120,7 +120,8 @@ def test_mri_safety_skips_mri_and_offers_ct_first() -> None:
     facts, d = rate(p, "mri-w")
     assert facts.mri_safety.value is Tri.YES
     assert d.fallback
-    assert [a.procedure.id for a in d.alternatives][:2] == ["ct-wo", "xr-lumbar"]
+    # never radiography in place of a cross-sectional study
+    assert [a.procedure.id for a in d.alternatives][:2] == ["ct-wo", "ct-myelo"]
 
 
 def test_recorded_date_is_a_lower_bound_on_duration() -> None:
@@ -222,12 +223,17 @@ def test_referral_in_drafts_makes_candidate_without_assumption() -> None:
 
 def test_elderly_from_birth_date_and_partial_birth_year() -> None:
     p = seed_prefetch(NOW)
-    p["patient"]["birthDate"] = str(NOW.year - 70)
+    p["patient"]["birthDate"] = str(NOW.year - 72)  # 71 or 72: over 70
     facts, d = rate(p, "xr-lumbar")
     assert facts.elderly.value is Tri.YES and d.variants == frozenset({"V6"})
-    p["patient"]["birthDate"] = str(NOW.year - 65)  # 64 or 65 depending on the day
+    p["patient"]["birthDate"] = str(NOW.year - 71)  # 70 or 71 depending on the day
     facts, _ = rate(p, "xr-lumbar")
     assert facts.elderly.value is Tri.UNKNOWN
+    p["patient"]["birthDate"] = str(NOW.year - 70)  # 69 or 70: not over 70
+    facts, _ = rate(p, "xr-lumbar")
+    assert facts.elderly.value is Tri.NO
+    facts, _ = rate(p, "xr-lumbar", params=ClinicalParams(elderly_over_age=65))
+    assert facts.elderly.value is Tri.YES
 
 
 def test_recent_trauma_only_when_recent() -> None:

@@ -43,6 +43,8 @@ def mock_all(router: respx.Router, prefetch: dict[str, Any]) -> None:
         200, json=prefetch["procedures"])
     router.get(f"{BASE}/ServiceRequest", params={"patient": PATIENT}).respond(
         200, json=prefetch["servicerequests"])
+    router.get(f"{BASE}/MedicationRequest", params={"patient": PATIENT}).respond(
+        200, json=prefetch["medications"])
 
 
 def test_fetches_every_missing_key_with_the_bearer_token() -> None:
@@ -215,7 +217,7 @@ def test_412_when_undecidable_and_nothing_can_be_fetched(client: Any) -> None:
     assert body["resourceType"] == "OperationOutcome"
     assert set(body["issue"][0]["expression"]) == {
         "prefetch.patient", "prefetch.conditions", "prefetch.procedures",
-        "prefetch.servicerequests"}
+        "prefetch.servicerequests", "prefetch.medications"}
 
 
 def test_no_412_when_the_order_can_be_rated_anyway(client: Any) -> None:

@@ -68,7 +68,8 @@ def test_unverified_code_is_refused(tmp_path: Path) -> None:
         extra.unlink()
     path = know / "valuesets.yaml"
     path.write_text(path.read_text().replace(
-        '{system: icd10cm, code: G83.4, source: ICD-10-CM FY2026, verified: yes}',
+        '{system: icd10cm, code: G83.4, display: Cauda equina syndrome, source: ICD-10-CM '
+        'FY2026, verified: yes}',
         '{system: icd10cm, code: G83.4, source: ICD-10-CM FY2026, verified: yes}\n'
         '      - {system: snomed, code: "12345", source: guess, verified: no}'))
     with pytest.raises(KnowledgeError, match="unverified"):

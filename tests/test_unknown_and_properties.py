@@ -77,8 +77,9 @@ def test_unknown_referrals_do_not_matter_when_care_is_documented() -> None:
     assert r.decision.pama == "appropriate" and r.decision.variants == frozenset({"V3"})
 
 
-def test_acute_or_subacute_unknown_but_both_cancel() -> None:
-    # LBP from the order reason only, no dated condition, no therapy: V1 or V2, both UNA.
+def test_acute_or_subacute_unknown_rated_but_never_cancelled() -> None:
+    # LBP from the order reason only, no dated condition, no therapy: V1 or V2, both UNA. The
+    # duration is not from a dated condition, so no cancel: the card asks for the onset.
     p = seed_prefetch(NOW)
     p["conditions"] = bundle()
     p["procedures"] = bundle()
@@ -86,8 +87,20 @@ def test_acute_or_subacute_unknown_but_both_cancel() -> None:
     assert r.decision.pama == "not-appropriate"
     assert r.decision.alternatives == "cancel"
     assert r.kinds == ["not-appropriate"]
-    delete = r.cards[0].suggestions[0].actions[0]
+    assert not r.cards[0].suggestions
+    assert "when the current episode of low back pain began" in r.cards[0].detail
+
+
+def test_dated_acute_pain_gets_a_cancel_that_is_not_recommended() -> None:
+    p = seed_prefetch(NOW)
+    p["conditions"]["entry"][0]["resource"]["onsetDateTime"] = day(NOW, 10)
+    p["procedures"] = bundle()
+    r = run(p, "72148")
+    assert r.kinds == ["not-appropriate"]
+    (suggestion,) = r.cards[0].suggestions
+    delete = suggestion.actions[0]
     assert delete.type == "delete" and delete.resourceId == "ServiceRequest/draft-1"
+    assert not suggestion.isRecommended
 
 
 # ------------------------------------------------------------------ properties

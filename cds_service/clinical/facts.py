@@ -1,9 +1,14 @@
 """Patient record -> clinical facts, each yes / no / unknown with the evidence behind it.
 
 A fact is *no* only when every source it depends on was received whole (closed world); it is
-*unknown* when a source is missing or partial, or when a matching resource could not be read.
-Resources are first screened with a cheap code lookup; only the few that match a value set are
-validated with the FHIR R4B models and become evidence.
+*unknown* when a source is missing or partial, when a matching resource could not be read, or where
+silence is not evidence (the exceptions of the design: conservative care of an intervention
+candidate, a fusion code that names no site). The red flags are declared as data (``FLAGS``: which
+value sets, and in which time scope each counts) and read by one small rule.
+
+Where facts come from: the order's own reasons first (they are the indication the clinician chose),
+then the problem list, procedures, orders and medication orders. Resources are first screened with a
+cheap code lookup; only the few that match a value set are validated with the FHIR R4B models.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import orjson
 from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.procedure import Procedure as FhirProcedure
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import ValidationError
@@ -27,15 +33,17 @@ from cds_service.record import PatientRecord
 from cds_service.record.prefetch import Source, SourceState, as_list
 
 LBP_SETS = frozenset({"low_back_pain", "radiculopathy", "lumbar_degenerative"})
-INDICATION_SETS = LBP_SETS | {"cauda_equina"}
-RED_FLAG_SETS = frozenset({"cancer", "infection", "immunosuppression", "recent_trauma",
-                           "osteoporosis", "chronic_steroids", "prior_lumbar_surgery"})
+# Reasons that by themselves put a lumbar order on the low back pain pathway (V4 or outside V1-V3).
+SPINAL_SETS = frozenset({"cauda_equina", "ces_bladder_bowel", "ces_sensory", "neuro_deficit"})
 THERAPY_SETS = frozenset({"physical_therapy", "chiropractic"})
 INTERVENTION_SETS = frozenset({"spine_injection", "lumbar_surgery_procedure", "spine_referral"})
 ACTIVE = {"active", "recurrence", "relapse"}
 EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
+URGENT = {"stat", "asap", "urgent"}
 MIN_TIME = datetime.min.replace(tzinfo=UTC)
-MODELS = {"Condition": Condition, "Procedure": FhirProcedure, "ServiceRequest": ServiceRequest}
+MODELS = {"Condition": Condition, "Procedure": FhirProcedure, "ServiceRequest": ServiceRequest,
+          "MedicationRequest": MedicationRequest}
+CARE_STATES = ("none", "under-way", "done")
 
 
 class Tri(StrEnum):
@@ -44,15 +52,58 @@ class Tri(StrEnum):
     UNKNOWN = "unknown"
 
 
+class Scope(StrEnum):
+    """When a diagnosis on the problem list counts for a fact (reasons on the order always do)."""
+
+    HISTORY = "history"  # active or resolved, any date (cancer history)
+    ACTIVE = "active"  # active, any date (immunosuppression, osteoporosis, devices)
+    CURRENT = "current"  # active and of this episode or recent, or undated (red-flag symptoms)
+    RECENT = "recent"  # active and within the recent-trauma window
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """A fact read from diagnoses: its value sets, each with the scope in which it counts."""
+
+    name: str
+    sets: tuple[tuple[str, Scope], ...]
+    red_flag: bool = True
+
+
+# The facts read from diagnoses. A value set with a rule in the knowledge (needs_companion,
+# text_terms) counts only as that rule allows: saddle anaesthesia, drug use beside fever.
+FLAGS = (
+    FlagSpec("cauda_equina", (("cauda_equina", Scope.CURRENT), ("ces_bladder_bowel", Scope.CURRENT),
+                              ("ces_sensory", Scope.CURRENT))),
+    FlagSpec("neuro_deficit", (("neuro_deficit", Scope.CURRENT),)),
+    FlagSpec("cancer", (("cancer", Scope.HISTORY), ("weight_loss", Scope.CURRENT))),
+    FlagSpec("infection", (("spinal_infection", Scope.CURRENT),
+                           ("systemic_infection", Scope.CURRENT), ("drug_use", Scope.CURRENT))),
+    FlagSpec("immunosuppression", (("immunosuppression", Scope.ACTIVE),)),
+    FlagSpec("trauma", (("recent_trauma", Scope.RECENT),)),
+    FlagSpec("osteoporosis", (("osteoporosis", Scope.ACTIVE),)),
+    FlagSpec("steroids", (("chronic_steroids", Scope.ACTIVE),)),
+    FlagSpec("mri_safety", (("mri_safety", Scope.ACTIVE),), red_flag=False),
+    FlagSpec("radiculopathy", (("radiculopathy", Scope.ACTIVE),), red_flag=False),
+)
+# Every red flag the cards name as checked (prior surgery and age come from their own rules).
+RED_FLAGS = ("cauda_equina", "neuro_deficit", "cancer", "infection", "immunosuppression",
+             "prior_surgery", "trauma", "osteoporosis", "elderly", "steroids")
+REASON_SETS = LBP_SETS | SPINAL_SETS | frozenset(
+    vs for spec in FLAGS if spec.red_flag for vs, _ in spec.sets) | {
+    "prior_lumbar_surgery", "fusion_any_site"}
+
+
 @dataclass(frozen=True)
 class ClinicalParams:
     """Tunable thresholds of the clinical rules (from settings)."""
 
     conservative_care_weeks: int = 6
-    elderly_age: int = 65
+    elderly_over_age: int = 70
     episode_grace_days: int = 14
     recent_mri_months: int = 12
     recent_trauma_days: int = 90
+    recent_red_flag_days: int = 90
     assume_candidate_after_failed_care: bool = True
 
 
@@ -108,9 +159,18 @@ class Facts:
     steroids: Fact
     mri_safety: Fact
     recent_mri: Fact
+    neuro_deficit: Fact = field(default_factory=lambda: Fact("neuro_deficit", Tri.NO))
+    # "none", "under-way" (fewer weeks than the threshold), "done": the states care may be in
+    care_states: tuple[str, ...] = ("none",)
+    duration_dated: bool = False  # the duration comes from a dated onset, not a bound
+    other_indication: bool = False  # the order's reasons name an indication that is not LBP
+    urgent: bool = False  # priority stat, asap or urgent
     # (code, parameters); the wording is in cards/common.yaml "assumptions"
     assumptions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     assume_candidate: bool = True  # candidate assumed after failed care (ClinicalParams)
+
+    def red_flags(self) -> list[Fact]:
+        return [getattr(self, n) for n in RED_FLAGS]
 
 
 @dataclass
@@ -127,6 +187,7 @@ class Hit:
     end: datetime | None
     procedure: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    text: str = ""
     _readable: bool | None = field(default=None, repr=False)
 
     @property
@@ -136,7 +197,11 @@ class Hit:
             self._readable = not self.raw or _validate(self.rtype, self.raw)
         return self._readable
 
-    def evidence(self, role: str) -> Evidence:
+    @property
+    def latest(self) -> datetime | None:
+        return self.end or (self.start if self.start != MIN_TIME else None)
+
+    def evidence(self, role: str, display: str | None = None) -> Evidence:
         day = None
         if self.start and self.start != MIN_TIME:
             day = self.start.date().isoformat()
@@ -145,7 +210,8 @@ class Hit:
         return Evidence(resource=f"{self.rtype}/{self.rid}",
                         system=str(self.coding.get("system", "")),
                         code=str(self.coding.get("code", "")),
-                        display=self.coding.get("display"), date=day, role=role)
+                        display=self.coding.get("display") or display or self.text or None,
+                        date=day, role=role)
 
 
 @dataclass
@@ -157,6 +223,7 @@ class RecordScan:
     procedures: list[Hit]
     service_requests: list[Hit]
     birth: tuple[datetime, datetime] | None
+    medications: list[Hit] = field(default_factory=list)
 
 
 def _codings(concept: Any) -> list[Mapping[str, Any]]:
@@ -172,6 +239,17 @@ def _codings_many(concepts: Any) -> list[Mapping[str, Any]]:
     for c in concepts if isinstance(concepts, list) else []:
         out.extend(_codings(c))
     return out
+
+
+def _text_of(*concepts: Any) -> str:
+    """The human text of codeable concepts (text and displays), for matching words."""
+    parts: list[str] = []
+    for concept in concepts:
+        if isinstance(concept, dict):
+            if isinstance(concept.get("text"), str):
+                parts.append(concept["text"])
+            parts += [c["display"] for c in _codings(concept) if isinstance(c.get("display"), str)]
+    return " ".join(parts)
 
 
 def _status_code(concept: Any) -> str | None:
@@ -238,12 +316,14 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
         lo, hi = _condition_onset(raw, birth)
         conditions.append(Hit("Condition", str(raw.get("id", "?")), sets,
                               _first_matching(knowledge, codings), active, True, lo, hi,
-                              raw=raw))
+                              raw=raw, text=_text_of(raw.get("code"))))
     procedures = [h for h in (_order_like_hit(raw, "Procedure", knowledge)
                               for raw in record.procedures.resources) if h]
     service_requests = [h for h in (_order_like_hit(raw, "ServiceRequest", knowledge)
                                     for raw in record.service_requests.resources) if h]
-    return RecordScan(record, conditions, procedures, service_requests, birth)
+    medications = [h for h in (_medication_hit(raw, knowledge)
+                               for raw in record.medications.resources) if h]
+    return RecordScan(record, conditions, procedures, service_requests, birth, medications)
 
 
 def _condition_onset(raw: Mapping[str, Any],
@@ -288,7 +368,34 @@ def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) ->
     lo, hi = span if span else (None, None)
     return Hit(rtype, str(raw.get("id", "?")), sets, _first_matching(knowledge, codings),
                active=planned, usable=usable, start=lo, end=hi,
-               procedure=proc.id if proc else None, raw=raw)
+               procedure=proc.id if proc else None, raw=raw, text=_text_of(raw.get("code")))
+
+
+def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
+    """A medication order for back pain: its reason is LBP, or it names a back-pain drug."""
+    if raw.get("status") not in {"active", "completed"}:
+        return None
+    concept = raw.get("medicationCodeableConcept")
+    reference = raw.get("medicationReference")
+    text = _text_of(concept)
+    if isinstance(reference, dict) and isinstance(reference.get("display"), str):
+        text = f"{text} {reference['display']}"
+    reason_codings = _codings_many(raw.get("reasonCode"))
+    reasons = knowledge.valuesets_of_codings(reason_codings)
+    lowered = text.lower()
+    named = any(term in lowered for term in knowledge.medication_terms)
+    other_reason = bool(reason_codings) and not reasons & LBP_SETS
+    if not (reasons & LBP_SETS or (named and not other_reason)):
+        return None
+    span = parse_span(raw.get("authoredOn"))
+    if span is None:
+        validity = raw.get("dispenseRequest")
+        span = period_start(validity.get("validityPeriod")) if isinstance(validity, dict) else None
+    lo, hi = span if span else (None, None)
+    coding = next((dict(c) for c in _codings(concept)), {})
+    return Hit("MedicationRequest", str(raw.get("id", "?")), frozenset({"back_pain_medication"}),
+               coding, active=raw.get("status") == "active", usable=True, start=lo, end=hi,
+               raw=raw, text=text.strip() or "medication for back pain")
 
 
 def _is_referral(raw: Mapping[str, Any]) -> bool:
@@ -318,83 +425,170 @@ def _fact(name: str, evidence: list[Evidence], sources: dict[str, Source],
     return Fact(name, Tri.NO)
 
 
-def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mapping[str, Any]],
-                 knowledge: Knowledge, now: datetime,
-                 params: ClinicalParams | None = None) -> Facts:
-    """All facts for one draft order (order reasons count as current findings)."""
-    params = params or ClinicalParams()
-    rec = scan.record
-    cond_src = {"conditions": rec.conditions}
-    oid = f"ServiceRequest/{order.get('id', '?')}"
+@dataclass
+class _Context:
+    """What the rules for one order share: the record scan, the order's reasons, the clock."""
 
-    # Reasons of the order: coded reasonCode plus reasonReference to a Condition we hold.
-    reason_hits: list[Hit] = []
-    for c in _codings_many(order.get("reasonCode")):
-        sets = knowledge.valuesets_of(c.get("system"), c.get("code"))
-        if sets:
-            reason_hits.append(Hit("ServiceRequest", str(order.get("id", "?")), sets, dict(c),
-                                   True, True, None, None))
-    coded_reason = bool(reason_hits) or any(
-        c.get("code") for c in _codings_many(order.get("reasonCode")))
+    scan: RecordScan
+    knowledge: Knowledge
+    order_id: str
+    reasons: list[Hit]
+    now: datetime
+    params: ClinicalParams
+    current_since: datetime  # red-flag symptoms dated on or after this are current
+
+    def in_scope(self, hit: Hit, scope: Scope) -> bool:
+        if scope is Scope.HISTORY:
+            return True
+        if not hit.active:
+            return False
+        latest = hit.latest
+        if scope is Scope.CURRENT:
+            return latest is None or latest >= self.current_since
+        if scope is Scope.RECENT:
+            since = self.now - timedelta(days=self.params.recent_trauma_days)
+            return latest is not None and latest >= since
+        return True
+
+    def reason_evidence(self, hit: Hit, display: str | None) -> Evidence:
+        if hit.rtype == "ServiceRequest":
+            return Evidence(f"ServiceRequest/{self.order_id}", str(hit.coding.get("system", "")),
+                            str(hit.coding.get("code", "")),
+                            hit.coding.get("display") or hit.text or display, None,
+                            "reason for this order")
+        return hit.evidence("reason for this order", display)
+
+
+def _set_hits(ctx: _Context, vs: str, scope: Scope) -> tuple[list[tuple[Hit, bool]], bool]:
+    """(hit, on the order) pairs for one value set in its scope; and whether one was unreadable."""
+    found: list[tuple[Hit, bool]] = []
+    unreadable = False
+    reason_ids = {id(h) for h in ctx.reasons}
+    for h in ctx.reasons:
+        if vs in h.sets:
+            found.append((h, True))
+    for h in ctx.scan.conditions:
+        if vs not in h.sets or id(h) in reason_ids or not ctx.in_scope(h, scope):
+            continue
+        if not h.readable:
+            unreadable = True
+            continue
+        found.append((h, False))
+    return found, unreadable
+
+
+def flag_fact(spec: FlagSpec, ctx: _Context) -> Fact:
+    """One fact from its value sets: hits in scope, then the companion and text rules."""
+    per_set: dict[str, list[tuple[Hit, bool]]] = {}
+    unreadable = False
+    for vs, scope in spec.sets:
+        per_set[vs], bad = _set_hits(ctx, vs, scope)
+        unreadable = unreadable or bad
+    evidence: list[Evidence] = []
+    for vs, hits in per_set.items():
+        rule = ctx.knowledge.rules.get(vs)
+        if rule is not None:
+            companion = any(per_set.get(c) for c in rule.needs_companion)
+            hits = [(h, on_order) for h, on_order in hits if companion or any(
+                term in h.text.lower() for term in rule.text_terms)]
+        for h, on_order in hits:
+            display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
+            ev = (ctx.reason_evidence(h, display) if on_order
+                  else h.evidence("condition" if h.active else "condition (history)", display))
+            if ev not in evidence:
+                evidence.append(ev)
+    return _fact(spec.name, evidence, {"conditions": ctx.scan.record.conditions}, unreadable)
+
+
+def _order_reasons(scan: RecordScan, order: Mapping[str, Any],
+                   knowledge: Knowledge) -> tuple[list[Hit], bool]:
+    """The order's reasons that match a value set, and whether it has any coded reason."""
+    oid = str(order.get("id", "?"))
+    hits: list[Hit] = []
+    for concept in as_list(order.get("reasonCode")):
+        text = _text_of(concept)
+        for c in _codings(concept):
+            sets = knowledge.valuesets_of(c.get("system"), c.get("code"))
+            if sets:
+                hits.append(Hit("ServiceRequest", oid, sets, dict(c), True, True, None, None,
+                                text=text))
+    coded = bool(hits) or any(c.get("code") for c in _codings_many(order.get("reasonCode")))
     by_id = {h.rid: h for h in scan.conditions}
     for ref in as_list(order.get("reasonReference")):
         if isinstance(ref, Mapping) and isinstance(ref.get("reference"), str):
             rtype, _, rid = ref["reference"].rpartition("/")
             if rtype.endswith("Condition") and rid in by_id:
-                reason_hits.append(by_id[rid])
-                coded_reason = True
+                hits.append(by_id[rid])
+                coded = True
+    return hits, coded
 
-    def cond_evidence(sets: frozenset[str], *, history: bool = False,
-                      since: datetime | None = None) -> tuple[list[Evidence], bool]:
-        ev: list[Evidence] = []
-        unreadable = False
-        for h in scan.conditions:
-            if not (h.sets & sets) or not (h.active or history):
-                continue
-            if since and h.start and h.start != MIN_TIME and (h.end or h.start) < since:
-                continue
-            if not h.readable:
-                unreadable = True
-                continue
-            ev.append(h.evidence("condition" if h.active else "condition (history)"))
-        for h in reason_hits:
-            if h.sets & sets and h.rtype == "ServiceRequest":
-                ev.append(Evidence(oid, str(h.coding.get("system", "")),
-                                   str(h.coding.get("code", "")), h.coding.get("display"),
-                                   None, "reason for this order"))
-            elif h.sets & sets and h.readable and h.evidence("condition") not in ev:
-                ev.append(h.evidence("reason for this order"))
-        return ev, unreadable
 
-    def cond_fact(name: str, sets: frozenset[str], **kw: Any) -> Fact:
-        ev, unreadable = cond_evidence(sets, **kw)
-        return _fact(name, ev, cond_src, unreadable)
+def _indication(ctx: _Context, coded_reason: bool, lumbar: bool) -> tuple[Fact, bool]:
+    """Is this an order for low back pain? (fact, the reasons name another indication)."""
+    lbp = flag_fact(FlagSpec("indication", tuple((vs, Scope.ACTIVE) for vs in sorted(LBP_SETS))),
+                    ctx)
+    if not coded_reason:
+        return lbp, False
+    reason_sets = frozenset().union(*(h.sets for h in ctx.reasons))
+    on_order = [e for e in lbp.evidence if e.role == "reason for this order"]
+    if reason_sets & LBP_SETS:
+        return Fact("indication", Tri.YES, on_order), False
+    if lumbar and reason_sets & SPINAL_SETS:
+        return Fact("indication", Tri.YES, lbp.evidence), False
+    if lumbar and reason_sets & REASON_SETS:
+        # A red flag on a lumbar study: LBP with that red flag, when LBP is on the record.
+        return lbp, lbp.value is Tri.NO
+    return Fact("indication", Tri.NO), True
 
-    # Indication: the order's coded reasons decide; with none, the problem list does.
-    lbp_active, lbp_unreadable = cond_evidence(LBP_SETS)
-    reason_sets = frozenset().union(*(h.sets for h in reason_hits)) if reason_hits else frozenset()
-    if coded_reason:
-        if reason_sets & INDICATION_SETS:
-            indication = Fact("indication", Tri.YES, [e for e in cond_evidence(
-                INDICATION_SETS)[0] if e.role == "reason for this order"])
-        elif reason_sets & RED_FLAG_SETS and lbp_active:
-            indication = Fact("indication", Tri.YES, lbp_active)
-        else:
-            indication = Fact("indication", Tri.NO)
-    else:
-        indication = _fact("indication", lbp_active, cond_src, lbp_unreadable)
 
-    radiculopathy = cond_fact("radiculopathy", frozenset({"radiculopathy"}))
+def _episode(scan: RecordScan) -> tuple[list[Hit], datetime | None, datetime | None]:
+    """The dated active LBP conditions of the current episode and its onset bounds."""
+    lbp = [h for h in scan.conditions if h.active and h.sets & LBP_SETS and h.readable]
+    dated = [h for h in lbp if h.start is not None]
+    if not dated:
+        return [], None, None
+    lo = min(h.start for h in dated if h.start is not None)
+    hi = min(h.end for h in dated if h.end is not None)
+    return dated, lo, hi
+
+
+def _care(scan: RecordScan, cutoff: datetime | None,
+          now: datetime) -> tuple[float | None, list[Evidence], bool]:
+    """Weeks since the first conservative care of this episode (therapy or medication)."""
+    care = [h for h in scan.procedures + scan.service_requests + scan.medications
+            if h.usable and (h.sets & THERAPY_SETS or h.rtype == "MedicationRequest")]
+    therapy = sorted((h for h in care if h.start and h.start <= now
+                      and (cutoff is None or (h.end or h.start) >= cutoff)),
+                     key=lambda h: h.start or now)
+    first = next((h for h in therapy if h.readable), None)  # validates only up to the first
+    if first is None or first.start is None:
+        return None, [], any(not h.readable for h in care)  # unreadable care: unknown
+    weeks = max(0.0, (now - first.start).total_seconds() / (7 * 86400))
+    return weeks, [first.evidence("first conservative care of this episode")], False
+
+
+def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mapping[str, Any]],
+                 knowledge: Knowledge, now: datetime, params: ClinicalParams | None = None,
+                 lumbar: bool = True) -> Facts:
+    """All facts for one draft order (order reasons count as current findings)."""
+    params = params or ClinicalParams()
+    rec = scan.record
+    reasons, coded_reason = _order_reasons(scan, order, knowledge)
+    dated, onset_lo, onset_hi = _episode(scan)
+    episode_since = (onset_lo if onset_lo not in (None, MIN_TIME) else onset_hi)
+    recent = now - timedelta(days=params.recent_red_flag_days)
+    current_since = recent
+    if episode_since is not None:
+        current_since = min(recent, episode_since - timedelta(days=params.episode_grace_days))
+    ctx = _Context(scan, knowledge, str(order.get("id", "?")), reasons, now, params,
+                   current_since)
+    flags = {spec.name: flag_fact(spec, ctx) for spec in FLAGS}
+    indication, other_indication = _indication(ctx, coded_reason, lumbar)
 
     # Duration of the current episode: earliest onset of an active LBP condition.
-    lbp_conditions = [h for h in scan.conditions
-                      if h.active and h.sets & LBP_SETS and h.readable]
-    dated = [h for h in lbp_conditions if h.start is not None]
     assumptions: list[tuple[str, dict[str, Any]]] = []
-    onset_lo = onset_hi = None
     if dated:
-        onset_lo = min(h.start for h in dated if h.start is not None)
-        onset_hi = min(h.end for h in dated if h.end is not None)
+        assert onset_lo is not None and onset_hi is not None
         if onset_lo == MIN_TIME:
             assumptions.append(("duration-from-recorded-date", {}))
         duration = _duration_categories(now - onset_hi, now - onset_lo)
@@ -404,110 +598,141 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
         duration = frozenset({"acute", "subacute", "chronic"})
         duration_fact = Fact("duration", Tri.UNKNOWN, [],
                              _closed([rec.conditions]) or ["onset not documented"])
+    duration_dated = bool(dated) and onset_lo != MIN_TIME
 
     # Conservative care in this episode.
-    if onset_lo is not None and onset_lo != MIN_TIME:
-        cutoff: datetime | None = onset_lo - timedelta(days=params.episode_grace_days)
-    elif onset_hi is not None:
-        cutoff = onset_hi - timedelta(days=params.episode_grace_days)
+    if episode_since is not None:
+        cutoff: datetime | None = episode_since - timedelta(days=params.episode_grace_days)
     else:
         ended = [h.end or h.start for h in scan.conditions
                  if not h.active and h.sets & LBP_SETS and (h.end or h.start)]
         cutoff = max(ended) if ended else None  # type: ignore[type-var]
-    therapy = sorted((h for h in scan.procedures + scan.service_requests
-                      if h.usable and h.sets & THERAPY_SETS and h.start
-                      and (cutoff is None or (h.end or h.start) >= cutoff)),
-                     key=lambda h: h.start or now)
-    first = next((h for h in therapy if h.readable), None)  # validates only up to the first
-    care_weeks = None
-    care_ev: list[Evidence] = []
-    if first is not None:
-        assert first.start is not None
-        care_weeks = max(0.0, (now - first.start).total_seconds() / (7 * 86400))
-        care_ev = [first.evidence("first conservative therapy of this episode")]
-    care_sources = {"procedures": rec.procedures, "servicerequests": rec.service_requests}
+    care_weeks, care_ev, care_unreadable = _care(scan, cutoff, now)
+    care_sources = {"procedures": rec.procedures, "servicerequests": rec.service_requests,
+                    "medications": rec.medications}
     orders = scan.procedures + scan.service_requests
 
     def unreadable(sets: frozenset[str]) -> bool:
         return any(h.sets & sets and not h.readable for h in orders)
 
+    candidate_evidence = _candidate(scan, order, drafts, knowledge, rec, unreadable)
+
+    sources_open = [k for k, s in care_sources.items() if s.state is not SourceState.COMPLETE]
     if care_weeks is not None and care_weeks >= params.conservative_care_weeks:
         care = Fact("conservative_care", Tri.YES, care_ev)
+        care_states: tuple[str, ...] = ("done",)
+    elif care_weeks is not None:
+        care = Fact("conservative_care", Tri.NO, care_ev, sources_open)
+        care_states = ("under-way", "done") if sources_open else ("under-way",)
     else:
-        care = _fact("conservative_care", [], care_sources, unreadable(THERAPY_SETS))
+        care = _fact("conservative_care", [], care_sources, care_unreadable)
+        long_enough = onset_lo is None or now - onset_lo >= timedelta(
+            weeks=params.conservative_care_weeks)
+        if (care.value is Tri.NO and candidate_evidence.value is Tri.YES and long_enough):
+            # An intervention candidate after weeks of pain with no care on record: the
+            # record is silent, not negative.
+            care = Fact("conservative_care", Tri.UNKNOWN, [], ["care of a candidate"])
+        care_states = ("none",) if care.value is Tri.NO else CARE_STATES
 
-    # Intervention candidate: a referral or planned intervention, in history or in the drafts.
-    # A referral or intervention order counts when active or completed; a procedure when it
-    # is planned or under way (a completed surgery is prior surgery, V5).
-    cand_ev = [h.evidence("planned intervention or referral")
-               for h in scan.service_requests + scan.procedures
-               if h.sets & INTERVENTION_SETS
-               and (h.usable if h.rtype == "ServiceRequest"
-                    else h.raw.get("status") in {"preparation", "in-progress"})
-               and h.readable]
+    candidate_assumed = False
+    if (candidate_evidence.value is not Tri.YES and params.assume_candidate_after_failed_care
+            and "done" in care_states):
+        candidate_assumed = True
+        assumptions.append(("candidate-after-failed-care",
+                            {"weeks": int(care_weeks or params.conservative_care_weeks)}))
+
+    elderly, age = _elderly(scan, now, params)
+    return Facts(
+        indication=indication, radiculopathy=flags["radiculopathy"], duration=duration,
+        duration_fact=duration_fact, care_weeks=care_weeks, care=care,
+        candidate_evidence=candidate_evidence, candidate_assumed=candidate_assumed,
+        cauda_equina=flags["cauda_equina"], neuro_deficit=flags["neuro_deficit"],
+        cancer=flags["cancer"], infection=flags["infection"],
+        immunosuppression=flags["immunosuppression"],
+        prior_surgery=_prior_surgery(ctx, unreadable),
+        trauma=flags["trauma"], osteoporosis=flags["osteoporosis"],
+        elderly=elderly, age=age,
+        steroids=flags["steroids"], mri_safety=flags["mri_safety"],
+        recent_mri=_recent_mri(scan, now, params, care_sources, orders),
+        care_states=care_states, duration_dated=duration_dated,
+        other_indication=other_indication,
+        urgent=str(order.get("priority", "")).lower() in URGENT,
+        assumptions=assumptions, assume_candidate=params.assume_candidate_after_failed_care,
+    )
+
+
+def _candidate(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mapping[str, Any]],
+               knowledge: Knowledge, rec: PatientRecord, unreadable: Any) -> Fact:
+    """A referral or planned intervention, in history or among the drafts.
+
+    A referral or intervention order counts when active or completed; a procedure when it is
+    planned or under way (a completed surgery is prior surgery, V5).
+    """
+    ev = [h.evidence("planned intervention or referral")
+          for h in scan.service_requests + scan.procedures
+          if h.sets & INTERVENTION_SETS
+          and (h.usable if h.rtype == "ServiceRequest"
+               else h.raw.get("status") in {"preparation", "in-progress"})
+          and h.readable]
     for d in drafts:
         if d is order or d.get("resourceType") != "ServiceRequest":
             continue
         hit = _order_like_hit(d, "ServiceRequest", knowledge)
         if hit and hit.sets & INTERVENTION_SETS:
-            cand_ev.append(hit.evidence("draft order in this session"))
-    candidate_evidence = _fact("intervention_candidate", cand_ev,
-                               {"servicerequests": rec.service_requests},
-                               unreadable(INTERVENTION_SETS))
-    candidate_assumed = False
-    if (candidate_evidence.value is not Tri.YES and params.assume_candidate_after_failed_care
-            and care.value is Tri.YES and care_weeks is not None):
-        candidate_assumed = True
-        assumptions.append(("candidate-after-failed-care", {"weeks": int(care_weeks)}))
+            ev.append(hit.evidence("draft order in this session"))
+    return _fact("intervention_candidate", ev, {"servicerequests": rec.service_requests},
+                 unreadable(INTERVENTION_SETS))
 
-    # Prior lumbar surgery: a diagnosis (even resolved) or a completed surgery.
-    ps_ev, ps_unreadable = cond_evidence(frozenset({"prior_lumbar_surgery"}), history=True)
-    ps_ev += [h.evidence("completed surgery") for h in scan.procedures
-              if h.usable and "lumbar_surgery_procedure" in h.sets and h.readable
-              and (h.start is None or h.start <= now)]
-    prior_surgery = _fact("prior_surgery", ps_ev,
-                          {"conditions": rec.conditions, "procedures": rec.procedures},
-                          ps_unreadable or unreadable(frozenset({"lumbar_surgery_procedure"})))
 
-    # Age.
+def _prior_surgery(ctx: _Context, unreadable: Any) -> Fact:
+    """Lumbar-specific codes (even resolved) or a completed lumbar surgery; a fusion code that
+    names no site leaves it unknown."""
+    rec, now = ctx.scan.record, ctx.now
+    spec = FlagSpec("prior_surgery", (("prior_lumbar_surgery", Scope.HISTORY),))
+    fact = flag_fact(spec, ctx)
+    ev = list(fact.evidence) + [
+        h.evidence("completed surgery") for h in ctx.scan.procedures
+        if h.usable and "lumbar_surgery_procedure" in h.sets and h.readable
+        and (h.start is None or h.start <= now)]
+    bad = ("unreadable resource" in fact.missing
+           or unreadable(frozenset({"lumbar_surgery_procedure"})))
+    result = _fact("prior_surgery", ev, {"conditions": rec.conditions,
+                                         "procedures": rec.procedures}, bad)
+    if result.value is Tri.NO:
+        unsure = flag_fact(FlagSpec("fusion", (("fusion_any_site", Scope.HISTORY),)), ctx)
+        if unsure.value is Tri.YES:
+            return Fact("prior_surgery", Tri.UNKNOWN, unsure.evidence, ["site of the fusion"])
+    return result
+
+
+def _elderly(scan: RecordScan, now: datetime,
+             params: ClinicalParams) -> tuple[Fact, tuple[int, int] | None]:
+    """Older than the threshold age (a fracture red flag)."""
+    rec = scan.record
     age = age_years(scan.birth, now) if scan.birth else None
+    limit = params.elderly_over_age
     if age is None:
-        elderly = Fact("elderly", Tri.UNKNOWN, [], ["date of birth"])
-    elif age[0] >= params.elderly_age:
-        elderly = Fact("elderly", Tri.YES, [Evidence(f"Patient/{rec.patient_id}", "", "",
-                                                    f"age {age[0]}", None, "age")])
-    elif age[1] < params.elderly_age:
-        elderly = Fact("elderly", Tri.NO)
-    else:
-        elderly = Fact("elderly", Tri.UNKNOWN, [], ["exact date of birth"])
+        missing = ["patient"] if rec.patient.state is not SourceState.COMPLETE else [
+            "date of birth"]
+        return Fact("elderly", Tri.UNKNOWN, [], missing), None
+    if age[0] > limit:
+        return Fact("elderly", Tri.YES, [Evidence(f"Patient/{rec.patient_id}", "", "",
+                                                  f"age {age[0]}", None, "age")]), age
+    if age[1] <= limit:
+        return Fact("elderly", Tri.NO), age
+    return Fact("elderly", Tri.UNKNOWN, [], ["exact date of birth"]), age
 
-    # Lumbar MRI in the last months.
+
+def _recent_mri(scan: RecordScan, now: datetime, params: ClinicalParams,
+                sources: dict[str, Source], orders: list[Hit]) -> Fact:
+    """A lumbar MRI done in the last months."""
     since = now - timedelta(days=round(params.recent_mri_months * 30.44))
-    mri_ev = [h.evidence("lumbar MRI already done") for h in scan.procedures + scan.service_requests
-              if h.procedure in {"mri-wo", "mri-w", "mri-wwo"}
-              and h.raw.get("status") == "completed"
-              and h.start is not None and since <= h.start <= now and h.readable]
-    recent_mri = _fact("recent_mri", mri_ev, care_sources, any(
-        h.procedure in {"mri-wo", "mri-w", "mri-wwo"} and not h.readable for h in orders))
-
-    return Facts(
-        indication=indication, radiculopathy=radiculopathy, duration=duration,
-        duration_fact=duration_fact, care_weeks=care_weeks, care=care,
-        candidate_evidence=candidate_evidence, candidate_assumed=candidate_assumed,
-        cauda_equina=cond_fact("cauda_equina", frozenset({"cauda_equina"})),
-        cancer=cond_fact("cancer", frozenset({"cancer"}), history=True),
-        infection=cond_fact("infection", frozenset({"infection"})),
-        immunosuppression=cond_fact("immunosuppression", frozenset({"immunosuppression"})),
-        prior_surgery=prior_surgery,
-        trauma=cond_fact("trauma", frozenset({"recent_trauma"}),
-                         since=now - timedelta(days=params.recent_trauma_days)),
-        osteoporosis=cond_fact("osteoporosis", frozenset({"osteoporosis"})),
-        elderly=elderly, age=age,
-        steroids=cond_fact("steroids", frozenset({"chronic_steroids"})),
-        mri_safety=cond_fact("mri_safety", frozenset({"mri_safety"})),
-        recent_mri=recent_mri, assumptions=assumptions,
-        assume_candidate=params.assume_candidate_after_failed_care,
-    )
+    mris = {"mri-wo", "mri-w", "mri-wwo"}
+    ev = [h.evidence("lumbar MRI already done") for h in orders
+          if h.procedure in mris and h.raw.get("status") == "completed"
+          and h.start is not None and since <= h.start <= now and h.readable]
+    return _fact("recent_mri", ev, {k: sources[k] for k in ("procedures", "servicerequests")},
+                 any(h.procedure in mris and not h.readable for h in orders))
 
 
 ACUTE = timedelta(weeks=4)

@@ -15,6 +15,7 @@ from cds_service.clinical.facts import Facts, Tri
 from cds_service.knowledge import CATEGORY_RANK, PAMA_CODE, Knowledge, Procedure
 
 CANCEL = "cancel"
+NO_IMAGING_YET = frozenset({"V1", "V2"})  # the variants where no study is appropriate
 
 
 class World(NamedTuple):
@@ -22,11 +23,12 @@ class World(NamedTuple):
 
     indication: bool
     cauda_equina: bool
+    neuro_deficit: bool  # severe or progressive deficit: outside V1-V3
     v7: bool  # cancer, infection or immunosuppression
     prior_surgery: bool
     v6: bool  # low-velocity trauma, osteoporosis, older age or chronic steroids
     duration: str
-    care: bool
+    care: str  # "none", "under-way" or "done"
     candidate_evidence: bool
     mri_safety: bool
 
@@ -37,7 +39,11 @@ GROUPS = {"v7": ("cancer", "infection", "immunosuppression"),
 
 
 def variants_of(world: World, assume_candidate: bool = True) -> frozenset[str]:
-    """The ACR variants that apply in a world (empty when the indication is not LBP)."""
+    """The ACR variants that apply in a world.
+
+    Empty when the indication is not LBP, and when a severe or progressive neurological deficit
+    puts the patient outside V1-V3 with none of V4-V7 applying (no criteria apply).
+    """
     if not world.indication:
         return frozenset()
     out = set()
@@ -51,10 +57,17 @@ def variants_of(world: World, assume_candidate: bool = True) -> frozenset[str]:
         out.add("V6")
     if out:
         return frozenset(out)
+    if world.neuro_deficit:
+        return frozenset()
     if world.duration == "acute":
         return frozenset({"V1"})
-    candidate = world.candidate_evidence or (assume_candidate and world.care)
-    return frozenset({"V3"} if world.care and candidate else {"V2"})
+    # V3: persistent symptoms during or after 6 weeks of care, in a surgery or injection
+    # candidate (assumed after failed care when the setting allows; on record while under way).
+    if world.care == "done" and (world.candidate_evidence or assume_candidate):
+        return frozenset({"V3"})
+    if world.care == "under-way" and world.candidate_evidence:
+        return frozenset({"V3"})
+    return frozenset({"V2"})
 
 
 def _group_possible(facts: Facts, names: tuple[str, ...]) -> tuple[bool, ...]:
@@ -75,7 +88,7 @@ def possible_worlds(facts: Facts) -> list[World]:
         elif name in GROUPS:
             choices.append(_group_possible(facts, GROUPS[name]))
         elif name == "care":
-            choices.append(facts.care.possible())
+            choices.append(facts.care_states)
         else:
             choices.append(getattr(facts, name).possible())
     return [World(*combo) for combo in itertools.product(*choices)]  # type: ignore[arg-type]
@@ -98,39 +111,55 @@ class Outcome:
     fallback: bool  # alternatives are only MBA because the UA ones are unsafe (MRI)
 
 
+IV_CONTRAST = {"iv", "iv-wo-w"}
+CROSS_SECTIONAL = {"CT", "MR", "NM", "PET"}
+
+
 def _alternatives(knowledge: Knowledge, ordered: Procedure, variants: frozenset[str],
                   mri_unsafe: bool) -> tuple[tuple[Alternative, ...] | str, bool]:
-    """Closest alternatives that are UA and safe, else (MRI unsafe) MBA ones, else cancel."""
+    """Closest alternatives that are UA and safe, else (MRI unsafe) MBA ones, else cancel.
+
+    Closest: same modality first, then the same contrast intent (also across modalities: CT with
+    contrast -> MRI without and with), then less radiation. Never radiography in place of a
+    cross-sectional study.
+    """
     every = [(p, knowledge.category(p.id, variants)) for p in knowledge.procedures.values()]
-    rated = [(p, c) for p, c in every if p.id != ordered.id]
+    rated = [(p, c) for p, c in every if p.id != ordered.id
+             and not (p.modality == "XR" and ordered.modality in CROSS_SECTIONAL)]
     # An MRI that is UA but unsafe for this patient (the ordered one included).
     ua_any = [p for p, c in every if c == "UA" and mri_unsafe and p.modality == "MR"]
     safe = [(p, c) for p, c in rated if not (mri_unsafe and p.modality == "MR")]
     ua = [p for p, c in safe if c == "UA"]
+    wants_contrast = ordered.contrast in IV_CONTRAST
 
-    def key(p: Procedure, keep_contrast: bool) -> tuple[int, int, int, int]:
+    def key(p: Procedure) -> tuple[int, int, int, int]:
         same = p.modality == ordered.modality
-        contrast = keep_contrast and same and p.has_contrast != ordered.has_contrast
+        contrast = (p.contrast in IV_CONTRAST) != wants_contrast
         return (0 if same else 1, 1 if contrast else 0, p.rrl_rank, p.preference)
 
     if ua:
-        best = min(ua, key=lambda p: key(p, True))
-        return (Alternative(best, "UA"),), False
+        return (Alternative(min(ua, key=key), "UA"),), False
     if ua_any:  # every UA study is an MRI and MRI is unsafe: offer the MBA ones
         mba = [(p, c) for p, c in safe if c in ("MBA", "MBA(D)") and p.region == "lumbar"]
-        mba.sort(key=lambda pc: (key(pc[0], False), -CATEGORY_RANK[pc[1]]))
+        mba.sort(key=lambda pc: (key(pc[0]), -CATEGORY_RANK[pc[1]]))
         if mba:
             return tuple(Alternative(p, c) for p, c in mba[:3]), True
-    if ordered.id in knowledge.ratings and knowledge.category(ordered.id, variants) == "UNA":
+    if (ordered.id in knowledge.ratings and variants <= NO_IMAGING_YET
+            and knowledge.category(ordered.id, variants) == "UNA"):
         return CANCEL, False
     return (), False
 
 
 def outcome_in(world: World, knowledge: Knowledge, ordered: Procedure,
-               assume_candidate: bool = True) -> Outcome:
+               assume_candidate: bool = True, other_indication: bool = False) -> Outcome:
     variants = variants_of(world, assume_candidate)
+    if not variants and world.indication and world.neuro_deficit and all(
+            c == "UNA" for c in knowledge.ratings[ordered.id].values()):
+        # A deficit sends the patient to imaging, but never to a study no variant supports.
+        return Outcome(variants, "not-appropriate", "UNA", (), False)
     if not variants:
-        pama = "no-criteria-apply" if ordered.region == "lumbar" else None
+        pama = ("no-criteria-apply" if ordered.region == "lumbar" or other_indication
+                else None)
         return Outcome(variants, pama, None, (), False)
     category = knowledge.category(ordered.id, variants)
     alts, fallback = _alternatives(knowledge, ordered, variants, world.mri_safety)
@@ -150,18 +179,39 @@ class Decision:
     fallback: bool
     deciding: list[str] = field(default_factory=list)
     worlds: int = 0
+    # Without the assumed candidacy the rating (or only the suggestion) would differ.
+    assumption_rates: bool = False
+    assumption_suggests: bool = False
+
+    @property
+    def assumption_drives(self) -> bool:
+        return self.assumption_rates or self.assumption_suggests
 
 
 def decide(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decision:
-    """Rate the order; determinate only when every possible world agrees on the PAMA code."""
-    assume_candidate = facts.assume_candidate
+    """Rate the order; determinate only when every possible world agrees on the PAMA code.
+
+    When the candidacy was assumed, the order is rated again without the assumption: the
+    assumption is kept (and said on the card) only where it changes the rating or suggestion.
+    """
+    decision = _decide(facts, knowledge, ordered, facts.assume_candidate)
+    if facts.candidate_assumed:
+        plain = _decide(facts, knowledge, ordered, False)
+        decision.assumption_rates = plain.pama != decision.pama
+        decision.assumption_suggests = plain.alternatives != decision.alternatives
+    return decision
+
+
+def _decide(facts: Facts, knowledge: Knowledge, ordered: Procedure,
+            assume_candidate: bool) -> Decision:
     worlds = possible_worlds(facts)
     cache: dict[tuple[object, ...], Outcome] = {}
     outcomes: dict[World, Outcome] = {}
     for w in worlds:
         k = (variants_of(w, assume_candidate), w.mri_safety)
         if k not in cache:
-            cache[k] = outcome_in(w, knowledge, ordered, assume_candidate)
+            cache[k] = outcome_in(w, knowledge, ordered, assume_candidate,
+                                  facts.other_indication)
         outcomes[w] = cache[k]
     distinct = set(outcomes.values())
     pamas = {o.pama for o in distinct}

@@ -50,6 +50,23 @@ class Procedure:
         return self.contrast != "none"
 
 
+@dataclass(frozen=True)
+class ValueSetRule:
+    """When a value set's codes count: only beside a finding of another set, or by their text."""
+
+    needs_companion: frozenset[str] = frozenset()
+    text_terms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Combination:
+    """An order coded ``when`` plus any of ``with_any`` (same order or a companion draft)."""
+
+    when: str
+    becomes: str
+    with_any: frozenset[tuple[str, str]]
+
+
 @dataclass
 class Knowledge:
     """The loaded knowledge with its lookup indexes (built once)."""
@@ -60,6 +77,11 @@ class Knowledge:
     ratings: dict[str, dict[str, str]]
     valueset_descriptions: dict[str, str]
     aliases: dict[str, str]
+    rules: dict[str, ValueSetRule] = field(default_factory=dict)
+    medication_terms: tuple[str, ...] = ()
+    combinations: tuple[Combination, ...] = ()
+    _displays: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _excluded: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict, repr=False)
     _exact: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
     _prefix: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
     _prefix_lengths: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
@@ -99,7 +121,31 @@ class Knowledge:
                 hit = self._prefix.get((key[0], key[1][:n]))
                 if hit:
                     found = found | hit
+        if found and self._excluded:
+            found = frozenset(vs for vs in found if not any(
+                key[0] == system and key[1].startswith(code)
+                for system, code in self._excluded.get(vs, ())))
         return found
+
+    def display_of(self, system: Any, code: Any) -> str | None:
+        """Our display for a code: its own entry's, else that of the longest matching prefix."""
+        key = self.normalize(system, code) if isinstance(system, str) else None
+        if key is None:
+            return None
+        for n in range(len(key[1]), 0, -1):
+            found = self._displays.get((key[0], key[1][:n]))
+            if found:
+                return found
+        return None
+
+    def combined_procedure(self, proc: Procedure, codings: Iterable[Any]) -> Procedure:
+        """The procedure an order really is, given every code of it and its companion drafts."""
+        keys = {self.normalize(c.get("system"), c.get("code"))
+                for c in codings if isinstance(c, dict)}
+        for combo in self.combinations:
+            if combo.when == proc.id and keys & combo.with_any:
+                return self.procedures[combo.becomes]
+        return proc
 
     def valuesets_of_codings(self, codings: Iterable[Any]) -> frozenset[str]:
         found: frozenset[str] = frozenset()
@@ -156,24 +202,51 @@ def load_knowledge(directory: Path | None = None) -> Knowledge:
     descriptions: dict[str, str] = {}
     knowledge = Knowledge(source={}, variants={}, procedures={}, ratings={},
                           valueset_descriptions=descriptions, aliases=aliases)
-    for vs_id, vs in (vs_doc.get("valuesets") or {}).items():
+    excluded: dict[str, list[tuple[str, str]]] = {}
+    valuesets = vs_doc.get("valuesets") or {}
+
+    def checked_key(entry: Any, where: str) -> tuple[str, str]:
+        if not isinstance(entry, dict):
+            raise KnowledgeError(f"{where}: must be a mapping")
+        system = vs_systems.get(entry.get("system"), entry.get("system"))
+        if not system or not str(system).startswith(("http", "urn:")):
+            raise KnowledgeError(f"{where}: unknown system {entry.get('system')!r}")
+        if not entry.get("source"):
+            raise KnowledgeError(f"{where}: every code needs a source")
+        if str(entry.get("verified")).lower() not in {"yes", "partial", "true"}:
+            raise KnowledgeError(f"{where}: unverified codes must be kept out")
+        if ("code" in entry) == ("prefix" in entry):
+            raise KnowledgeError(f"{where}: give exactly one of code or prefix")
+        key = knowledge.normalize(str(system), str(entry.get("code", entry.get("prefix"))))
+        if key is None:
+            raise KnowledgeError(f"{where}: empty code")
+        return key
+
+    for vs_id, vs in valuesets.items():
         if not isinstance(vs, dict):
             raise KnowledgeError(f"value set {vs_id}: must be a mapping")
         descriptions[vs_id] = str(vs.get("description", vs_id))
         for i, entry in enumerate(vs.get("entries") or []):
-            where = f"value set {vs_id} entry {i}"
-            system = vs_systems.get(entry.get("system"), entry.get("system"))
-            if not system or not str(system).startswith(("http", "urn:")):
-                raise KnowledgeError(f"{where}: unknown system {entry.get('system')!r}")
-            if not entry.get("source"):
-                raise KnowledgeError(f"{where}: every code needs a source")
-            if str(entry.get("verified")).lower() not in {"yes", "partial", "true"}:
-                raise KnowledgeError(f"{where}: unverified codes must be kept out")
-            if ("code" in entry) == ("prefix" in entry):
-                raise KnowledgeError(f"{where}: give exactly one of code or prefix")
-            key = knowledge.normalize(system, str(entry.get("code", entry.get("prefix"))))
-            assert key is not None
+            key = checked_key(entry, f"value set {vs_id} entry {i}")
             (exact if "code" in entry else prefix).setdefault(key, set()).add(vs_id)
+            if entry.get("display"):
+                knowledge._displays.setdefault(key, str(entry["display"]))
+        for i, entry in enumerate(vs.get("excludes") or []):
+            excluded.setdefault(vs_id, []).append(
+                checked_key(entry, f"value set {vs_id} exclusion {i}"))
+        companions = frozenset(str(v) for v in vs.get("needs_companion") or [])
+        unknown = companions - set(valuesets)
+        if unknown:
+            raise KnowledgeError(f"value set {vs_id}: needs_companion names unknown "
+                                 f"value set(s) {', '.join(sorted(unknown))}")
+        terms = tuple(str(t).lower() for t in vs.get("text_terms") or [])
+        if companions or terms:
+            knowledge.rules[vs_id] = ValueSetRule(companions, terms)
+    knowledge._excluded = {k: tuple(v) for k, v in excluded.items()}
+    meds = vs_doc.get("medication_terms") or {}
+    if meds and not meds.get("source"):
+        raise KnowledgeError("medication_terms: needs a source")
+    knowledge.medication_terms = tuple(str(t).lower() for t in meds.get("terms") or [])
 
     proc_systems: dict[str, str] = proc_doc.get("systems") or {}
     procedures: dict[str, Procedure] = {}
@@ -213,6 +286,24 @@ def load_knowledge(directory: Path | None = None) -> Knowledge:
             preference=int(p.get("preference", 99)),
             order_codes=tuple(coding(c, where) for c in p["order_codes"]), codes=tuple(codes),
             short_name=str(p.get("short_name") or p["name"]))
+
+    combinations = []
+    for i, combo in enumerate(proc_doc.get("combinations") or []):
+        where = f"combination {i}"
+        if combo.get("when") not in procedures or combo.get("becomes") not in procedures:
+            raise KnowledgeError(f"{where}: when and becomes must name procedures")
+        keys = set()
+        for c in combo.get("with_any") or []:
+            if not c.get("source"):
+                raise KnowledgeError(f"{where}: code {c.get('code')} needs a source")
+            cd = coding(c, where)
+            key = knowledge.normalize(cd["system"], cd["code"])
+            assert key is not None
+            keys.add(key)
+        if not keys:
+            raise KnowledgeError(f"{where}: with_any needs at least one code")
+        combinations.append(Combination(combo["when"], combo["becomes"], frozenset(keys)))
+    knowledge.combinations = tuple(combinations)
 
     variants = {k: str(v.get("name", k)) for k, v in (rating_doc.get("variants") or {}).items()}
     if tuple(variants) != VARIANTS:

@@ -23,6 +23,7 @@ import orjson
 
 from cds_service.record.prefetch import (
     PREFETCH_TEMPLATES,
+    SOURCE_ATTRS,
     PatientRecord,
     Source,
     SourceState,
@@ -219,6 +220,4 @@ class FhirFetcher:
 
 
 def _set_source(record: PatientRecord, key: str, source: Source) -> None:
-    attr = {"patient": "patient", "conditions": "conditions", "procedures": "procedures",
-            "servicerequests": "service_requests"}[key]
-    setattr(record, attr, source)
+    setattr(record, SOURCE_ATTRS[key], source)

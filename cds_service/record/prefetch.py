@@ -19,7 +19,11 @@ PREFETCH_TEMPLATES: dict[str, tuple[str, str]] = {
     "conditions": ("Condition", "Condition?patient={{context.patientId}}"),
     "procedures": ("Procedure", "Procedure?patient={{context.patientId}}"),
     "servicerequests": ("ServiceRequest", "ServiceRequest?patient={{context.patientId}}"),
+    "medications": ("MedicationRequest", "MedicationRequest?patient={{context.patientId}}"),
 }
+# prefetch key -> PatientRecord attribute
+SOURCE_ATTRS = {"patient": "patient", "conditions": "conditions", "procedures": "procedures",
+                "servicerequests": "service_requests", "medications": "medications"}
 
 
 class SourceState(StrEnum):
@@ -51,10 +55,11 @@ class PatientRecord:
     conditions: Source
     procedures: Source
     service_requests: Source
+    medications: Source = field(default_factory=lambda: Source(SourceState.MISSING,
+                                                               note="not prefetched"))
 
     def sources(self) -> dict[str, Source]:
-        return {"patient": self.patient, "conditions": self.conditions,
-                "procedures": self.procedures, "servicerequests": self.service_requests}
+        return {key: getattr(self, attr) for key, attr in SOURCE_ATTRS.items()}
 
     def missing_keys(self) -> list[str]:
         """Prefetch keys whose data did not arrive (or arrived only in part)."""
@@ -131,6 +136,5 @@ def record_from_prefetch(prefetch: Mapping[str, Any] | None, patient_id: str) ->
         key: source_from_value(prefetch.get(key), rtype, patient_id, present=key in prefetch)
         for key, (rtype, _) in PREFETCH_TEMPLATES.items()
     }
-    return PatientRecord(patient_id=patient_id, patient=sources["patient"],
-                         conditions=sources["conditions"], procedures=sources["procedures"],
-                         service_requests=sources["servicerequests"])
+    return PatientRecord(patient_id=patient_id,
+                         **{attr: sources[key] for key, attr in SOURCE_ATTRS.items()})
