@@ -317,6 +317,8 @@ class Engine:
             "assumptions": [t.assumption(code, params) for code, params in assumed],
             "missing": document,
             "missing_first": document[0]["document"] if document else "the patient's history",
+            "missing_label": " and ".join(m["label"].lower() for m in document[:2])
+            or "the patient's history",
             "missing_text": "; ".join(m["document"] for m in document)
             or "the patient's history",
             "devices": devices or "an implant", "device_found": bool(devices),
