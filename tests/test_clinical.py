@@ -61,7 +61,8 @@ def rate(prefetch: dict[str, Any] | None, cpt_or_proc: str, reason: str | None =
     else:
         draft["reasonCode"][0]["coding"][0]["code"] = reason
     record = record_from_prefetch(prefetch, PATIENT)
-    facts = derive_facts(scan_record(record, KNOWLEDGE), draft, [draft], KNOWLEDGE, NOW, params)
+    facts = derive_facts(scan_record(record, KNOWLEDGE), draft, [draft], KNOWLEDGE, NOW, params,
+                         lumbar=proc.region == "lumbar")
     return facts, decide(facts, KNOWLEDGE, proc)
 
 

@@ -78,7 +78,7 @@ FLAGS = (
     FlagSpec("neuro_deficit", (("neuro_deficit", Scope.CURRENT),)),
     FlagSpec("cancer", (("cancer", Scope.HISTORY), ("weight_loss", Scope.CURRENT))),
     FlagSpec("infection", (("spinal_infection", Scope.CURRENT),
-                           ("systemic_infection", Scope.CURRENT), ("drug_use", Scope.CURRENT))),
+                           ("systemic_infection", Scope.CURRENT), ("drug_use", Scope.ACTIVE))),
     FlagSpec("immunosuppression", (("immunosuppression", Scope.ACTIVE),)),
     FlagSpec("trauma", (("recent_trauma", Scope.RECENT),)),
     FlagSpec("osteoporosis", (("osteoporosis", Scope.ACTIVE),)),
