@@ -353,7 +353,7 @@ class Engine:
         unknown = [f for f in facts.red_flags() if f.value is Tri.UNKNOWN]
         if found:
             parts.append(t.phrase("red-flags", found="; ".join(
-                f"{t.fact_short(f.name)}: " + ", ".join(finding(e) for e in f.evidence)
+                f"{t.fact_label(f.name).lower()}: " + ", ".join(finding(e) for e in f.evidence)
                 for f in found)))
         elif unknown:
             parts.append(t.phrase("red-flags-unknown", unknown=", ".join(

@@ -210,7 +210,7 @@ class Hit:
         return Evidence(resource=f"{self.rtype}/{self.rid}",
                         system=str(self.coding.get("system", "")),
                         code=str(self.coding.get("code", "")),
-                        display=self.coding.get("display") or display or self.text or None,
+                        display=self.coding.get("display") or self.text or display or None,
                         date=day, role=role)
 
 
