@@ -7,6 +7,7 @@ alternative). Otherwise the decision lists the unknown facts that would settle i
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -38,6 +39,7 @@ GROUPS = {"v7": ("cancer", "infection", "immunosuppression"),
           "v6": ("trauma", "osteoporosis", "elderly", "steroids")}
 
 
+@functools.lru_cache(maxsize=8192)  # pure, and the worlds are few (at most 2 x 2,304)
 def variants_of(world: World, assume_candidate: bool = True) -> frozenset[str]:
     """The ACR variants that apply in a world.
 
@@ -182,6 +184,7 @@ class Decision:
     # Without the assumed candidacy the rating (or only the suggestion) would differ.
     assumption_rates: bool = False
     assumption_suggests: bool = False
+    explain: bool = False  # the worlds disagree: say which facts would decide
 
     @property
     def assumption_drives(self) -> bool:
@@ -191,29 +194,45 @@ class Decision:
 def decide(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decision:
     """Rate the order; determinate only when every possible world agrees on the PAMA code.
 
-    When the candidacy was assumed, the order is rated again without the assumption: the
-    assumption is kept (and said on the card) only where it changes the rating or suggestion.
+    When the candidacy was assumed, the order is also rated without the assumption (in the same
+    pass over the worlds): the assumption is kept, and said on the card, only where it changes
+    the rating or the suggestion.
     """
-    decision = _decide(facts, knowledge, ordered, facts.assume_candidate)
-    if facts.candidate_assumed:
-        plain = _decide(facts, knowledge, ordered, False)
-        decision.assumption_rates = plain.pama != decision.pama
-        decision.assumption_suggests = plain.alternatives != decision.alternatives
+    assume = facts.assume_candidate
+    compare = facts.candidate_assumed and assume
+    worlds = possible_worlds(facts)
+    outcomes: dict[World, Outcome] = {}
+    plain: set[Outcome] = set()
+    for w in worlds:
+        outcomes[w] = _outcome(w, variants_of(w, assume), facts, knowledge, ordered, assume)
+        if compare:
+            without = variants_of(w, False)
+            plain.add(outcomes[w] if without == outcomes[w].variants else
+                      _outcome(w, without, facts, knowledge, ordered, False))
+    decision = _summarise(set(outcomes.values()), ordered, len(worlds))
+    if decision.explain:
+        decision.deciding = _deciding_facts(worlds, outcomes, facts)
+    if compare:
+        other = _summarise(plain, ordered, len(worlds))
+        decision.assumption_rates = other.pama != decision.pama
+        decision.assumption_suggests = other.alternatives != decision.alternatives
     return decision
 
 
-def _decide(facts: Facts, knowledge: Knowledge, ordered: Procedure,
-            assume_candidate: bool) -> Decision:
-    worlds = possible_worlds(facts)
-    cache: dict[tuple[object, ...], Outcome] = {}
-    outcomes: dict[World, Outcome] = {}
-    for w in worlds:
-        k = (variants_of(w, assume_candidate), w.mri_safety)
-        if k not in cache:
-            cache[k] = outcome_in(w, knowledge, ordered, assume_candidate,
-                                  facts.other_indication)
-        outcomes[w] = cache[k]
-    distinct = set(outcomes.values())
+def _outcome(world: World, variants: frozenset[str], facts: Facts, knowledge: Knowledge,
+             ordered: Procedure, assume: bool) -> Outcome:
+    """outcome_in, memoised on everything it reads (no variant: and why not)."""
+    key = ("outcome", ordered.id, variants, world.mri_safety, facts.other_indication,
+           not variants and world.indication and world.neuro_deficit)
+    outcome = knowledge.memo.get(key)
+    if outcome is None:
+        outcome = knowledge.memo[key] = outcome_in(world, knowledge, ordered, assume,
+                                                   facts.other_indication)
+    return outcome
+
+
+def _summarise(distinct: set[Outcome], ordered: Procedure, worlds: int) -> Decision:
+    """What every world agrees on."""
     pamas = {o.pama for o in distinct}
     categories = {o.category for o in distinct}
     variant_sets = {o.variants for o in distinct}
@@ -225,9 +244,8 @@ def _decide(facts: Facts, knowledge: Knowledge, ordered: Procedure,
         pama=next(iter(pamas)) if determinate else None,
         category=next(iter(categories)) if determinate and len(categories) == 1 else None,
         variants=next(iter(variant_sets)) if len(variant_sets) == 1 else None,
-        alternatives=alternatives, fallback=fallback, worlds=len(worlds))
-    if not determinate or len(alt_sets) > 1 or len(variant_sets) > 1:
-        decision.deciding = _deciding_facts(worlds, outcomes, facts)
+        alternatives=alternatives, fallback=fallback, worlds=worlds)
+    decision.explain = not determinate or len(alt_sets) > 1 or len(variant_sets) > 1
     return decision
 
 

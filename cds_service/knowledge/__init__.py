@@ -81,6 +81,9 @@ class Knowledge:
     medication_terms: tuple[str, ...] = ()
     combinations: tuple[Combination, ...] = ()
     _displays: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    # Results of pure functions of the knowledge (the clinical core's outcomes per scenario):
+    # bounded by procedures x variant sets x a few flags.
+    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
     _excluded: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict, repr=False)
     _exact: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
     _prefix: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
