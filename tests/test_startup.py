@@ -85,6 +85,31 @@ def test_code_without_source_is_refused(tmp_path: Path) -> None:
         load_knowledge(know)
 
 
+@pytest.mark.parametrize(("filename", "old", "new", "match"), [
+    ("valuesets.yaml", "{system: icd10cm, code: R33.9, display: Retention of urine, source: "
+     "ICD-10-CM FY2026, verified: yes}", "{system: icd10cm, code: R33.9, verified: yes}",
+     "source"),
+    ("valuesets.yaml", "prefix: C44, source: ICD-10-CM FY2026 (other malignant neoplasm of "
+     "skin, non-melanoma), verified: yes", "prefix: C44, verified: yes", "source"),
+    ("valuesets.yaml", "needs_companion: [ces_bladder_bowel]", "needs_companion: [bladder]",
+     "unknown value set"),
+    ("valuesets.yaml", "  source: WHO ATC classes", "  origin: WHO ATC classes",
+     "medication_terms"),
+    ("procedures.yaml", '{system: cpt, code: "62284", source: CPT 2026 (injection for '
+     'myelography and/or CT, lumbar)}', '{system: cpt, code: "62284"}', "source"),
+    ("procedures.yaml", "becomes: ct-myelo", "becomes: ct-myelogram", "procedures"),
+])
+def test_new_knowledge_fields_are_checked(tmp_path: Path, filename: str, old: str, new: str,
+                                          match: str) -> None:
+    know = copy_dir(KNOWLEDGE_DIR, tmp_path, "knowledge")
+    path = know / filename
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    with pytest.raises(KnowledgeError, match=match):
+        load_knowledge(know)
+
+
 def test_incomplete_rating_row_is_refused(tmp_path: Path) -> None:
     know = copy_dir(KNOWLEDGE_DIR, tmp_path, "knowledge")
     path = know / "ratings.yaml"
