@@ -8,6 +8,7 @@ the card kind per the alert policy and renders it from the ``cards/`` templates.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -21,6 +22,7 @@ from cds_service.clinical.facts import (
     Facts,
     Tri,
     derive_facts,
+    scan_drafts,
     scan_record,
 )
 from cds_service.clinical.scenario import CANCEL, Alternative, Decision, decide
@@ -172,7 +174,7 @@ class Engine:
         order or another draft) is the combined procedure (CT myelography).
         """
         targets = []
-        companions: list[Any] | None = None
+        companions: set[tuple[str, str]] | None = None  # every draft's codes, read once
         for order in target_orders(request):
             codings = _order_codings(order)
             proc = self.knowledge.procedure_of(codings)
@@ -180,22 +182,22 @@ class Engine:
                 continue
             if any(c.when == proc.id for c in self.knowledge.combinations):
                 if companions is None:
-                    companions = [c for d in request.context.draftOrders.resources()
-                                  for c in _order_codings(d)]
-                proc = self.knowledge.combined_procedure(proc, codings + companions)
+                    companions = self.knowledge.coding_keys(
+                        c for d in request.context.draftOrders.resources()
+                        for c in _order_codings(d))
+                proc = self.knowledge.combined_with_keys(proc, companions)
             targets.append((order, proc))
         return targets
 
-    def _drafted(self, request: HookRequest, order: dict[str, Any]) -> frozenset[str]:
-        """Catalog procedures of the other draft orders (a suggestion must not duplicate one)."""
-        out = set()
+    def _drafted_counts(self, request: HookRequest) -> Counter[str]:
+        """How many draft ServiceRequests order each catalog procedure (counted once)."""
+        counts: Counter[str] = Counter()
         for d in request.context.draftOrders.resources():
-            if d is order or d.get("resourceType") != "ServiceRequest":
-                continue
-            proc = self.knowledge.procedure_of(_order_codings(d))
-            if proc is not None:
-                out.add(proc.id)
-        return frozenset(out)
+            if d.get("resourceType") == "ServiceRequest":
+                proc = self.knowledge.procedure_of(_order_codings(d))
+                if proc is not None:
+                    counts[proc.id] += 1
+        return counts
 
     def rate(self, request: HookRequest, record: PatientRecord,
              now: datetime) -> list[OrderResult]:
@@ -204,7 +206,8 @@ class Engine:
         if not targets:
             return []
         scan = scan_record(record, self.knowledge)
-        drafts = request.context.draftOrders.resources()
+        drafts = scan_drafts(request.context.draftOrders.resources(), self.knowledge)
+        counts = self._drafted_counts(request)
         results = []
         for order, proc in targets:
             facts = derive_facts(scan, order, drafts, self.knowledge, now, self.params,
@@ -213,7 +216,10 @@ class Engine:
                     and not facts.other_indication):
                 continue  # a whole-body study with no indication given is not lumbar imaging
             decision = decide(facts, self.knowledge, proc)
-            drafted = self._drafted(request, order)
+            # The other drafts' procedures (a suggestion must not duplicate one).
+            own = self.knowledge.procedure_of(_order_codings(order))
+            drafted = frozenset(p for p, n in counts.items()
+                                if n - (own is not None and own.id == p) > 0)
             kinds_cards = self._cards(_Subject(order, proc, facts, decision,
                                                record.missing_keys(), drafted, now))
             results.append(OrderResult(order, proc, facts, decision,

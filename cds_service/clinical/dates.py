@@ -8,15 +8,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
+# Dates outside these years are placeholders ("0001-01-01", "9999-12-31") or typos, never clinical
+# facts; reading them as unreadable keeps every later date computation within what Python holds.
+FIRST_YEAR, LAST_YEAR = 1800, 2200
 
 
 def parse_span(value: Any) -> tuple[datetime, datetime] | None:
-    """(earliest, latest) instant a FHIR date/dateTime can mean, or None if unreadable."""
-    if not isinstance(value, str) or not value:
+    """(earliest, latest) instant a FHIR date/dateTime can mean, or None if unreadable.
+
+    A year outside FIRST_YEAR..LAST_YEAR is unreadable (a placeholder): the fact becomes unknown.
+    """
+    if not isinstance(value, str) or not value or len(value) > 64:
         return None
     m = _DATE.match(value)
     if m:
         year = int(m.group(1))
+        if not FIRST_YEAR <= year <= LAST_YEAR:
+            return None
         month = int(m.group(2)) if m.group(2) else None
         day = int(m.group(3)) if m.group(3) else None
         try:
@@ -34,11 +42,13 @@ def parse_span(value: Any) -> tuple[datetime, datetime] | None:
         return start, end - timedelta(microseconds=1)
     try:
         instant = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if instant.tzinfo is None:
+            instant = instant.replace(tzinfo=UTC)
+        instant = instant.astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    if instant.tzinfo is None:
-        instant = instant.replace(tzinfo=UTC)
-    instant = instant.astimezone(UTC)
+    if not FIRST_YEAR <= instant.year <= LAST_YEAR:
+        return None
     return instant, instant
 
 
@@ -63,9 +73,15 @@ def add_age(birth: tuple[datetime, datetime], age: Any) -> tuple[datetime, datet
     days_per = {"a": 365.25, "mo": 30.44, "wk": 7, "d": 1, "year": 365.25, "years": 365.25}
     if unit not in days_per:
         return None
-    delta = timedelta(days=float(age["value"]) * days_per[unit])
-    slack = timedelta(days=days_per[unit])  # an age in whole units covers a unit of time
-    return birth[0] + delta, birth[1] + delta + slack
+    try:
+        delta = timedelta(days=float(age["value"]) * days_per[unit])
+        slack = timedelta(days=days_per[unit])  # an age in whole units covers a unit of time
+        start, end = birth[0] + delta, birth[1] + delta + slack
+    except (OverflowError, ValueError):  # an age no one reaches: unreadable
+        return None
+    if not (FIRST_YEAR <= start.year and end.year <= LAST_YEAR):
+        return None
+    return start, end
 
 
 def age_years(birth: tuple[datetime, datetime], now: datetime) -> tuple[int, int]:

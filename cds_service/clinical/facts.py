@@ -252,6 +252,12 @@ def _text_of(*concepts: Any) -> str:
     return " ".join(parts)
 
 
+def _str_field(raw: Mapping[str, Any], key: str) -> str | None:
+    """A field that FHIR says is a string (a code); anything else there reads as absent."""
+    value = raw.get(key)
+    return value if isinstance(value, str) else None
+
+
 def _status_code(concept: Any) -> str | None:
     for c in _codings(concept):
         if isinstance(c.get("code"), str):
@@ -352,7 +358,7 @@ def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) ->
             sets = sets | {"spine_referral"}
     if not sets and proc is None:
         return None
-    status = raw.get("status")
+    status = _str_field(raw, "status")
     if rtype == "Procedure":
         usable = status in {"completed", "in-progress"}
         planned = status == "preparation"
@@ -373,7 +379,7 @@ def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) ->
 
 def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
     """A medication order for back pain: its reason is LBP, or it names a back-pain drug."""
-    if raw.get("status") not in {"active", "completed"}:
+    if _str_field(raw, "status") not in {"active", "completed"}:
         return None
     concept = raw.get("medicationCodeableConcept")
     reference = raw.get("medicationReference")
@@ -394,7 +400,7 @@ def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
     lo, hi = span if span else (None, None)
     coding = next((dict(c) for c in _codings(concept)), {})
     return Hit("MedicationRequest", str(raw.get("id", "?")), frozenset({"back_pain_medication"}),
-               coding, active=raw.get("status") == "active", usable=True, start=lo, end=hi,
+               coding, active=_str_field(raw, "status") == "active", usable=True, start=lo, end=hi,
                raw=raw, text=text.strip() or "medication for back pain")
 
 
@@ -567,11 +573,18 @@ def _care(scan: RecordScan, cutoff: datetime | None,
     return weeks, [first.evidence("first conservative care of this episode")], False
 
 
-def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mapping[str, Any]],
-                 knowledge: Knowledge, now: datetime, params: ClinicalParams | None = None,
+def derive_facts(scan: RecordScan, order: Mapping[str, Any],
+                 drafts: list[Mapping[str, Any]] | DraftScan, knowledge: Knowledge,
+                 now: datetime, params: ClinicalParams | None = None,
                  lumbar: bool = True) -> Facts:
-    """All facts for one draft order (order reasons count as current findings)."""
+    """All facts for one draft order (order reasons count as current findings).
+
+    ``drafts``: the request's draft orders, or their :func:`scan_drafts` (screened once when
+    many orders are evaluated).
+    """
     params = params or ClinicalParams()
+    if not isinstance(drafts, DraftScan):
+        drafts = scan_drafts(drafts, knowledge)
     rec = scan.record
     reasons, coded_reason = _order_reasons(scan, order, knowledge)
     dated, onset_lo, onset_hi = _episode(scan)
@@ -615,7 +628,7 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
     def unreadable(sets: frozenset[str]) -> bool:
         return any(h.sets & sets and not h.readable for h in orders)
 
-    candidate_evidence = _candidate(scan, order, drafts, knowledge, rec, unreadable)
+    candidate_evidence = _candidate(scan, order, drafts, rec, unreadable)
 
     sources_open = [k for k, s in care_sources.items() if s.state is not SourceState.COMPLETE]
     if care_weeks is not None and care_weeks >= params.conservative_care_weeks:
@@ -656,13 +669,36 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mappin
         recent_mri=_recent_mri(scan, now, params, care_sources, orders),
         care_states=care_states, duration_dated=duration_dated,
         other_indication=other_indication,
-        urgent=str(order.get("priority", "")).lower() in URGENT,
+        urgent=(_str_field(order, "priority") or "").lower() in URGENT,
         assumptions=assumptions, assume_candidate=params.assume_candidate_after_failed_care,
     )
 
 
-def _candidate(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mapping[str, Any]],
-               knowledge: Knowledge, rec: PatientRecord, unreadable: Any) -> Fact:
+@dataclass(frozen=True)
+class DraftScan:
+    """The draft orders of one request that make the patient an intervention candidate
+    (screened once per request: evaluating many orders stays linear in the drafts)."""
+
+    candidates: tuple[tuple[int, Evidence], ...] = ()  # (id() of the draft, evidence)
+
+
+def scan_drafts(drafts: Iterable[Mapping[str, Any]], knowledge: Knowledge,
+                keep: int = 8) -> DraftScan:
+    """Screen the drafts once; keep the first few that are planned interventions."""
+    found: list[tuple[int, Evidence]] = []
+    for d in drafts:
+        if d.get("resourceType") != "ServiceRequest":
+            continue
+        hit = _order_like_hit(d, "ServiceRequest", knowledge)
+        if hit and hit.sets & INTERVENTION_SETS:
+            found.append((id(d), hit.evidence("draft order in this session")))
+            if len(found) >= keep:
+                break
+    return DraftScan(tuple(found))
+
+
+def _candidate(scan: RecordScan, order: Mapping[str, Any], drafts: DraftScan,
+               rec: PatientRecord, unreadable: Any) -> Fact:
     """A referral or planned intervention, in history or among the drafts.
 
     A referral or intervention order counts when active or completed; a procedure when it is
@@ -672,14 +708,9 @@ def _candidate(scan: RecordScan, order: Mapping[str, Any], drafts: list[Mapping[
           for h in scan.service_requests + scan.procedures
           if h.sets & INTERVENTION_SETS
           and (h.usable if h.rtype == "ServiceRequest"
-               else h.raw.get("status") in {"preparation", "in-progress"})
+               else _str_field(h.raw, "status") in {"preparation", "in-progress"})
           and h.readable]
-    for d in drafts:
-        if d is order or d.get("resourceType") != "ServiceRequest":
-            continue
-        hit = _order_like_hit(d, "ServiceRequest", knowledge)
-        if hit and hit.sets & INTERVENTION_SETS:
-            ev.append(hit.evidence("draft order in this session"))
+    ev += [e for i, e in drafts.candidates if i != id(order)]
     return _fact("intervention_candidate", ev, {"servicerequests": rec.service_requests},
                  unreadable(INTERVENTION_SETS))
 
@@ -729,7 +760,7 @@ def _recent_mri(scan: RecordScan, now: datetime, params: ClinicalParams,
     since = now - timedelta(days=round(params.recent_mri_months * 30.44))
     mris = {"mri-wo", "mri-w", "mri-wwo"}
     ev = [h.evidence("lumbar MRI already done") for h in orders
-          if h.procedure in mris and h.raw.get("status") == "completed"
+          if h.procedure in mris and _str_field(h.raw, "status") == "completed"
           and h.start is not None and since <= h.start <= now and h.readable]
     return _fact("recent_mri", ev, {k: sources[k] for k in ("procedures", "servicerequests")},
                  any(h.procedure in mris and not h.readable for h in orders))

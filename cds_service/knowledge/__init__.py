@@ -84,6 +84,8 @@ class Knowledge:
     # Results of pure functions of the knowledge (the clinical core's outcomes per scenario):
     # bounded by procedures x variant sets x a few flags.
     memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    # (system, code) lengths past which no coding can match (set by the loader)
+    _longest: tuple[int, int] = field(default=(1024, 1024), repr=False)
     _excluded: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict, repr=False)
     _exact: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
     _prefix: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
@@ -102,8 +104,15 @@ class Knowledge:
         return system, code
 
     def valuesets_of(self, system: str | None, code: str | None) -> frozenset[str]:
-        """Ids of every value set the coding belongs to (empty for most codes: a cheap check)."""
+        """Ids of every value set the coding belongs to (empty for most codes: a cheap check).
+
+        Only codes that could be in the knowledge are looked up and cached: one longer than any
+        known code (plus slack for padding) cannot match, so the cache stays small whatever a
+        request sends.
+        """
         if not isinstance(system, str) or not isinstance(code, str):
+            return frozenset()
+        if len(code) > self._longest[1] or len(system) > self._longest[0]:
             return frozenset()
         cached = self._cache.get((system, code))
         if cached is not None:
@@ -143,8 +152,16 @@ class Knowledge:
 
     def combined_procedure(self, proc: Procedure, codings: Iterable[Any]) -> Procedure:
         """The procedure an order really is, given every code of it and its companion drafts."""
+        return self.combined_with_keys(proc, self.coding_keys(codings))
+
+    def coding_keys(self, codings: Iterable[Any]) -> set[tuple[str, str]]:
+        """The normalised (system, code) pairs of codings (for combined_with_keys)."""
         keys = {self.normalize(c.get("system"), c.get("code"))
                 for c in codings if isinstance(c, dict)}
+        keys.discard(None)
+        return keys  # type: ignore[return-value]
+
+    def combined_with_keys(self, proc: Procedure, keys: set[tuple[str, str]]) -> Procedure:
         for combo in self.combinations:
             if combo.when == proc.id and keys & combo.with_any:
                 return self.procedures[combo.becomes]
@@ -336,4 +353,8 @@ def load_knowledge(directory: Path | None = None) -> Knowledge:
         lengths.setdefault(system, set()).add(len(code))
     knowledge._prefix_lengths = {s: tuple(sorted(n)) for s, n in lengths.items()}
     knowledge._procedure_codes = proc_codes
+    keys = [*exact, *prefix, *proc_codes]
+    systems = [*keys, *((alias, "") for alias in aliases)]
+    knowledge._longest = (max(len(s) for s, _ in systems) + 16,
+                          max(len(c) for _, c in keys) + 16)
     return knowledge
