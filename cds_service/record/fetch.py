@@ -2,9 +2,12 @@
 
 ``fhirServer`` is untrusted input (SSRF): the service talks only to servers allow-listed in
 ``CDS_FHIR_ALLOWED_SERVERS``, never follows redirects, never to link-local or cloud-metadata
-addresses (checked after DNS resolution), follows ``next`` links only on the same server, and
-sends the request's bearer token only there. Every fault leaves that source missing; none of them
-becomes an error of ours. Tokens are never logged.
+addresses (checked after DNS resolution), builds its URLs from percent-encoded path segments and
+query parameters (a patient id cannot leave the base path or add parameters), follows ``next``
+links only on the same server and under the same base path (after resolving dot segments), and
+sends the request's bearer token only there. The time budget covers connecting, the headers and
+the body; a body above the size cap is not read. Every fault leaves that source missing (or
+partial); none of them becomes an error of ours. Tokens and patient ids are never logged.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import ipaddress
 import logging
 import socket
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import httpx
 import orjson
@@ -45,6 +49,7 @@ class FetchPolicy:
     timeout_seconds: float = 0.25
     budget_seconds: float = 0.4
     max_pages: int = 5
+    max_response_bytes: int = 8 * 1024 * 1024
 
     @classmethod
     def parse_allowed(cls, value: str) -> tuple[str, ...]:
@@ -81,12 +86,70 @@ def server_allowed(server: str, policy: FetchPolicy) -> bool:
     return base in policy.allowed
 
 
-def same_server(url: str, base: str) -> bool:
-    try:
-        target = normalize_base(url)
-    except ValueError:
+def _has_control(value: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value)
+
+
+def _segments(url: httpx.URL) -> list[str] | None:
+    """The decoded path segments, or None when a server could read them as another path: a
+    segment that decodes to a dot segment or holds an (encoded) slash or backslash."""
+    segments = [unquote(s) for s in url.raw_path.decode("ascii").partition("?")[0].split("/")]
+    if any(s in (".", "..") or "/" in s or "\\" in s for s in segments[1:]):
+        return None
+    return segments[1:]
+
+
+def within_base(url: httpx.URL, base: str) -> bool:
+    """``url`` (already normalised by httpx: dot segments resolved) is on the base's scheme,
+    host and port, carries no credentials, and its path is the base path or under it."""
+    root = httpx.URL(base)
+    if (url.scheme, url.host, url.port) != (root.scheme, root.host, root.port) or url.userinfo:
         return False
-    return target == base or target.startswith(base + "/")
+    path, prefix = _segments(url), _segments(root)
+    if path is None or prefix is None:
+        return False
+    if prefix == [""]:  # the base is the server's root
+        prefix = []
+    return path[:len(prefix)] == prefix
+
+
+def link_target(url: str, base: str) -> httpx.URL | str:
+    """The URL to request for a ``next`` link, or why not: ``bad-next-link`` (control
+    characters, unparsable) or ``foreign-next-link`` (another server, outside the base path)."""
+    if _has_control(url):
+        return "bad-next-link"
+    try:
+        target = httpx.URL(url)  # dot segments resolved here: what is checked is what is sent
+        inside = within_base(target, base)
+    except (httpx.InvalidURL, ValueError, UnicodeError):
+        return "bad-next-link"
+    return target if inside else "foreign-next-link"
+
+
+def same_server(url: str, base: str) -> bool:
+    """A ``next`` link that may be followed (with the token) from the server ``base``."""
+    return isinstance(link_target(url, base), httpx.URL)
+
+
+def query_url(base: str, template: str, patient_id: str) -> httpx.URL | None:
+    """A prefetch template as a URL under ``base``: the patient id filled in as one
+    percent-encoded path segment or one encoded query value. None when the id is no id any
+    server can hold (empty, a dot segment, a slash, a control character)."""
+    if (patient_id in ("", ".", "..") or "/" in patient_id or "\\" in patient_id
+            or _has_control(patient_id)):
+        return None
+    path, _, query = template.partition("?")
+
+    def fill(part: str) -> str:
+        return part.replace("{{context.patientId}}", patient_id)
+
+    segments = "/".join(quote(fill(s), safe="") for s in path.split("/"))
+    params = [(k, fill(v)) for k, v in parse_qsl(query, keep_blank_values=True)]
+    try:
+        url = httpx.URL(f"{base}/{segments}", params=params or None)
+    except (httpx.InvalidURL, ValueError, UnicodeError):
+        return None
+    return url if within_base(url, base) else None
 
 
 def _forbidden_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -116,7 +179,7 @@ async def host_is_safe(host: str) -> bool:
 class FhirFetcher:
     """Fills missing prefetch keys from the FHIR server (one shared connection pool)."""
 
-    def __init__(self, policy: FetchPolicy, client: httpx.AsyncClient | None = None):
+    def __init__(self, policy: FetchPolicy, client: httpx.AsyncClient | None = None) -> None:
         self.policy = policy
         self.client = client or httpx.AsyncClient(
             follow_redirects=False, timeout=policy.timeout_seconds,
@@ -142,11 +205,18 @@ class FhirFetcher:
             log.warning("fhirServer not allow-listed; no fetch")
             return report
         base = normalize_base(server)
-        if not await host_is_safe(urlsplit(base).hostname or ""):
+        deadline = time.monotonic() + self.policy.budget_seconds
+        try:
+            async with asyncio.timeout(self.policy.budget_seconds):  # DNS is in the budget too
+                safe = await host_is_safe(urlsplit(base).hostname or "")
+        except TimeoutError:
+            report.outcomes = {k: "timeout" for k in wanted}
+            log.warning("fhirServer name did not resolve within the budget; no fetch")
+            return report
+        if not safe:
             report.outcomes = {k: "unsafe-address" for k in wanted}
             log.warning("fhirServer resolves to a forbidden address; no fetch")
             return report
-        deadline = time.monotonic() + self.policy.budget_seconds
         keys = list(wanted)
         results = await asyncio.gather(*(
             self._fetch_source(k, wanted[k], record.patient_id, base, token, deadline)
@@ -161,12 +231,14 @@ class FhirFetcher:
     async def _fetch_source(self, key: str, current: Source, patient_id: str, base: str,
                             token: str, deadline: float) -> tuple[Source | None, str]:
         rtype, template = PREFETCH_TEMPLATES[key]
+        url: str | None
         if current.state is SourceState.PARTIAL and current.next_url:
             resources, url, pages = list(current.resources), current.next_url, 0
         else:
-            query = template.replace("{{context.patientId}}", patient_id)
-            resources, url, pages = [], f"{base}/{query}", 0
-            first = await self._get(url, token, deadline)
+            start = query_url(base, template, patient_id)
+            if start is None:
+                return None, "bad-patient-id"
+            first = await self._get(start, base, token, deadline)
             if isinstance(first, str):
                 return None, first
             source = source_from_value(first, rtype, patient_id, present=True)
@@ -179,10 +251,11 @@ class FhirFetcher:
             if pages >= self.policy.max_pages:
                 return Source(SourceState.PARTIAL, resources, note="page cap reached",
                               next_url=url), "page-cap"
-            if not same_server(url, base):
-                return Source(SourceState.PARTIAL, resources, note="next link elsewhere"), \
-                    "foreign-next-link"
-            page = await self._get(url, token, deadline)
+            target = link_target(url, base)
+            if isinstance(target, str):
+                return Source(SourceState.PARTIAL, resources, note="next link not followed"), \
+                    target
+            page = await self._get(target, base, token, deadline)
             if isinstance(page, str):
                 return Source(SourceState.PARTIAL, resources, note=page, next_url=url), page
             more = source_from_value(page, rtype, patient_id, present=True)
@@ -194,29 +267,71 @@ class FhirFetcher:
             pages += 1
         return Source(SourceState.COMPLETE, resources), "fetched"
 
-    async def _get(self, url: str, token: str, deadline: float) -> Any:
-        """The parsed JSON body, or a short fault label."""
+    async def _get(self, url: httpx.URL, base: str, token: str, deadline: float) -> Any:
+        """The parsed JSON body, or a short fault label. Each attempt, from connecting to the
+        last byte of the body, gets the per-request timeout, never more than the budget left."""
+        if not within_base(url, base):  # the token goes nowhere else, whoever built the URL
+            return "foreign-next-link"
         for attempt in (1, 2):
             remaining = deadline - time.monotonic()
             if remaining <= 0.01:
                 return "budget-exhausted"
+            limit = min(self.policy.timeout_seconds, remaining)
             try:
-                response = await self.client.get(
-                    url, headers={"Authorization": f"Bearer {token}"},
-                    timeout=min(self.policy.timeout_seconds, remaining))
-            except httpx.TimeoutException:
+                async with asyncio.timeout(limit):
+                    answer = await self._read(url, token, limit)
+            except (TimeoutError, httpx.TimeoutException):
                 return "timeout"
             except httpx.HTTPError:
                 return "connection-error"
-            if response.status_code in RETRY_STATUSES and attempt == 1:
+            except (httpx.InvalidURL, ValueError, UnicodeError):
+                return "bad-url"
+            if isinstance(answer, str):
+                return answer
+            status, body = answer
+            if status in RETRY_STATUSES and attempt == 1:
                 continue
-            if response.status_code != 200:
-                return f"http-{response.status_code}"
+            if status != 200:
+                return f"http-{status}"
             try:
-                return orjson.loads(response.content)
+                return orjson.loads(body)
             except orjson.JSONDecodeError:
                 return "malformed-json"
         return "retry-failed"
+
+    async def _read(self, url: httpx.URL, token: str, seconds: float) -> tuple[int, bytes] | str:
+        """(status, body) of one GET; the body of a 200 only, streamed up to the size cap
+        ("too-large" past it, or at once on a Content-Length above it). The cap is on the
+        decoded body: gzip is inflated 1 KiB at a time (one 64 KiB read of the socket could
+        inflate to 64 MiB), and no other content coding is asked for or accepted."""
+        cap = self.policy.max_response_bytes
+        headers = {"Authorization": f"Bearer {token}", "Accept-Encoding": "gzip"}
+        async with self.client.stream("GET", url, headers=headers, timeout=seconds) as response:
+            if response.status_code != 200:
+                return response.status_code, b""  # the body is not read; the stream is closed
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > cap:
+                return "too-large"
+            coding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+            if coding not in ("identity", "gzip"):
+                return "bad-encoding"
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if coding == "gzip" else None
+            body: list[bytes] = []
+            size = 0
+            try:
+                async for raw in response.aiter_raw(1024 if inflate else None):
+                    chunk = inflate.decompress(raw) if inflate else raw
+                    size += len(chunk)
+                    if size > cap:
+                        return "too-large"
+                    body.append(chunk)
+                tail = inflate.flush() if inflate else b""
+                if size + len(tail) > cap:
+                    return "too-large"
+                body.append(tail)
+            except zlib.error:
+                return "bad-encoding"
+        return 200, b"".join(body)
 
 
 def _set_source(record: PatientRecord, key: str, source: Source) -> None:
