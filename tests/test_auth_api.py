@@ -20,6 +20,20 @@ from tests.conftest import FIXTURE_NOW, SELECT, ValidatingClient
 
 ISS = "https://ehr.example.org"
 KID = "ehr-key-1"
+BASE = "https://cds.example.org"
+METRICS = {"Authorization": "Bearer metrics-token"}  # /metrics needs a token in production
+
+
+def production_settings(tmp_path: Path, issuers: list[dict[str, Any]],
+                        **overrides: Any) -> Settings:
+    """Production settings trusting ``issuers`` (written to a trusted-issuer file)."""
+    path = tmp_path / "issuers.json"
+    path.write_text(json.dumps(issuers))
+    values: dict[str, Any] = {"env": "production", "trusted_issuers_file": path,
+                              "public_base_url": BASE, "audit_hash_key": "k" * 32,
+                              "data_dir": tmp_path, "metrics_token": "metrics-token"}
+    values.update(overrides)
+    return Settings(**values)
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +45,7 @@ def key() -> ec.EllipticCurvePrivateKey:
 def api(tmp_path: Path, key: ec.EllipticCurvePrivateKey) -> Iterator[ValidatingClient]:
     public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
     public.update(kid=KID, use="sig", alg="ES384")
-    issuers = tmp_path / "issuers.json"
-    issuers.write_text(json.dumps([{"iss": ISS, "jwks": {"keys": [public]}}]))
-    settings = Settings(env="production", trusted_issuers_file=issuers,
-                        public_base_url="https://cds.example.org", audit_hash_key="k" * 32,
-                        data_dir=tmp_path)
+    settings = production_settings(tmp_path, [{"iss": ISS, "jwks": {"keys": [public]}}])
     with ValidatingClient(create_app(settings, clock=lambda: FIXTURE_NOW)) as c:
         yield c
 

@@ -120,6 +120,27 @@ def test_unknown_or_missing_kid_is_refused() -> None:
     assert "no kid" in refused(verifier(), make(kid=None))
 
 
+@pytest.mark.parametrize(("key", "alg", "kid"), [
+    (ec.generate_private_key(ec.SECP256R1()), "ES256", "rsa1"),  # was a TypeError (500)
+    (OTHER_EC, "ES384", "rsa1"),
+    (RSA_KEY, "RS256", "ec1"),
+    (RSA_KEY, "PS384", "ec1"),
+    (RSA_KEY, "RS256", "rsa1"),  # the JWK declares RS384
+    (ec.generate_private_key(ec.SECP256R1()), "ES256", "ec1"),  # a P-384 key
+])
+def test_key_that_does_not_fit_the_algorithm_is_refused(key: Any, alg: str, kid: str) -> None:
+    assert refused(verifier(jwt_algorithms="ES256,ES384,RS256,RS384,PS384"), make(key, alg, kid))
+
+
+def test_jwks_without_usable_keys_is_empty() -> None:
+    v = verifier([TrustedIssuer(ISS, jwks={"keys": [
+        5, {"kid": 7, **jwk(EC_KEY, "x", "ES384")}, {**jwk(EC_KEY, "enc", "ES384"), "use": "enc"},
+        {**jwk(EC_KEY, "hs", "ES384"), "alg": "HS256"}, {"kid": "bad", "kty": "EC", "crv": "P-9"},
+    ]})])
+    for kid in ("7", "enc", "hs", "bad"):
+        assert "unknown kid" in refused(v, make(kid=kid))
+
+
 def test_signature_by_another_key_with_the_same_kid_is_refused() -> None:
     assert "InvalidSignature" in refused(verifier(), make(OTHER_EC, "ES384", "ec1"))
 
