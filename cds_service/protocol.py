@@ -7,9 +7,20 @@ are serialised without ``None`` values: optional fields are omitted, never sent 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from cds_service.store.models import FeedbackItem as _FeedbackRow
 
 HOOKS = ("order-select", "order-sign")
 
@@ -153,27 +164,56 @@ class Discovery(_Out):
 # ---------------------------------------------------------------- feedback
 
 
+# Feedback is stored as sent: a value no database row can hold is refused here with 400 (naming
+# the field), not accepted and then failed on with 503 (which the client would retry for ever).
+
+
+def _column_length(column: str) -> int | None:
+    """The length of a feedback column, from the table model (None: unbounded text)."""
+    return getattr(_FeedbackRow.__table__.c[column].type, "length", None)
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _storable_instant(value: datetime) -> datetime:
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is outside the range of instants that can be stored "
+                         "(years 1 to 9999 in UTC)") from None
+    return value
+
+
+StoredText = Annotated[str, AfterValidator(_no_nul)]
+
+
 class FeedbackCoding(_Lenient):
-    system: str | None = None
-    code: str = Field(min_length=1)
-    display: str | None = None
+    system: StoredText | None = Field(default=None,
+                                      max_length=_column_length("override_system"))
+    code: StoredText = Field(min_length=1, max_length=_column_length("override_code"))
+    display: StoredText | None = Field(default=None,
+                                       max_length=_column_length("override_display"))
 
 
 class OverrideReason(_Lenient):
     reason: FeedbackCoding | None = None
-    userComment: str | None = None
+    userComment: StoredText | None = None
 
 
 class AcceptedSuggestion(_Lenient):
-    id: str = Field(min_length=1)
+    id: StoredText = Field(min_length=1)
 
 
 class FeedbackItem(_Lenient):
-    card: str = Field(min_length=1)
+    card: StoredText = Field(min_length=1, max_length=_column_length("card_uuid"))
     outcome: Literal["accepted", "overridden"]
     acceptedSuggestions: list[AcceptedSuggestion] | None = None
     overrideReason: OverrideReason | None = None
-    outcomeTimestamp: AwareDatetime
+    outcomeTimestamp: Annotated[AwareDatetime, AfterValidator(_storable_instant)]
 
     @model_validator(mode="after")
     def _accepted_needs_suggestions(self) -> FeedbackItem:

@@ -177,8 +177,14 @@ A card counts as ignored when no feedback came back for it.</p>
 
 
 def parse_day(value: str | None) -> datetime | None:
-    """A YYYY-MM-DD (or ISO datetime) filter value as an aware datetime."""
+    """A YYYY-MM-DD (or ISO datetime) filter value as an aware UTC datetime.
+
+    ValueError when it is not a date, or is an instant outside what can be stored.
+    """
     if not value:
         return None
     moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:
+        raise ValueError(f"{value!r} is outside the range of dates") from None

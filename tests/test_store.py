@@ -42,9 +42,9 @@ def _pg_admin(sql: str) -> None:
     asyncio.run(run())
 
 
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
+def database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh database: a SQLite file under ``tmp_path``, or a new PostgreSQL database."""
+    if kind == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'data' / 'cds.db'}"
         return
     name = f"cds_test_{uuid.uuid4().hex[:12]}"
@@ -54,6 +54,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"{base}/{name}"
     finally:
         _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield from database(request.param, tmp_path)
 
 
 def app_for(url: str, tmp_path: Path, **extra: Any) -> Any:
@@ -308,6 +313,14 @@ def outage_url(db_url: str, tmp_path: Path) -> tuple[str, Any, Any]:
         proxy.start
 
 
+def metric(text: str, name: str) -> float:
+    """The value of one sample in a Prometheus text page (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_database_going_away_and_coming_back(db_url: str, tmp_path: Path) -> None:
     url, down, up = outage_url(db_url, tmp_path)
     with ValidatingClient(app_for(url, tmp_path)) as c:
@@ -322,14 +335,20 @@ def test_database_going_away_and_coming_back(db_url: str, tmp_path: Path) -> Non
             refused = c.post(SELECT + "/feedback", json={"feedback": [item]})
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "5"
-            assert c.get("/readyz").status_code == 503
+            ready = c.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["database"] is False and ready.json()["reason"]
             metrics = c.get("/metrics").text
-            assert 'cds_db_errors_total{operation="audit"} 1.0' in metrics
+            assert metric(metrics, 'cds_db_errors_total{operation="audit"}') >= 1
             assert 'cds_db_errors_total{operation="feedback"} 1.0' in metrics
+            assert metric(metrics, "cds_audit_queue_rows") == 1  # held, not lost
         finally:
             up()
         retried = c.post(SELECT + "/feedback", json={"feedback": [item]})
         assert retried.status_code == 200 and retried.json()["stored"] == 1
         assert c.get("/readyz").status_code == 200
+        metrics = c.get("/metrics").text
+        assert metric(metrics, "cds_audit_queue_rows") == 0
+        assert metric(metrics, 'cds_audit_rows_dropped_total{reason="queue-full"}') == 0
     assert [f.card_uuid for f in rows(db_url, FeedbackItem)] == [card["uuid"]]
-    assert len(rows(db_url, HookCall)) == 1  # the call made during the outage was not stored
+    assert len(rows(db_url, HookCall)) == 2  # the call made during the outage was kept

@@ -2,21 +2,48 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Dialect,
     Float,
     ForeignKey,
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An instant, stored in UTC on every database and read back as an aware UTC datetime.
+
+    PostgreSQL keeps the instant (``timestamptz``); SQLite has no time-zone type and SQLAlchemy
+    writes the wall-clock time without its offset, so two instants written with different
+    offsets would collide. Converting to UTC before binding makes both databases agree, in
+    rows and in ``WHERE`` comparisons. A naive value is taken to be UTC already.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None,
+                             dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -29,7 +56,7 @@ class HookCall(Base):
     __tablename__ = "hook_call"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     service_id: Mapped[str] = mapped_column(String(100), index=True)
     hook: Mapped[str] = mapped_column(String(40))
     hook_instance: Mapped[str] = mapped_column(String(100), index=True)
@@ -47,7 +74,7 @@ class CardShown(Base):
     uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
     hook_call_id: Mapped[str] = mapped_column(ForeignKey("hook_call.id", ondelete="CASCADE"),
                                               index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     service_id: Mapped[str] = mapped_column(String(100), index=True)
     kind: Mapped[str] = mapped_column(String(40))
     indicator: Mapped[str] = mapped_column(String(20))
@@ -74,8 +101,8 @@ class FeedbackItem(Base):
     override_code: Mapped[str | None] = mapped_column(String(100), nullable=True)
     override_display: Mapped[str | None] = mapped_column(String(300), nullable=True)
     user_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
-    outcome_timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    outcome_timestamp: Mapped[datetime] = mapped_column(UtcDateTime)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class JwtSeen(Base):
@@ -84,4 +111,4 @@ class JwtSeen(Base):
     __tablename__ = "jwt_seen"
 
     key: Mapped[str] = mapped_column(String(400), primary_key=True)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
