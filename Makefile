@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench/test_engine_bench.py -q --benchmark-columns=min,median,mean,max,rounds
 	$(BIN)/python bench/run.py --duration $${BENCH_SECONDS:-10}
+	$(BIN)/python bench/soak.py --duration $${SOAK_SECONDS:-60} --json bench/soak.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check cds_service tests fixtures bench docs

@@ -17,6 +17,8 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +37,9 @@ from cds_service.errors import (
     validation_issues,
 )
 from cds_service.knowledge import load_knowledge
+from cds_service.limits import Limits, check_request, check_resources
 from cds_service.metrics import Metrics
+from cds_service.openapi import build_openapi
 from cds_service.protocol import (
     Discovery,
     Feedback,
@@ -43,16 +47,19 @@ from cds_service.protocol import (
     ServiceDescription,
     ServiceResponse,
 )
-from cds_service.record import PREFETCH_TEMPLATES, record_from_prefetch
+from cds_service.record import PREFETCH_TEMPLATES, PatientRecord, record_from_prefetch
 from cds_service.record.fetch import FetchPolicy, FhirFetcher
+from cds_service.record.prefetch import SOURCE_ATTRS, Source, SourceState
 from cds_service.render import load_templates
 from cds_service.report import build_report, parse_day, render_html
 from cds_service.security import (
     AuthError,
+    FallbackReplayStore,
     JwtVerifier,
     ReplayStore,
     bearer_token,
     load_trusted_issuers,
+    public_base_url_problem,
 )
 from cds_service.settings import Settings, get_settings
 from cds_service.store import (
@@ -61,8 +68,10 @@ from cds_service.store import (
     CardAudit,
     DatabaseReplayCache,
     FeedbackRecord,
+    InvalidValue,
     Store,
     StoreUnavailable,
+    column_length,
 )
 
 log = logging.getLogger("cds_service.app")
@@ -93,11 +102,13 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 class BodyLimit:
-    """Reject request bodies above the limit with 413 before they are read whole."""
+    """Reject request bodies above the limit with 413 before they are read whole, and bodies
+    that do not arrive within the read timeout with 408 (a slow client holds no worker)."""
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int, read_timeout: float = 10.0):
         self.app = app
         self.limit = limit
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,10 +124,17 @@ class BodyLimit:
                     await self._reject(scope, receive, send)
                     return
         seen = 0
+        deadline: float | None = None
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, deadline
+            if deadline is None:
+                deadline = anyio.current_time() + self.read_timeout
+            try:
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                    message = await receive()
+            except TimeoutError:
+                raise _TooSlow() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
@@ -127,6 +145,11 @@ class BodyLimit:
             await self.app(scope, limited, send)
         except _TooLarge:
             await self._reject(scope, receive, send)
+        except _TooSlow:
+            response = outcome_response(408, [issue(
+                "timeout", f"request body not received within {self.read_timeout:g} s")],
+                headers={"Connection": "close"})
+            await response(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = outcome_response(413, [issue(
@@ -135,6 +158,10 @@ class BodyLimit:
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _TooSlow(Exception):
     pass
 
 
@@ -165,7 +192,9 @@ class CountRequests:
 
 
 def check_production(settings: Settings) -> None:
-    """Outside development mode, name every secret setting that is missing."""
+    """Outside development mode, name every secret setting that is missing, then refuse a
+    trusted-issuer file that cannot be used (or has an http JWKS URL) and a missing or
+    non-https CDS_PUBLIC_BASE_URL (the JWT audience is built from it, never from Host)."""
     if settings.is_development:
         return
     missing = [name for name, value in (("CDS_TRUSTED_ISSUERS_FILE",
@@ -176,18 +205,50 @@ def check_production(settings: Settings) -> None:
         raise ConfigurationError(
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required outside "
             "development mode (CDS_ENV=development accepts calls without a token)")
+    build_verifier(settings)  # the trusted-issuer file: readable, JWKS URLs https
+    problem = public_base_url_problem(settings.public_base_url)
+    if problem:
+        raise ConfigurationError(
+            f"CDS_PUBLIC_BASE_URL {problem} outside development mode: it is the base URL the "
+            "EHR calls (e.g. https://cds.example.org), and every JWT audience (aud) is checked "
+            "against it, never against the request's Host header")
 
 
-def build_verifier(settings: Settings, replay: ReplayStore | None = None) -> JwtVerifier | None:
-    """The JWT verifier, or None in development mode without trusted issuers."""
+def drop_over_limits(record: PatientRecord, outcomes: dict[str, str], limits: Limits) -> None:
+    """A fetched source over the request limits is not used (its facts stay unknown)."""
+    for key, source in record.sources().items():
+        if outcomes.get(key) in (None, "not-allowed", "no-server"):
+            continue
+        if source.resources and check_resources(key, source.resources, limits):
+            setattr(record, SOURCE_ATTRS[key], Source(SourceState.MISSING, note="over limits"))
+            outcomes[key] = "over-limits"
+
+
+def build_verifier(settings: Settings, replay: ReplayStore | None = None,
+                   metrics: Metrics | None = None) -> JwtVerifier | None:
+    """The JWT verifier, or None in development mode without trusted issuers.
+
+    ``replay`` is the shared (database) replay store; while it is unavailable this process's
+    own store decides, counted in ``cds_jwt_replay_fallback_total``. Outside development a JWKS
+    URL must be https. The caller closes the verifier (``aclose``) at shutdown.
+    """
     if settings.trusted_issuers_file is None:
         if settings.is_development:
             return None
         raise ConfigurationError("CDS_TRUSTED_ISSUERS_FILE is required outside development mode")
     try:
-        issuers = load_trusted_issuers(settings.trusted_issuers_file)
+        issuers = load_trusted_issuers(settings.trusted_issuers_file,
+                                       require_https=not settings.is_development)
     except ValueError as exc:
         raise ConfigurationError(f"CDS_TRUSTED_ISSUERS_FILE: {exc}") from exc
+    if replay is not None:
+        def fell_back(failed: bool) -> None:
+            if metrics is not None:
+                metrics.jwt_replay_fallback.inc()
+                if failed:  # the database was asked (not skipped while it recovers)
+                    metrics.db_errors.labels("jwt-replay").inc()
+
+        replay = FallbackReplayStore(replay, on_fallback=fell_back)
     return JwtVerifier(issuers, settings, replay=replay)
 
 
@@ -236,13 +297,14 @@ def create_app(settings: Settings | None = None, *,
     engine = Engine(knowledge, templates, settings)
     check_production(settings)
     store = Store(settings.database, audit_hash_key(settings))
-    verifier = build_verifier(settings, DatabaseReplayCache(store))
     metrics = Metrics()
+    verifier = build_verifier(settings, DatabaseReplayCache(store), metrics)
     fetcher = FhirFetcher(FetchPolicy(
         allowed=FetchPolicy.parse_allowed(settings.fhir_allowed_servers),
         require_https=not settings.is_development,
         timeout_seconds=settings.fhir_timeout_seconds,
-        budget_seconds=settings.fhir_budget_seconds, max_pages=settings.fhir_max_pages))
+        budget_seconds=settings.fhir_budget_seconds, max_pages=settings.fhir_max_pages,
+        max_response_bytes=settings.fhir_max_response_bytes))
     if verifier is None:
         log.warning("DEVELOPMENT MODE: calls without a JWT are accepted and tokens are not "
                     "verified. Never expose this instance to a network.")
@@ -264,10 +326,26 @@ def create_app(settings: Settings | None = None, *,
         yield
         await audits.stop()
         await fetcher.aclose()
+        if verifier is not None:
+            await verifier.aclose()
         await store.dispose()
 
+    limits = Limits(max_depth=settings.max_json_depth, max_drafts=settings.max_draft_orders,
+                    max_codings=settings.max_codings_per_concept,
+                    max_code_length=settings.max_code_length)
+
+    show_openapi = settings.env != "production" or settings.openapi_public
     app = FastAPI(title="Lumbar imaging appropriateness CDS service", version="0.1.0",
-                  docs_url=None, redoc_url=None, lifespan=lifespan)  # no CDN pages
+                  docs_url=None, redoc_url=None, lifespan=lifespan,  # no CDN pages
+                  openapi_url="/openapi.json" if show_openapi else None)
+    document: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if not document:
+            document.update(build_openapi(app, SERVICES))
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.engine = engine
     app.state.clock = clock
@@ -276,11 +354,30 @@ def create_app(settings: Settings | None = None, *,
     app.state.store = store
     app.state.metrics = metrics
 
-    def audit_failed(error: str, count: int) -> None:
-        metrics.db_errors.labels("audit").inc(count)
-        log.warning("audit rows not stored", extra={"rows": count, "error": error})
+    def audit_failed(kind: str, rows: int, detail: str) -> None:
+        """Audit writer events: at most one per batch written or tried, never one per row."""
+        if kind == "written":
+            metrics.audit_written.inc(rows)
+        elif kind == "dropped":
+            metrics.audit_dropped.labels(detail).inc(rows)
+            log.error("audit rows dropped", extra={"rows": rows, "reason": detail})
+        elif kind == "retrying":
+            metrics.db_errors.labels("audit").inc()
+            failures = audits.failures
+            if failures & (failures - 1) == 0:  # the 1st, 2nd, 4th, 8th... failure in a row
+                log.warning("audit rows held: database not writable, retrying", extra={
+                    "rows": rows, "error": detail, "attempt": failures})
+        elif kind == "resumed":
+            log.info("audit writes resumed", extra={"rows": rows})
+        elif kind == "fixed":
+            metrics.audit_fixed.inc(rows)
+            log.info("audit values cut to their column or cleaned of NUL",
+                     extra={"rows": rows})
 
-    audits = AuditWriter(store, audit_failed, interval=settings.audit_flush_seconds)
+    audits = AuditWriter(store, audit_failed, interval=settings.audit_flush_seconds,
+                         batch=settings.audit_batch_rows, max_queue=settings.audit_queue_rows,
+                         retry_max=settings.audit_retry_max_seconds)
+    metrics.audit_queue.set_function(audits.pending)
     app.state.audits = audits
 
     def admin(request: Request) -> None:
@@ -299,19 +396,19 @@ def create_app(settings: Settings | None = None, *,
                 return
             if token is None:
                 raise AuthError("no bearer token")
-            audience = (settings.public_base_url.rstrip("/") + request.url.path
-                        if settings.public_base_url
-                        else str(request.url.replace(query="", fragment="")))
+            if settings.public_base_url:
+                audience = settings.public_base_url.rstrip("/") + request.url.path
+            elif settings.is_development:  # only here may the Host header name the audience
+                audience = str(request.url.replace(query="", fragment=""))
+            else:
+                raise AuthError("no CDS_PUBLIC_BASE_URL to check aud against")
+            # a database outage does not stop this: the replay check falls back to this process
             await verifier.verify(token, audience)
         except AuthError as exc:
             log.info("authentication refused", extra={"reason": str(exc),
                                                       "path": request.url.path})
             raise ProtocolError(401, "login", "authentication failed",
                                 headers={"WWW-Authenticate": "Bearer"}) from None
-        except StoreUnavailable:
-            metrics.db_errors.labels("jwt-replay").inc()
-            raise ProtocolError(503, "transient", "cannot check the token now; retry later",
-                                headers={"Retry-After": "5"}) from None
 
     async def read_json(request: Request) -> Any:
         body = await request.body()
@@ -355,13 +452,25 @@ def create_app(settings: Settings | None = None, *,
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        ok = await store.ping()
-        body = {"status": "ready" if ok else "not ready", "database": ok,
-                "knowledge": bool(engine.knowledge.procedures)}
+        problem = await store.writable()  # a read-only database is not ready either
+        knowledge = bool(engine.knowledge.procedures)
+        ok = problem is None and knowledge
+        body: dict[str, Any] = {"status": "ready" if ok else "not ready",
+                                "database": problem is None, "knowledge": knowledge}
+        if problem:
+            body["reason"] = problem
         return _json(body, 200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
+        token = settings.metrics_token
+        if token:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise ProtocolError(401, "login", "authentication failed",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        elif settings.env == "production":
+            raise ProtocolError(404, "not-found", "no such endpoint (set CDS_METRICS_TOKEN)")
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/report")
@@ -373,9 +482,19 @@ def create_app(settings: Settings | None = None, *,
         except ValueError:
             raise ProtocolError(400, "value", "start and end must be ISO dates",
                                 ["start", "end"]) from None
+        limit = column_length("service_id", "card") or 0
+        if service is not None and ("\x00" in service or len(service) > limit):
+            raise ProtocolError(400, "value", f"service must be a service id (at most {limit} "
+                                "characters, no NUL)", ["service"])
         try:
             await audits.flush()
+        except StoreUnavailable:
+            pass  # not writable (read-only?): report what is stored; the queue is kept
+        try:
             cards, feedback = await store.rows(since, until, service)
+        except InvalidValue:
+            raise ProtocolError(400, "value", "a filter value cannot be used",
+                                ["start", "end", "service"]) from None
         except StoreUnavailable:
             metrics.db_errors.labels("report").inc()
             raise ProtocolError(503, "transient", "database unavailable",
@@ -394,6 +513,7 @@ def create_app(settings: Settings | None = None, *,
         await authenticate(request)
         started = time.perf_counter()
         data = await read_json(request)
+        size = len(await request.body())
         if not isinstance(data, dict):
             raise ProtocolError(400, "structure", "request body must be a JSON object")
         hook = data.get("hook")
@@ -401,19 +521,30 @@ def create_app(settings: Settings | None = None, *,
             raise ProtocolError(400, "not-supported",
                                 f"hook '{hook}' is not served by '{service_id}' "
                                 f"(it serves '{described.hook}')", ["hook"])
+        over = check_request(data, limits)
+        if over:
+            raise ProtocolError(413, "too-costly", over.message, [over.where])
         try:
             hook_request = HookRequest.model_validate(data)
         except ValidationError as exc:
             return outcome_response(400, validation_issues(exc))
         record = record_from_prefetch(hook_request.prefetch, hook_request.context.patientId)
+        for key, source in record.sources().items():
+            over = check_resources(key, source.resources, limits)
+            if over:
+                raise ProtocolError(413, "too-costly", over.message, [over.where])
         fetch_outcomes: dict[str, str] = {}
         if record.missing_keys() and engine.imaging_targets(hook_request):
             auth = hook_request.fhirAuthorization
             report = await fetcher.complete(record, hook_request.fhirServer,
                                             auth.access_token if auth else None)
             fetch_outcomes = report.outcomes
+            drop_over_limits(record, fetch_outcomes, limits)
         now = clock()
-        results = engine.rate(hook_request, record, now)
+        if size >= settings.offload_body_bytes:  # keep the event loop free for other calls
+            results = await anyio.to_thread.run_sync(engine.rate, hook_request, record, now)
+        else:
+            results = engine.rate(hook_request, record, now)
         missing = record.missing_keys()
         if missing and any(not r.decision.determinate for r in results):
             log.info("undecidable without data", extra={
@@ -452,6 +583,11 @@ def create_app(settings: Settings | None = None, *,
                                 ["service"])
         await authenticate(request)
         data = await read_json(request)
+        items = data.get("feedback") if isinstance(data, dict) else None
+        if isinstance(items, list) and len(items) > settings.feedback_max_items:
+            raise ProtocolError(413, "too-costly", f"at most {settings.feedback_max_items} "
+                                "feedback items per request; send the rest in further requests",
+                                ["feedback"])
         try:
             parsed = Feedback.model_validate(data)
         except ValidationError as exc:
@@ -470,6 +606,16 @@ def create_app(settings: Settings | None = None, *,
         try:
             await audits.flush()  # the cards this feedback is about are written first
             counts = await store.store_feedback(service_id, records)
+        except InvalidValue as exc:  # can never be stored: retrying would not help
+            where = "feedback" if exc.index is None else f"feedback.{exc.index}"
+            path = {"card": "card", "outcome_timestamp": "outcomeTimestamp",
+                    "accepted_suggestions": "acceptedSuggestions",
+                    "user_comment": "overrideReason.userComment",
+                    "override_system": "overrideReason.reason.system",
+                    "override_code": "overrideReason.reason.code",
+                    "override_display": "overrideReason.reason.display"}.get(exc.field or "")
+            where = f"{where}.{path}" if path else where
+            raise ProtocolError(400, "value", f"{where}: {exc}", [where]) from None
         except StoreUnavailable as exc:
             metrics.db_errors.labels("feedback").inc()
             log.warning("feedback not stored; asked the client to retry",
@@ -481,8 +627,9 @@ def create_app(settings: Settings | None = None, *,
         log.info("feedback stored", extra={"service": service_id, **counts})
         return _json(counts)
 
-    app.add_middleware(CountRequests, metrics=metrics)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
+                       read_timeout=settings.body_read_timeout_seconds)
+    app.add_middleware(CountRequests, metrics=metrics)  # outside: counts 413 and 408 too
     app.add_middleware(  # outermost, so that even a 413 carries the CORS headers
         CORSMiddleware, allow_origins=settings.cors_origin_list,
         allow_methods=["GET", "POST", "OPTIONS"],

@@ -41,8 +41,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"cds-service: cannot start: {exc}", file=sys.stderr)
         return 2
 
+    from cds_service.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)  # uvicorn's loggers too
     uvicorn.run("cds_service.app:app", host=args.host, port=args.port, workers=args.workers,
-                proxy_headers=True, access_log=False, log_level="warning")
+                proxy_headers=True, access_log=False, log_level="warning", log_config=None)
     return 0
 
 

@@ -25,6 +25,8 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             entry["error"] = record.exc_info[0].__name__
+            # the traceback is a field of the one JSON line, never lines of plain text
+            entry["traceback"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
 
 
@@ -37,3 +39,9 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # uvicorn logs an exception that escapes the app ("Exception in ASGI application") and
+    # its start-up lines itself: the same JSON lines there too.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        server_log = logging.getLogger(name)
+        server_log.handlers[:] = [handler]
+        server_log.propagate = False

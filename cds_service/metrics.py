@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -24,6 +24,19 @@ class Metrics:
                                  ["operation"], registry=r)
         self.feedback = Counter("cds_feedback_items_total", "Feedback items by outcome",
                                 ["outcome"], registry=r)
+        self.audit_written = Counter("cds_audit_rows_written_total",
+                                     "Hook calls written to the audit", registry=r)
+        self.audit_dropped = Counter("cds_audit_rows_dropped_total",
+                                     "Hook calls lost to the audit, by reason (queue-full, "
+                                     "invalid, shutdown)", ["reason"], registry=r)
+        self.audit_fixed = Counter("cds_audit_rows_fixed_total",
+                                   "Hook calls audited with a value cut to its column or "
+                                   "cleaned of NUL", registry=r)
+        self.audit_queue = Gauge("cds_audit_queue_rows",
+                                 "Hook calls queued for the audit, not yet written", registry=r)
+        self.jwt_replay_fallback = Counter(
+            "cds_jwt_replay_fallback_total", "JWT replay (jti) checks made by this process "
+            "alone because the shared database was unavailable", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

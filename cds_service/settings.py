@@ -28,6 +28,18 @@ class Settings(BaseSettings):
     # HTTP
     public_base_url: str | None = None
     max_body_bytes: int = 5 * 1024 * 1024
+    # What one hook call may cost (over a limit: 413 with an OperationOutcome)
+    max_draft_orders: int = 200
+    max_json_depth: int = 64
+    max_codings_per_concept: int = 64
+    max_code_length: int = 512
+    # Hook calls with a body at least this large are evaluated off the event loop (a thread)
+    offload_body_bytes: int = 256 * 1024
+    body_read_timeout_seconds: float = 10.0  # a body not received in this time: 408
+    # /metrics: a bearer token that scrapes must send; without one, /metrics is served only
+    # outside production. /openapi.json: public outside production, or when this is true.
+    metrics_token: str | None = None
+    openapi_public: bool = False
     cors_origins: str = "*"
 
     # Trust of the calling EHR (JWT)
@@ -37,12 +49,16 @@ class Settings(BaseSettings):
     jwt_max_lifetime_seconds: int = 3600
     jwks_cache_seconds: int = 600
     jwks_timeout_seconds: float = 2.0
+    # after a failed JWKS fetch: no new fetch for this long, doubling per failure up to the max
+    jwks_retry_min_seconds: float = Field(default=1.0, gt=0)
+    jwks_retry_max_seconds: float = Field(default=60.0, gt=0)
 
     # FHIR fetch of what the prefetch lacks (SSRF guard: only these servers, comma-separated)
     fhir_allowed_servers: str = ""
     fhir_timeout_seconds: float = 0.25
     fhir_budget_seconds: float = 0.4
     fhir_max_pages: int = 10
+    fhir_max_response_bytes: int = Field(default=8 * 1024 * 1024, gt=0)  # one answer, decoded
 
     # Clinical knowledge and card wording
     knowledge_dir: Path | None = None
@@ -62,7 +78,11 @@ class Settings(BaseSettings):
     database_url: str | None = None
     migrate_on_start: bool = True
     audit_hash_key: str | None = None
-    audit_flush_seconds: float = 0.5
+    audit_flush_seconds: float = 0.5  # longest a queued audit row waits while a batch fills
+    audit_batch_rows: int = Field(default=1000, ge=1)  # hook calls per audit write
+    audit_queue_rows: int = Field(default=50_000, ge=1)  # calls held in memory (~1-3 KB each)
+    audit_retry_max_seconds: float = Field(default=30.0, gt=0)  # back-off cap, database down
+    feedback_max_items: int = Field(default=1000, ge=1)  # per feedback post (413 above)
     admin_token: str | None = None
     log_level: str = "INFO"
     log_json: bool = True

@@ -70,6 +70,7 @@ def test_image_start_command_serves_readyz(tmp_path: Path) -> None:
     run_env = {**os.environ, **env, "CDS_CARDS_DIR": str(ROOT / "cards"),
                "CDS_DATA_DIR": str(tmp_path), "CDS_TRUSTED_ISSUERS_FILE": str(issuers),
                "CDS_AUDIT_HASH_KEY": "x" * 64, "CDS_WORKERS": "2",
+               "CDS_PUBLIC_BASE_URL": "https://cds.example.org",
                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     missing = subprocess.run(cmd, env={**run_env, "CDS_AUDIT_HASH_KEY": ""}, cwd=tmp_path,
                              capture_output=True, text=True, timeout=60)
@@ -137,11 +138,12 @@ def test_kubernetes_manifests_render_and_validate(tmp_path: Path) -> None:
                             "Job"])
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]  # type: ignore[index]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # hooks answer with the database down: its state (/readyz) must not unready every replica
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["limits"] and container["resources"]["requests"]
     secrets = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
-    assert secrets == {"database-url", "audit-hash-key", "admin-token"}
+    assert secrets == {"database-url", "audit-hash-key", "admin-token", "metrics-token"}
     cards = next(d for d in docs if d["kind"] == "ConfigMap"
                  and str(d["metadata"]["name"]).startswith("cds-cards"))  # type: ignore[index]
     assert "not-appropriate.yaml" in cards["data"]  # type: ignore[operator]

@@ -1,0 +1,154 @@
+"""The served OpenAPI document: the real request and response bodies of every endpoint.
+
+The routes read their bodies themselves (to answer every fault with an OperationOutcome), so
+FastAPI cannot infer them; this module describes them from the same pydantic models the routes
+validate with: HookRequest and Feedback in, ServiceResponse, Discovery and OperationOutcome out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from cds_service.protocol import Discovery, Feedback, HookRequest, ServiceResponse
+
+JSON = "application/json"
+FHIR_JSON = "application/fhir+json"
+
+
+class OperationOutcomeIssue(BaseModel):
+    severity: Literal["fatal", "error", "warning", "information"]
+    code: str
+    diagnostics: str | None = None
+    expression: list[str] | None = None
+
+
+class OperationOutcome(BaseModel):
+    """The FHIR OperationOutcome every error answer carries."""
+
+    resourceType: Literal["OperationOutcome"]
+    issue: list[OperationOutcomeIssue]
+
+
+class FeedbackReceived(BaseModel):
+    """What a feedback post stored."""
+
+    model_config = {"extra": "allow"}
+
+    received: int
+
+
+class Status(BaseModel):
+    model_config = {"extra": "allow"}
+
+    status: str
+
+
+MODELS: tuple[tuple[type[BaseModel], Literal["validation", "serialization"]], ...] = (
+    (HookRequest, "validation"), (Feedback, "validation"), (ServiceResponse, "serialization"),
+    (Discovery, "serialization"), (OperationOutcome, "serialization"),
+    (FeedbackReceived, "serialization"), (Status, "serialization"))
+ERRORS = {
+    "400": "The body or a parameter is malformed; the OperationOutcome names the field",
+    "401": "A JWT is required and was missing or invalid",
+    "404": "Unknown service or endpoint",
+    "408": "The request body did not arrive in time",
+    "412": "Data needed to rate the order is missing and could not be fetched",
+    "413": "The body, or what it asks of the service, is over a limit",
+    "503": "A dependency (the database) is unavailable; retry after Retry-After",
+}
+
+
+# A real request, for readers of the document and for generated tests to start from.
+HOOK_EXAMPLE: dict[str, Any] = {
+    "hook": "order-select", "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+    "context": {
+        "userId": "Practitioner/example", "patientId": "example",
+        "selections": ["ServiceRequest/order-1"],
+        "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {
+            "resourceType": "ServiceRequest", "id": "order-1", "status": "draft",
+            "intent": "order", "subject": {"reference": "Patient/example"},
+            "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "72149"}]},
+            "reasonCode": [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
+                                        "code": "M54.16"}]}]}}]}},
+    "prefetch": {
+        "patient": {"resourceType": "Patient", "id": "example", "birthDate": "1968-03-02"},
+        "conditions": {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": {
+            "resourceType": "Condition", "id": "lbp", "subject": {"reference": "Patient/example"},
+            "clinicalStatus": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                "code": "active"}]},
+            "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
+                                 "code": "M54.16"}]},
+            "onsetDateTime": "2026-07-12"}}]},
+        "procedures": {"resourceType": "Bundle", "type": "searchset", "entry": []},
+        "servicerequests": {"resourceType": "Bundle", "type": "searchset", "entry": []},
+        "medications": {"resourceType": "Bundle", "type": "searchset", "entry": []}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {code: {"description": ERRORS[code],
+                   "content": {FHIR_JSON: {"schema": _ref("OperationOutcome")}}}
+            for code in codes}
+
+
+def _ok(model: str, description: str, media: str = JSON) -> dict[str, Any]:
+    return {"200": {"description": description, "content": {media: {"schema": _ref(model)}}}}
+
+
+def build_openapi(app: FastAPI, service_ids: Iterable[str]) -> dict[str, Any]:
+    """The document: FastAPI's paths, with bodies and answers described from the models."""
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                      description=__doc__.splitlines()[0] if __doc__ else None)
+    schemas: dict[str, Any] = {}
+    for model, mode in MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    schemas["HookRequest"]["properties"]["hook"]["enum"] = ["order-select", "order-sign"]
+    doc["components"] = {"schemas": schemas}
+    paths = doc["paths"]
+    ids = sorted(service_ids)
+    service_param = {"name": "service_id", "in": "path", "required": True,
+                     "schema": {"type": "string", "enum": ids}}
+    body = {"required": True}
+    auth = ("401",)
+    hook = paths["/cds-services/{service_id}"]["post"]
+    hook.update(parameters=[service_param],
+                requestBody={**body, "content": {JSON: {
+                    "schema": _ref("HookRequest"),
+                    "examples": {"order-select": {"value": HOOK_EXAMPLE}}}}},
+                responses={**_ok("ServiceResponse", "Cards and PAMA system actions"),
+                           **_errors("400", *auth, "404", "408", "412", "413", "503")})
+    feedback = paths["/cds-services/{service_id}/feedback"]["post"]
+    feedback.update(parameters=[service_param],
+                    requestBody={**body, "content": {JSON: {"schema": _ref("Feedback")}}},
+                    responses={**_ok("FeedbackReceived", "Feedback stored (idempotent)"),
+                               **_errors("400", *auth, "404", "408", "413", "503")})
+    paths["/cds-services"]["get"]["responses"] = {
+        **_ok("Discovery", "The CDS services"), **_errors(*auth, "503")}
+    paths["/healthz"]["get"]["responses"] = _ok("Status", "The process answers")
+    paths["/readyz"]["get"]["responses"] = {
+        **_ok("Status", "Ready to serve"),
+        "503": {"description": "Not ready (database unreachable or read-only)",
+                "content": {JSON: {"schema": _ref("Status")}}}}
+    if "/metrics" in paths:
+        paths["/metrics"]["get"]["responses"] = {
+            "200": {"description": "Prometheus metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_errors("401", "404")}
+    report = paths["/admin/report"]["get"]
+    report["responses"] = {
+        "200": {"description": "The feedback report (JSON with Accept: application/json)",
+                "content": {JSON: {"schema": {"type": "object"}},
+                            "text/html": {"schema": {"type": "string"}}}},
+        **_errors("400", "401", "404", "503")}
+    return doc

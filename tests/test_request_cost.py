@@ -1,0 +1,236 @@
+"""Issue 11, findings 1, 2 and 4: bounded cost per request, bounded caches, odd FHIR values.
+
+- Order-sign cost is linear in the drafts (each draft is screened once, not once per order), and
+  a request over the limits (drafts, nesting, codings, code length) gets 413 with an
+  OperationOutcome naming the limit, never a hang.
+- Long codes are never admitted to the code-lookup cache.
+- Dates outside what the service (or Python) can compute with, and fields of the wrong type,
+  make the fact unknown: the call answers.
+- A heavy call is evaluated off the event loop: /healthz answers while it runs (real socket).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cds_service.clinical.facts as facts_module
+from cds_service.app import create_app
+from cds_service.knowledge import load_knowledge
+from tests.builders import hook_request, order, seed_prefetch
+from tests.conftest import FIXTURE_NOW, FIXTURES, ROOT, SELECT, SIGN, ValidatingClient, dev_settings
+from tests.test_socket import free_port
+
+SEED = json.loads((FIXTURES / "requests" / "v3-seed-mri-w.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[ValidatingClient]:
+    with ValidatingClient(create_app(dev_settings(), clock=lambda: FIXTURE_NOW)) as c:
+        yield c
+
+
+def outcome_of(r: httpx.Response) -> dict[str, Any]:
+    body = r.json()
+    assert body["resourceType"] == "OperationOutcome"
+    return body["issue"][0]
+
+
+# ------------------------------------------------------------------ 1: linear cost, limits
+
+
+def test_order_sign_screens_each_draft_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = facts_module._order_like_hit
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(facts_module, "_order_like_hit", counted)
+    with ValidatingClient(create_app(dev_settings(), clock=lambda: FIXTURE_NOW)) as c:
+        for n in (50, 200):
+            calls["n"] = 0
+            drafts = [order(f"o{i}", cpt=("72149", "72148", "72100")[i % 3]) for i in range(n)]
+            r = c.post(SIGN, json=hook_request(*drafts, hook="order-sign",
+                                               prefetch=seed_prefetch(FIXTURE_NOW)))
+            assert r.status_code == 200
+            assert len(r.json()["systemActions"]) == n
+            # the record's resources plus each draft once: not n x n
+            assert calls["n"] <= n + 20, (n, calls["n"])
+
+
+def test_too_many_drafts_is_413_naming_the_limit(api: ValidatingClient) -> None:
+    drafts = [order(f"o{i}", cpt="72148") for i in range(201)]
+    started = time.monotonic()
+    r = api.post(SIGN, json=hook_request(*drafts, hook="order-sign"))
+    assert r.status_code == 413
+    problem = outcome_of(r)
+    assert problem["code"] == "too-costly" and "201 draft orders" in problem["diagnostics"]
+    assert problem["expression"] == ["context.draftOrders.entry"]
+    assert time.monotonic() - started < 5  # refused up front, not evaluated
+
+
+def nested(depth: int) -> dict[str, Any]:
+    draft = order(cpt="72148")
+    node = draft
+    for _ in range(depth):
+        node["extension"] = [{"url": "urn:x", "extension": []}]
+        node = node["extension"][0]
+    return draft
+
+
+@pytest.mark.parametrize("depth", [40, 250])
+def test_deeply_nested_draft_is_413_not_500(api: ValidatingClient, depth: int) -> None:
+    r = api.post(SELECT, json=hook_request(nested(depth), prefetch=seed_prefetch(FIXTURE_NOW)))
+    assert r.status_code == 413
+    assert "nested deeper than 64" in outcome_of(r)["diagnostics"]
+
+
+def test_moderately_nested_draft_is_rated(api: ValidatingClient) -> None:
+    r = api.post(SELECT, json=hook_request(nested(10), prefetch=seed_prefetch(FIXTURE_NOW)))
+    assert r.status_code == 200 and r.json()["systemActions"]
+
+
+@pytest.mark.parametrize("where", ["draft", "prefetch"])
+def test_too_many_codings_or_too_long_a_code_is_413(api: ValidatingClient, where: str) -> None:
+    many = [{"system": "urn:x", "code": str(i)} for i in range(65)]
+    long = [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M" * 100_000}]
+    for codings, words in ((many, "codings in one concept"), (long, "longer than 512")):
+        draft = order(cpt="72148")
+        prefetch = seed_prefetch(FIXTURE_NOW)
+        if where == "draft":
+            draft["code"]["coding"] = draft["code"]["coding"] + codings
+        else:
+            prefetch["conditions"]["entry"][0]["resource"]["code"]["coding"] += codings
+        r = api.post(SELECT, json=hook_request(draft, prefetch=prefetch))
+        assert r.status_code == 413, r.text
+        problem = outcome_of(r)
+        assert words in problem["diagnostics"]
+        assert problem["expression"] == (["context.draftOrders"] if where == "draft"
+                                         else ["prefetch.conditions"])
+
+
+# ------------------------------------------------------------------ 2: bounded caches
+
+
+def test_codes_longer_than_any_known_code_are_not_cached() -> None:
+    knowledge = load_knowledge()
+    for i in range(2_000):
+        assert knowledge.valuesets_of("http://hl7.org/fhir/sid/icd-10-cm", f"{i:0400d}") == set()
+        assert knowledge.valuesets_of("urn:" + "s" * 400, str(i)) == set()
+    assert len(knowledge._cache) == 0
+    assert knowledge.valuesets_of("http://hl7.org/fhir/sid/icd-10-cm", "M54.50")
+    assert len(knowledge._cache) == 1
+
+
+# ------------------------------------------------------------------ 4: odd but real FHIR values
+
+
+ODD_DATES = ["0001-01-01", "9999-12-31", "9999-12", "9999", "0000", "1799-12-31",
+             "2201-01-01", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59-14:00",
+             "2026-02-30", "2026-13", "not a date", ""]
+DATE_FIELDS = [("conditions", 0, "onsetDateTime"), ("conditions", 0, "recordedDate"),
+               ("procedures", 0, "performedDateTime"), ("patient", None, "birthDate")]
+
+
+@pytest.mark.parametrize("value", ODD_DATES)
+@pytest.mark.parametrize("field", DATE_FIELDS, ids=[f[2] for f in DATE_FIELDS])
+def test_dates_out_of_range_make_the_fact_unknown_not_a_500(
+        api: ValidatingClient, field: tuple[str, int | None, str], value: str) -> None:
+    prefetch = seed_prefetch(FIXTURE_NOW)
+    key, index, name = field
+    target = prefetch[key] if index is None else prefetch[key]["entry"][index]["resource"]
+    target[name] = value
+    for cpt in ("72148", "72149"):
+        r = api.post(SELECT, json=hook_request(order(cpt=cpt), prefetch=prefetch))
+        assert r.status_code in (200, 412), r.text
+
+
+ODD_VALUES = st.sampled_from([
+    {"coding": [{"code": "active"}]}, {"x": 1}, [], ["active"], 1, -1, 10**30, 1.5, True, None,
+    "", "\x00", "x" * 5_000, "0001-01-01", "9999-12-31", {"value": 10**30, "code": "a"},
+    {"start": "0001-01-01", "end": "9999-12-31"}, [{"coding": "M54.5"}], {"coding": {}},
+])
+RESOURCE_PATHS = [(key, name) for key in ("conditions", "procedures")
+                  for name in ("status", "clinicalStatus", "verificationStatus", "onsetAge",
+                               "onsetPeriod", "performedPeriod", "code", "category",
+                               "subject", "abatementDateTime", "id")]
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(RESOURCE_PATHS), ODD_VALUES), min_size=1, max_size=4),
+       st.sampled_from(["72148", "72149", "72100", "78306"]),
+       st.sampled_from([None, {"x": 1}, 5, "stat", ["urgent"]]))
+def test_odd_shapes_in_any_field_never_fail(api: ValidatingClient,
+                                            damage: list[tuple[tuple[str, str], Any]],
+                                            cpt: str, priority: Any) -> None:
+    prefetch = seed_prefetch(FIXTURE_NOW)
+    for (key, name), value in damage:
+        prefetch[key]["entry"][0]["resource"][name] = copy.deepcopy(value)
+    draft = order(cpt=cpt)
+    if priority is not None:
+        draft["priority"] = priority
+    r = api.post(SELECT, json=hook_request(draft, prefetch=prefetch))
+    assert r.status_code < 500, r.text
+
+
+# ------------------------------------------------------------------ heavy calls off the loop
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    data = tmp_path_factory.mktemp("cost")
+    env = {**os.environ, "CDS_ENV": "development", "CDS_DATA_DIR": str(data),
+           "CDS_MAX_DRAFT_ORDERS": "3000", "CDS_MAX_BODY_BYTES": str(64 * 1024 * 1024)}
+    proc = subprocess.Popen([sys.executable, "-m", "cds_service", "serve", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_health_answers_while_a_heavy_call_is_evaluated(served: str) -> None:
+    drafts = [order(f"o{i}", cpt=("72149", "72148", "72100")[i % 3]) for i in range(3000)]
+    body = json.dumps(hook_request(*drafts, hook="order-sign",
+                                   prefetch=seed_prefetch(FIXTURE_NOW))).encode()
+    done: dict[str, float] = {}
+
+    def heavy() -> None:
+        r = httpx.post(served + SIGN, content=body, timeout=60,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 200
+        done["heavy"] = time.monotonic()
+
+    worker = threading.Thread(target=heavy)
+    worker.start()
+    time.sleep(0.3)  # the heavy call is being evaluated (it takes about a second)
+    r = httpx.get(served + "/healthz", timeout=10)
+    done["health"] = time.monotonic()
+    worker.join(timeout=60)
+    assert r.status_code == 200
+    assert "heavy" in done and done["health"] < done["heavy"]
