@@ -63,6 +63,15 @@ def rss_mb(pid: int) -> float:
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
+def wrk_missing() -> bool:
+    """True (and says so) when wrk is not installed."""
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install wrk (Debian). Nothing was run.",
+              file=sys.stderr)
+        return True
+    return False
+
+
 def wrk(url: str, body_file: Path, duration: float, connections: int) -> dict[str, Any]:
     env = {**os.environ, "BODY_FILE": str(body_file)}
     out = subprocess.run(
@@ -93,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", help="request kinds to run (default all)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install wrk (Debian). Nothing was run.",
-              file=sys.stderr)
+    if wrk_missing():
         return 2
 
     tmp = Path(tempfile.mkdtemp(prefix="cds-bench-"))

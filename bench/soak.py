@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bodies import build  # noqa: E402
-from run import free_port, rss_mb, start, wrk  # noqa: E402
+from run import free_port, rss_mb, start, wrk, wrk_missing  # noqa: E402
 
 DEFAULT_PG = "postgresql+asyncpg://root@127.0.0.1:5432/test"
 HOOK_ROUTE = 'route="/cds-services/{service_id}",status="200"'
@@ -70,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install wrk (Debian). Nothing was run.",
-              file=sys.stderr)
+    if wrk_missing():
         return 2
     server_url = os.environ.get("CDS_BENCH_POSTGRES_URL", DEFAULT_PG)
     name = f"cds_soak_{uuid.uuid4().hex[:10]}"

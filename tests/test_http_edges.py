@@ -6,23 +6,20 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from cds_service.app import create_app
 from cds_service.logs import configure_logging
-from tests.conftest import FIXTURE_NOW, ROOT, SELECT, ValidatingClient, dev_settings
+from tests.conftest import FIXTURE_NOW, SELECT, ValidatingClient, dev_settings
+from tests.served import served as serve
 from tests.test_auth_api import production_settings
-from tests.test_socket import free_port
 
 ISSUERS = [{"iss": "https://ehr.example.org", "jwks": {"keys": [{
     "kty": "EC", "crv": "P-256", "kid": "k1", "use": "sig", "alg": "ES256",
@@ -32,25 +29,8 @@ ISSUERS = [{"iss": "https://ehr.example.org", "jwks": {"keys": [{
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    data = tmp_path_factory.mktemp("edges")
-    env = {**os.environ, "CDS_ENV": "development", "CDS_DATA_DIR": str(data),
-           "CDS_BODY_READ_TIMEOUT_SECONDS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cds_service", "serve", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with serve(tmp_path_factory.mktemp("edges"), CDS_BODY_READ_TIMEOUT_SECONDS="1") as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_a_body_that_never_arrives_gets_408_and_the_connection_closes(served: str) -> None:

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,8 +27,8 @@ import cds_service.clinical.facts as facts_module
 from cds_service.app import create_app
 from cds_service.knowledge import load_knowledge
 from tests.builders import hook_request, order, seed_prefetch
-from tests.conftest import FIXTURE_NOW, FIXTURES, ROOT, SELECT, SIGN, ValidatingClient, dev_settings
-from tests.test_socket import free_port
+from tests.conftest import FIXTURE_NOW, FIXTURES, SELECT, SIGN, ValidatingClient, dev_settings
+from tests.served import served as serve
 
 SEED = json.loads((FIXTURES / "requests" / "v3-seed-mri-w.json").read_text())
 
@@ -193,25 +190,9 @@ def test_odd_shapes_in_any_field_never_fail(api: ValidatingClient,
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    data = tmp_path_factory.mktemp("cost")
-    env = {**os.environ, "CDS_ENV": "development", "CDS_DATA_DIR": str(data),
-           "CDS_MAX_DRAFT_ORDERS": "3000", "CDS_MAX_BODY_BYTES": str(64 * 1024 * 1024)}
-    proc = subprocess.Popen([sys.executable, "-m", "cds_service", "serve", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with serve(tmp_path_factory.mktemp("cost"), CDS_MAX_DRAFT_ORDERS="3000",
+               CDS_MAX_BODY_BYTES=str(64 * 1024 * 1024)) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_health_answers_while_a_heavy_call_is_evaluated(served: str) -> None:
