@@ -304,7 +304,9 @@ def create_app(settings: Settings | None = None, *,
         require_https=not settings.is_development,
         timeout_seconds=settings.fhir_timeout_seconds,
         budget_seconds=settings.fhir_budget_seconds, max_pages=settings.fhir_max_pages,
-        max_response_bytes=settings.fhir_max_response_bytes))
+        max_response_bytes=settings.fhir_max_response_bytes,
+        without_token=(settings.is_development if settings.fhir_fetch_without_token is None
+                       else settings.fhir_fetch_without_token)))
     if verifier is None:
         log.warning("DEVELOPMENT MODE: calls without a JWT are accepted and tokens are not "
                     "verified. Never expose this instance to a network.")
@@ -540,6 +542,8 @@ def create_app(settings: Settings | None = None, *,
                                             auth.access_token if auth else None)
             fetch_outcomes = report.outcomes
             drop_over_limits(record, fetch_outcomes, limits)
+            for outcome in fetch_outcomes.values():  # counted whatever the answer
+                metrics.fetches.labels(outcome).inc()
         now = clock()
         if size >= settings.offload_body_bytes:  # keep the event loop free for other calls
             results = await anyio.to_thread.run_sync(engine.rate, hook_request, record, now)
@@ -560,8 +564,6 @@ def create_app(settings: Settings | None = None, *,
                 metrics.cards.labels(kind, card.indicator).inc()
             if r.decision.pama:
                 metrics.ratings.labels(r.decision.pama).inc()
-        for outcome in fetch_outcomes.values():
-            metrics.fetches.labels(outcome).inc()
         elapsed = time.perf_counter() - started
         metrics.latency.labels(hook_request.hook).observe(elapsed)
         if results:

@@ -38,6 +38,8 @@ PAMA_SYSTEM = "http://fhir.org/argonaut/CodeSystem/pama-rating"
 PAMA_QCDSM = "http://fhir.org/argonaut/Extension/pama-rating-qcdsm-consulted"
 PAMA_CONSULT = "http://fhir.org/argonaut/Extension/pama-rating-consult-id"
 PAMA_AUC = "http://fhir.org/argonaut/Extension/pama-rating-auc-applied"
+PAMA_DISPLAY = {"appropriate": "Appropriate", "not-appropriate": "Not appropriate",
+                "no-criteria-apply": "No criteria apply"}
 ACR_CATEGORY_SYSTEM = "https://cds-lbp-imaging.example.org/CodeSystem/acr-appropriateness-category"
 SOURCE_NAMES = {"patient": "demographics", "conditions": "problem list",
                 "procedures": "procedures", "servicerequests": "orders and referrals",
@@ -122,6 +124,17 @@ def _order_codings(order: Mapping[str, Any]) -> list[Any]:
     code = order.get("code")
     codings = code.get("coding") if isinstance(code, Mapping) else None
     return [c for c in codings if isinstance(c, dict)] if isinstance(codings, list) else []
+
+
+def indication_reasons(facts: Facts) -> list[dict[str, Any]]:
+    """reasonCode for a suggested order whose draft had none: the indication in the record."""
+    reasons: list[dict[str, Any]] = []
+    for e in facts.indication.evidence + facts.radiculopathy.evidence:
+        if e.system and e.code and not any(
+                r["coding"][0]["code"] == e.code for r in reasons):
+            coding = {"system": e.system, "code": e.code, "display": e.display or e.code}
+            reasons.append({"coding": [coding], "text": e.display or e.code})
+    return reasons[:3] or [{"text": "low back pain"}]
 
 
 def may_cancel(facts: Facts) -> bool:
@@ -411,7 +424,7 @@ class Engine:
                 actions=[Action(type="update",
                                 description=t.render(kind, "action_description", sctx)
                                 or f"Order {alt.procedure.name}",
-                                resource=self._replacement(order, alt))]))
+                                resource=self._replacement(subject, alt))]))
         if cancel:
             suggestions.append(Suggestion(
                 label=t.render(kind, "cancel_label", ctx) or "Cancel the order",
@@ -435,7 +448,8 @@ class Engine:
     # ------------------------------------------------------------------ FHIR payloads
 
     def pama_extensions(self, pama: str, category: str | None) -> list[dict[str, Any]]:
-        codings: list[dict[str, Any]] = [{"system": PAMA_SYSTEM, "code": pama}]
+        codings: list[dict[str, Any]] = [{"system": PAMA_SYSTEM, "code": pama,
+                                          "display": PAMA_DISPLAY.get(pama, pama)}]
         if category:
             codings.append({"system": ACR_CATEGORY_SYSTEM, "code": category,
                             "display": self.templates.categories.get(category, category)})
@@ -456,10 +470,12 @@ class Engine:
         out["extension"] = kept + self.pama_extensions(pama, category)
         return out
 
-    def _replacement(self, order: dict[str, Any], alt: Alternative) -> dict[str, Any]:
-        new = orjson.loads(orjson.dumps(order))
+    def _replacement(self, subject: _Subject, alt: Alternative) -> dict[str, Any]:
+        new = orjson.loads(orjson.dumps(subject.order))
         new["code"] = {"coding": [dict(c) for c in alt.procedure.order_codes],
                        "text": alt.procedure.name}
+        if not prune(new.get("reasonCode")):  # never an absent reason: the indication found
+            new["reasonCode"] = indication_reasons(subject.facts)
         pama = "appropriate" if alt.category != "UNA" else "not-appropriate"
         return self._with_rating(new, pama, alt.category)
 

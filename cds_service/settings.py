@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     fhir_timeout_seconds: float = 0.25
     fhir_budget_seconds: float = 0.4
     fhir_max_pages: int = 10
+    # Fetch without a token from an allow-listed server when the request sends fhirServer but no
+    # fhirAuthorization (an open server, like the sandbox's). Default: on in development only.
+    fhir_fetch_without_token: bool | None = None
     fhir_max_response_bytes: int = Field(default=8 * 1024 * 1024, gt=0)  # one answer, decoded
 
     # Clinical knowledge and card wording

@@ -182,7 +182,11 @@ def test_link_local_and_metadata_addresses_are_refused_even_if_allow_listed() ->
 
 def test_no_fetch_without_a_token_or_server() -> None:
     with respx.mock() as router:
-        _, report = fetch(None, token=None)
+        _, report = fetch(None, token=None)  # a server, no token, policy without_token off
+        assert len(router.calls) == 0
+    assert set(report.outcomes.values()) == {"no-token"}
+    with respx.mock() as router:
+        _, report = fetch(None, server=None)
         assert len(router.calls) == 0
     assert set(report.outcomes.values()) == {"no-server"}
 

@@ -304,7 +304,9 @@ def load_knowledge(directory: Path | None = None) -> Knowledge:
             id=pid, name=str(p["name"]), modality=p["modality"], contrast=str(p["contrast"]),
             region=p["region"], rrl=str(p["rrl"]), rrl_rank=int(p.get("rrl_rank", 0)),
             preference=int(p.get("preference", 99)),
-            order_codes=tuple(coding(c, where) for c in p["order_codes"]), codes=tuple(codes),
+            # every coding the service writes carries a display (EHRs show the first one)
+            order_codes=tuple({**coding(c, where), "display": str(c.get("display") or p["name"])}
+                              for c in p["order_codes"]), codes=tuple(codes),
             short_name=str(p.get("short_name") or p["name"]))
 
     combinations = []

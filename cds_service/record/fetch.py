@@ -50,6 +50,9 @@ class FetchPolicy:
     budget_seconds: float = 0.4
     max_pages: int = 5
     max_response_bytes: int = 8 * 1024 * 1024
+    # Fetch from an allow-listed server when the request names it but sends no token (an open
+    # FHIR server, as the CDS Hooks sandbox uses): a setting, on in development.
+    without_token: bool = False
 
     @classmethod
     def parse_allowed(cls, value: str) -> tuple[str, ...]:
@@ -191,14 +194,18 @@ class FhirFetcher:
 
     async def complete(self, record: PatientRecord, server: str | None,
                        token: str | None) -> FetchReport:
+        # (a None token: no Authorization header is sent; only when the policy allows it)
         """Fetch every missing or partial source; update ``record`` in place."""
         report = FetchReport()
         wanted = {k: s for k, s in record.sources().items()
                   if s.state is not SourceState.COMPLETE}
         if not wanted:
             return report
-        if not server or not token:
+        if not server:
             report.outcomes = {k: "no-server" for k in wanted}
+            return report
+        if not token and not self.policy.without_token:
+            report.outcomes = {k: "no-token" for k in wanted}
             return report
         if not server_allowed(server, self.policy):
             report.outcomes = {k: "not-allowed" for k in wanted}
@@ -229,7 +236,7 @@ class FhirFetcher:
         return report
 
     async def _fetch_source(self, key: str, current: Source, patient_id: str, base: str,
-                            token: str, deadline: float) -> tuple[Source | None, str]:
+                            token: str | None, deadline: float) -> tuple[Source | None, str]:
         rtype, template = PREFETCH_TEMPLATES[key]
         url: str | None
         if current.state is SourceState.PARTIAL and current.next_url:
@@ -267,7 +274,7 @@ class FhirFetcher:
             pages += 1
         return Source(SourceState.COMPLETE, resources), "fetched"
 
-    async def _get(self, url: httpx.URL, base: str, token: str, deadline: float) -> Any:
+    async def _get(self, url: httpx.URL, base: str, token: str | None, deadline: float) -> Any:
         """The parsed JSON body, or a short fault label. Each attempt, from connecting to the
         last byte of the body, gets the per-request timeout, never more than the budget left."""
         if not within_base(url, base):  # the token goes nowhere else, whoever built the URL
@@ -299,13 +306,16 @@ class FhirFetcher:
                 return "malformed-json"
         return "retry-failed"
 
-    async def _read(self, url: httpx.URL, token: str, seconds: float) -> tuple[int, bytes] | str:
+    async def _read(self, url: httpx.URL, token: str | None,
+                    seconds: float) -> tuple[int, bytes] | str:
         """(status, body) of one GET; the body of a 200 only, streamed up to the size cap
         ("too-large" past it, or at once on a Content-Length above it). The cap is on the
         decoded body: gzip is inflated 1 KiB at a time (one 64 KiB read of the socket could
         inflate to 64 MiB), and no other content coding is asked for or accepted."""
         cap = self.policy.max_response_bytes
-        headers = {"Authorization": f"Bearer {token}", "Accept-Encoding": "gzip"}
+        headers = {"Accept-Encoding": "gzip"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         async with self.client.stream("GET", url, headers=headers, timeout=seconds) as response:
             if response.status_code != 200:
                 return response.status_code, b""  # the body is not read; the stream is closed
