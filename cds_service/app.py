@@ -276,13 +276,14 @@ def _audit(service_id: str, request: HookRequest, results: list[OrderResult],
             cards.append(CardAudit(
                 uuid=card.uuid, kind=kind, indicator=card.indicator, procedure=r.procedure.id,
                 pama=r.decision.pama, category=r.decision.category,
-                suggestions=[s.uuid for s in card.suggestions or []]))
+                suggestions=[s.uuid for s in card.suggestions or []],
+                order_id=str(r.order.get("id") or "")))
     return CallAudit(
         service_id=service_id, hook=request.hook, hook_instance=request.hookInstance,
         patient_id=request.context.patientId,
         scenario="+".join(sorted(variants)) if variants else None,
         orders=[{"procedure": r.procedure.id, "pama": r.decision.pama,
-                 "category": r.decision.category,
+                 "category": r.decision.category, "order_id": str(r.order.get("id") or ""),
                  "variants": sorted(r.decision.variants or [])} for r in results],
         cards=cards, latency_ms=round(latency_ms, 3), created_at=created_at)
 
@@ -381,6 +382,17 @@ def create_app(settings: Settings | None = None, *,
                          retry_max=settings.audit_retry_max_seconds)
     metrics.audit_queue.set_function(audits.pending)
     app.state.audits = audits
+
+    # The override reasons the cards offer: feedback naming one by code alone (as the sandbox
+    # sends it) is stored with the display the service offered.
+    offered = {r["code"]: r["display"] for kind in templates.kinds.values()
+               for r in kind.override_reasons}
+
+    def offered_display(reason: Any) -> str | None:
+        if reason.display:
+            return str(reason.display)
+        ours = reason.system in (None, templates.override_system)
+        return offered.get(reason.code) if ours else None
 
     def admin(request: Request) -> None:
         token = settings.admin_token
@@ -493,7 +505,7 @@ def create_app(settings: Settings | None = None, *,
         except StoreUnavailable:
             pass  # not writable (read-only?): report what is stored; the queue is kept
         try:
-            cards, feedback = await store.rows(since, until, service)
+            cards, feedback, latest = await store.rows(since, until, service)
         except InvalidValue:
             raise ProtocolError(400, "value", "a filter value cannot be used",
                                 ["start", "end", "service"]) from None
@@ -501,7 +513,7 @@ def create_app(settings: Settings | None = None, *,
             metrics.db_errors.labels("report").inc()
             raise ProtocolError(503, "transient", "database unavailable",
                                 headers={"Retry-After": "5"}) from None
-        body = build_report(cards, feedback, since, until, service)
+        body = build_report(cards, feedback, since, until, service, latest)
         if "application/json" in request.headers.get("accept", ""):
             return _json(body)
         return Response(render_html(body), media_type="text/html; charset=utf-8")
@@ -601,7 +613,7 @@ def create_app(settings: Settings | None = None, *,
             if f.overrideReason and f.overrideReason.reason else None,
             override_code=f.overrideReason.reason.code
             if f.overrideReason and f.overrideReason.reason else None,
-            override_display=f.overrideReason.reason.display
+            override_display=offered_display(f.overrideReason.reason)
             if f.overrideReason and f.overrideReason.reason else None,
             user_comment=f.overrideReason.userComment if f.overrideReason else None)
             for f in parsed.feedback]

@@ -144,8 +144,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         store = _store()
         try:
             start, end = parse_day(args.start), parse_day(args.end)
-            cards, feedback = await store.rows(start, end, args.service)
-            return build_report(cards, feedback, start, end, args.service)
+            cards, feedback, latest = await store.rows(start, end, args.service)
+            return build_report(cards, feedback, start, end, args.service, latest)
         finally:
             await store.dispose()
 

@@ -9,8 +9,9 @@ from typing import Any
 
 from cds_service.store.models import CardShown, FeedbackItem
 
-OUTCOMES = ("accepted", "overridden", "ignored")
-COLORS = {"accepted": "#2e7d32", "overridden": "#c62828", "ignored": "#9e9e9e"}
+OUTCOMES = ("accepted", "overridden", "ignored", "superseded")
+COLORS = {"accepted": "#2e7d32", "overridden": "#c62828", "ignored": "#9e9e9e",
+          "superseded": "#cfd8dc"}
 
 
 def _week(moment: datetime) -> str:
@@ -20,27 +21,46 @@ def _week(moment: datetime) -> str:
 
 def build_report(cards: list[CardShown], feedback: list[FeedbackItem],
                  start: datetime | None = None, end: datetime | None = None,
-                 service: str | None = None) -> dict[str, Any]:
-    """Counts per card kind, per rating and per week; override reasons; unknown-card feedback."""
+                 service: str | None = None,
+                 latest_calls: dict[str, datetime] | None = None) -> dict[str, Any]:
+    """Counts per card kind, per rating and per week; override reasons; unknown-card feedback.
+
+    A card's outcome is the last feedback about it (accepted then overridden is overridden, and
+    counts as a changed mind); with no feedback, it is *superseded* when a later call about the
+    same patient's same draft order replaced it (the EHR re-asked: the clinician changed the
+    order), else *ignored*.
+    """
+    latest_calls = latest_calls or {}
     latest: dict[str, FeedbackItem] = {}
+    outcomes_of: dict[str, set[str]] = defaultdict(set)
     for f in feedback:
-        if f.known_card and (f.card_uuid not in latest
-                             or f.outcome_timestamp >= latest[f.card_uuid].outcome_timestamp):
+        if not f.known_card:
+            continue
+        outcomes_of[f.card_uuid].add(f.outcome)
+        if (f.card_uuid not in latest
+                or f.outcome_timestamp >= latest[f.card_uuid].outcome_timestamp):
             latest[f.card_uuid] = f
 
     def outcome(card: CardShown) -> str:
         f = latest.get(card.uuid)
-        return f.outcome if f else "ignored"
+        if f:
+            return f.outcome
+        later = latest_calls.get(card.order_hash or "")
+        return "superseded" if later is not None and later > card.created_at else "ignored"
 
     by_kind: dict[str, Counter[str]] = defaultdict(Counter)
     by_rating: dict[str, Counter[str]] = defaultdict(Counter)
     by_week: dict[str, Counter[str]] = defaultdict(Counter)
+    totals: Counter[str] = Counter()
     for card in cards:
         o = outcome(card)
         rating = f"{card.pama or 'not rated'}" + (f" ({card.category})" if card.category else "")
-        for bucket in (by_kind[card.kind], by_rating[rating], by_week[_week(card.created_at)]):
+        changed = len(outcomes_of.get(card.uuid, ())) > 1
+        for bucket in (by_kind[card.kind], by_rating[rating], by_week[_week(card.created_at)],
+                       totals):
             bucket["shown"] += 1
             bucket[o] += 1
+            bucket["changed_mind"] += changed
     reasons: Counter[tuple[str, str]] = Counter()
     for f in feedback:
         if f.outcome == "overridden" and f.known_card and latest.get(f.card_uuid) is f:
@@ -48,15 +68,15 @@ def build_report(cards: list[CardShown], feedback: list[FeedbackItem],
             reasons[(code, f.override_display or code)] += 1
 
     def rows(groups: dict[str, Counter[str]], key: str) -> list[dict[str, Any]]:
-        return [{key: name, "shown": c["shown"], "accepted": c["accepted"],
-                 "overridden": c["overridden"], "ignored": c["ignored"]}
+        return [{key: name, "shown": c["shown"], **{o: c[o] for o in OUTCOMES},
+                 "changed_mind": c["changed_mind"]}
                 for name, c in sorted(groups.items())]
 
-    totals = Counter(outcome(c) for c in cards)
     return {
         "filters": {"from": start.isoformat() if start else None,
                     "to": end.isoformat() if end else None, "service": service},
-        "totals": {"shown": len(cards), **{o: totals[o] for o in OUTCOMES}},
+        "totals": {"shown": totals["shown"], **{o: totals[o] for o in OUTCOMES},
+                   "changed_mind": totals["changed_mind"]},
         "by_kind": rows(by_kind, "kind"),
         "by_rating": rows(by_rating, "rating"),
         "override_reasons": [{"code": code, "display": display, "count": n}
@@ -124,9 +144,10 @@ def _trend(rows: list[dict[str, Any]]) -> str:
 
 
 def _table(rows: list[dict[str, Any]], key: str) -> str:
-    head = "".join(f"<th>{h}</th>" for h in (key, "shown", *OUTCOMES))
+    columns = ("shown", *OUTCOMES, "changed_mind")
+    head = "".join(f"<th>{h.replace('_', ' ')}</th>" for h in (key, *columns))
     body = "".join("<tr>" + f"<td>{escape(str(r[key]))}</td>" + "".join(
-        f'<td class="n">{r[c]}</td>' for c in ("shown", *OUTCOMES)) + "</tr>" for r in rows)
+        f'<td class="n">{r[c]}</td>' for c in columns) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -155,12 +176,17 @@ svg {{ max-width: 100%; height: auto; }}
 </style></head><body>
 <h1>Lumbar imaging CDS: what clinicians did with the cards</h1>
 <p>Period: {period}. Service: {escape(str(f['service'] or 'all'))}.
-A card counts as ignored when no feedback came back for it.</p>
+A card's outcome is the last feedback about it (a clinician who accepted and then overrode it
+changed their mind: it counts as overridden, and under "changed mind"). A card with no feedback is
+superseded when a later call about the same order replaced it (the order was changed), else
+ignored.</p>
 <div class="totals">
 <div id="shown"><b>{t['shown']}</b>cards shown</div>
 <div id="accepted"><b>{t['accepted']}</b>accepted</div>
 <div id="overridden"><b>{t['overridden']}</b>overridden</div>
 <div id="ignored"><b>{t['ignored']}</b>ignored</div>
+<div id="superseded"><b>{t['superseded']}</b>superseded</div>
+<div id="changed-mind"><b>{t['changed_mind']}</b>changed mind</div>
 <div id="unknown"><b>{report['unknown_card_feedback']}</b>feedback for unknown cards</div>
 </div>
 <h2>By card kind</h2>{_bars(report['by_kind'], 'kind', 'By card kind')}

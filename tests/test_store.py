@@ -105,11 +105,14 @@ def test_hook_call_is_audited_without_the_patient_id(db_url: str, tmp_path: Path
     assert call.hook == "order-select" and call.scenario == "V3"
     assert call.patient_hash != "seed" and len(call.patient_hash) == 64
     assert "seed" not in json.dumps(call.orders)
+    order_hash = call.orders[0].pop("order_hash")
+    assert len(order_hash) == 64 and "order-1" not in json.dumps(call.orders)
     assert call.orders == [{"procedure": "mri-w", "pama": "not-appropriate", "category": "UNA",
                             "variants": ["V3"]}]
     cards = rows(db_url, CardShown)
     assert [(c.uuid, c.kind, c.indicator) for c in cards] == [
         (card["uuid"], "not-appropriate", "warning")]
+    assert cards[0].order_hash == order_hash  # the same (patient, order), never readable
     assert cards[0].suggestions == [s["uuid"] for s in card["suggestions"]]
 
 
@@ -192,12 +195,16 @@ def test_report_numbers(db_url: str, tmp_path: Path) -> None:
         only_select = c.get("/admin/report", params={"service": "lbp-imaging-order-select"},
                             headers=auth).json()
         later = c.get("/admin/report", params={"start": "2030-01-01"}, headers=auth).json()
-    assert report["totals"] == {"shown": 9, "accepted": 3, "overridden": 3, "ignored": 3}
+    # (the test clock stands still: no call is later than another, so nothing is superseded)
+    assert report["totals"] == {"shown": 9, "accepted": 3, "overridden": 3, "ignored": 3,
+                                "superseded": 0, "changed_mind": 1}
     kinds = {r["kind"]: r for r in report["by_kind"]}
     assert kinds["not-appropriate"] == {"kind": "not-appropriate", "shown": 5, "accepted": 2,
-                                        "overridden": 1, "ignored": 2}
+                                        "overridden": 1, "ignored": 2, "superseded": 0,
+                                        "changed_mind": 0}
     assert kinds["better-alternative"] == {"kind": "better-alternative", "shown": 4,
-                                           "accepted": 1, "overridden": 2, "ignored": 1}
+                                           "accepted": 1, "overridden": 2, "ignored": 1,
+                                           "superseded": 0, "changed_mind": 1}
     ratings = {r["rating"]: r["shown"] for r in report["by_rating"]}
     assert ratings == {"not-appropriate (UNA)": 5, "appropriate (MBA)": 4}
     assert report["override_reasons"] == [

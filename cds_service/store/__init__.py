@@ -70,6 +70,7 @@ class CardAudit:
     pama: str | None
     category: str | None
     suggestions: list[str]
+    order_id: str | None = None  # the draft order it is about (stored as a keyed hash)
 
 
 @dataclass
@@ -259,6 +260,14 @@ class Store:
     def patient_hash(self, patient_id: str) -> str:
         return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()
 
+    def order_hash(self, patient_id: str, order_id: str | None) -> str | None:
+        """A keyed hash of (patient, draft order): the same order of the same patient across
+        calls (a later call about it supersedes an earlier card), and nothing readable."""
+        if not order_id:
+            return None
+        return hmac.new(self._key, f"{patient_id}\x1f{order_id}".encode(),
+                        hashlib.sha256).hexdigest()
+
     async def dispose(self) -> None:
         await self.engine.dispose()
 
@@ -369,16 +378,20 @@ class Store:
                                                       list[dict[str, Any]], int]:
         calls, cards, fixed = [], [], 0
         for a in audits:
+            orders = [{**{k: v for k, v in o.items() if k != "order_id"},
+                       "order_hash": self.order_hash(a.patient_id, o.get("order_id"))}
+                      for o in a.orders]
             call = {"id": a.id, "created_at": a.created_at, "service_id": a.service_id,
                     "hook": a.hook, "hook_instance": a.hook_instance,
                     "patient_hash": self.patient_hash(a.patient_id),
-                    "scenario": a.scenario, "orders": a.orders, "latency_ms": a.latency_ms}
+                    "scenario": a.scenario, "orders": orders, "latency_ms": a.latency_ms}
             changed = _fit_row(_HOOK_CALL, call)
             for c in a.cards:
                 card = {"uuid": c.uuid, "hook_call_id": a.id, "created_at": a.created_at,
                         "service_id": a.service_id, "kind": c.kind, "indicator": c.indicator,
                         "procedure": c.procedure, "pama": c.pama, "category": c.category,
-                        "suggestions": c.suggestions}
+                        "suggestions": c.suggestions,
+                        "order_hash": self.order_hash(a.patient_id, c.order_id)}
                 changed = _fit_row(_CARD, card) or changed
                 cards.append(card)
             calls.append(call)
@@ -449,9 +462,11 @@ class Store:
 
     # ------------------------------------------------------------------ reads
 
-    async def rows(self, start: datetime | None, end: datetime | None,
-                   service: str | None) -> tuple[list[CardShown], list[FeedbackItem]]:
-        """Cards shown in the window and the feedback about them (or about unknown cards).
+    async def rows(self, start: datetime | None, end: datetime | None, service: str | None
+                   ) -> tuple[list[CardShown], list[FeedbackItem], dict[str, datetime]]:
+        """Cards shown in the window, the feedback about them (or about unknown cards), and for
+        each draft order they are about, the time of the latest call about it (even after the
+        window: a later call supersedes a card that got no feedback).
 
         Raises InvalidValue for a filter no row can match that the database refuses (a NUL),
         StoreUnavailable when the database cannot be read.
@@ -476,9 +491,28 @@ class Store:
                     feedback += (await session.execute(select(FeedbackItem).where(
                         FeedbackItem.card_uuid.in_(chunk)))).scalars()
                 feedback += (await session.execute(unknown)).scalars()
-                return cards, feedback
+                latest = await self._latest_calls(session, cards)
+                return cards, feedback, latest
         except (SQLAlchemyError, OSError) as exc:
             raise self._failure(exc) from exc
+
+
+    @staticmethod
+    async def _latest_calls(session: Any, cards: list[CardShown]) -> dict[str, datetime]:
+        """order hash -> time of the latest hook call about that order (from the first card)."""
+        wanted = {c.order_hash for c in cards if c.order_hash}
+        if not wanted:
+            return {}
+        first = min(c.created_at for c in cards)
+        latest: dict[str, datetime] = {}
+        calls = await session.execute(select(HookCall.created_at, HookCall.orders).where(
+            HookCall.created_at >= first))
+        for created_at, orders in calls:
+            for o in orders if isinstance(orders, list) else []:
+                key = o.get("order_hash") if isinstance(o, dict) else None
+                if key in wanted and (key not in latest or created_at > latest[key]):
+                    latest[key] = created_at
+        return latest
 
 
 AuditEvent = Callable[[str, int, str], None]

@@ -82,6 +82,8 @@ class CardShown(Base):
     pama: Mapped[str | None] = mapped_column(String(40), nullable=True)
     category: Mapped[str | None] = mapped_column(String(20), nullable=True)
     suggestions: Mapped[list[str]] = mapped_column(JSON)
+    # keyed hash of (patient, draft order id): a later call about the same order supersedes it
+    order_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class FeedbackItem(Base):
