@@ -38,10 +38,13 @@ def free_port() -> int:
 
 
 def start(app: str, port: int, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--no-access-log", "--log-level", "warning"],
-        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server's log goes to a file: a pipe nobody reads fills up and stalls the server.
+    log = Path(tempfile.mkstemp(prefix="cds-bench-", suffix=".log")[1])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--no-access-log", "--log-level", "warning"],
+            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=out)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -50,7 +53,7 @@ def start(app: str, port: int, env: dict[str, str], cwd: Path) -> subprocess.Pop
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
-    raise SystemExit(f"{app} did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+    raise SystemExit(f"{app} did not start: {log.read_text()[-4000:]}")
 
 
 def rss_mb(pid: int) -> float:

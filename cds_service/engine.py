@@ -299,7 +299,9 @@ class Engine:
                 label = t.fact_label(fact.name)
                 row = rows.setdefault((e.resource, e.code, e.date), {
                     "labels": [], "code": e.code, "display": e.display,
-                    "date": e.date or ("this order" if e.resource == this_order else None),
+                    # non-breaking hyphens: a date never wraps in a narrow table cell
+                    "date": (e.date or "").replace("-", "\u2011")
+                    or ("this order" if e.resource == this_order else None),
                     "resource": e.resource})
                 if label not in row["labels"]:
                     row["labels"].append(label)
@@ -307,7 +309,8 @@ class Engine:
         alternatives = []
         if decision.variants:
             rated = [(p, self.knowledge.category(p.id, decision.variants))
-                     for p in self.knowledge.procedures.values() if p.region == "lumbar"]
+                     for p in self.knowledge.procedures.values()
+                     if p.region == "lumbar" or p is proc]  # the ordered study is always listed
             rated = [(p, c) for p, c in rated if c != "UNA"]
             rated.sort(key=lambda pc: (-CATEGORY_RANK[pc[1]], pc[0].rrl_rank, pc[0].preference))
             alternatives = [self._alt(p, c) for p, c in rated]

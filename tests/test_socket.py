@@ -76,8 +76,9 @@ def test_readme_curl_example(server: tuple[str, Path]) -> None:
     cards = r.json()["cards"]
     assert [card["indicator"] for card in cards] == ["warning"]
     action = cards[0]["suggestions"][0]["actions"][0]
-    assert {"system": "http://www.ama-assn.org/go/cpt", "code": "72148"} in action["resource"][
-        "code"]["coding"]
+    assert {"system": "http://www.ama-assn.org/go/cpt", "code": "72148",
+            "display": "MRI lumbar spine without IV contrast"} in action["resource"]["code"][
+        "coding"]
 
 
 def test_no_token_or_phi_in_logs(server: tuple[str, Path]) -> None:

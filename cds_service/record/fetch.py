@@ -184,6 +184,7 @@ class FhirFetcher:
 
     def __init__(self, policy: FetchPolicy, client: httpx.AsyncClient | None = None) -> None:
         self.policy = policy
+        self._refused: set[str] = set()  # hosts already reported as not allow-listed
         self.client = client or httpx.AsyncClient(
             follow_redirects=False, timeout=policy.timeout_seconds,
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
@@ -209,7 +210,9 @@ class FhirFetcher:
             return report
         if not server_allowed(server, self.policy):
             report.outcomes = {k: "not-allowed" for k in wanted}
-            log.warning("fhirServer not allow-listed; no fetch")
+            _warn_once(self._refused, urlsplit(server).hostname or "?",
+                       "fhirServer not allow-listed; no fetch (said once per host; the "
+                       "metric cds_fhir_fetch_total{outcome=\"not-allowed\"} counts them)")
             return report
         base = normalize_base(server)
         deadline = time.monotonic() + self.policy.budget_seconds
@@ -342,6 +345,15 @@ class FhirFetcher:
             except zlib.error:
                 return "bad-encoding"
         return 200, b"".join(body)
+
+
+def _warn_once(seen: set[str], key: str, message: str) -> None:
+    """A configuration problem is logged once per key (a bounded set), not on every call."""
+    if key in seen:
+        return
+    if len(seen) < 256:
+        seen.add(key)
+    log.warning(message, extra={"host_seen": len(seen)})
 
 
 def _set_source(record: PatientRecord, key: str, source: Source) -> None:
