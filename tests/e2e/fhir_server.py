@@ -1,0 +1,223 @@
+"""A small FHIR R4 server on loopback for the sandbox end-to-end tests.
+
+It serves what the CDS Hooks sandbox asks for (``/metadata``, ``Patient/{id}``, the prefetch
+searches as ``POST {Type}/_search`` with form-encoded parameters) and what the service fetches
+itself (``GET {Type}?patient={id}``), with CORS headers so that a page on another origin may
+call it. ``fail`` makes chosen queries answer 500 (the "failing FHIR query" scenario).
+
+The sandbox runs a prefetch query as ``POST {Type}/_search`` and, when that fails, again as
+``GET {Type}?...``; only when both fail does it leave the key out of ``prefetch``. The service
+fetches with ``GET {Type}?patient=``. A failure can hence be limited to the browser's requests
+(they carry an ``Origin`` header: the page is on another origin), so that the service's own
+fetch of the same query succeeds.
+
+Run alone, it serves the seed patient for a manual session with the local sandbox
+(docs/sandbox.md): ``.venv/bin/python -m tests.e2e.fhir_server --port 8081``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+# Search types and the prefetch keys of the service's discovery document they fill.
+TYPES = {"Condition": "conditions", "Procedure": "procedures",
+         "ServiceRequest": "servicerequests", "MedicationRequest": "medications"}
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+SEED_PATIENT = "seed"
+
+
+def shift_dates(value: Any, days: int) -> Any:
+    """``value`` with every ``YYYY-MM-DD`` string moved by ``days`` (a fixture made for one
+    "now" stays the same clinical story on another day)."""
+    if isinstance(value, dict):
+        return {k: shift_dates(v, days) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shift_dates(v, days) for v in value]
+    if isinstance(value, str) and DATE.match(value):
+        return (date.fromisoformat(value) + timedelta(days=days)).isoformat()
+    return value
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request the server received."""
+
+    method: str
+    path: str  # without the base path: "Procedure/_search", "Patient/seed", "metadata"
+    params: dict[str, list[str]]
+    authorization: str | None
+    origin: str | None  # set on the browser's (cross-origin) requests
+    status: int
+
+
+CAPABILITY: dict[str, Any] = {
+    "resourceType": "CapabilityStatement", "status": "active", "date": "2026-01-01",
+    "kind": "instance", "fhirVersion": "4.0.1", "format": ["application/fhir+json"],
+    "rest": [{"mode": "server", "resource": [
+        {"type": t, "interaction": [{"code": "read"}, {"code": "search-type"}],
+         "searchParam": [{"name": "patient", "type": "reference"}]}
+        for t in ("Patient", *TYPES)]}],
+}
+CORS = {"Access-Control-Allow-Origin": "*",
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": "Accept, Authorization, Content-Type",
+        "Access-Control-Max-Age": "600"}
+
+
+def not_found(what: str) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "not-found", "diagnostics": what}]}
+
+
+class SandboxFhirServer:
+    """Serves patients from prefetch-shaped dicts (``patient``, ``conditions``, ...).
+
+    ``fail`` holds ``(Type, who)`` pairs whose searches answer 500: ``who`` is ``"browser"``
+    (requests with an ``Origin`` header: the sandbox's POST and its GET fallback) or ``"all"``.
+    ``("Procedure", "browser")`` fails the sandbox's Procedure query but not the service's.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self.data: dict[str, dict[str, Any]] = {}  # patient id -> prefetch-like dict
+        self.fail: set[tuple[str, str]] = set()  # (Type, "browser" or "all")
+        self.seen: list[Seen] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_OPTIONS(self) -> None:  # noqa: N802 - http.server API (CORS preflight)
+                self.send_response(204)
+                for name, value in CORS.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.reply("GET", parse_qs(urlsplit(self.path).query))
+
+            def failing(self, rtype: str) -> bool:
+                who = "browser" if self.headers.get("Origin") else "other"
+                return bool({(rtype, "all"), (rtype, who)} & server.fail)
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                form = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+                params = parse_qs(urlsplit(self.path).query)
+                for key, values in parse_qs(form).items():
+                    params.setdefault(key, []).extend(values)
+                self.reply("POST", params)
+
+            def reply(self, method: str, params: dict[str, list[str]]) -> None:
+                path = unquote(urlsplit(self.path).path)
+                status, body = server.answer(method, path, params, self.failing)
+                with server.lock:
+                    server.seen.append(Seen(method, path.removeprefix("/fhir/"), params,
+                                            self.headers.get("Authorization"),
+                                            self.headers.get("Origin"), status))
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/fhir+json; charset=utf-8")
+                self.send_header("Content-Length", str(len(raw)))
+                for name, value in CORS.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
+
+    def __enter__(self) -> SandboxFhirServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def requests(self, method: str | None = None, path: str | None = None) -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if (method is None or s.method == method)
+                    and (path is None or s.path == path)]
+
+    def answer(self, method: str, path: str, params: dict[str, list[str]],
+               failing: Callable[[str], bool]) -> tuple[int, dict[str, Any]]:
+        segments = [s for s in path.split("/") if s]
+        if segments[:1] != ["fhir"]:
+            return 404, not_found(path)
+        segments = segments[1:]
+        if segments == ["metadata"] and method == "GET":
+            return 200, CAPABILITY
+        if segments == ["Patient"] and method == "GET":  # the sandbox lists patients
+            patients = [d["patient"] for d in self.data.values() if d.get("patient")]
+            return 200, {"resourceType": "Bundle", "type": "searchset", "total": len(patients),
+                         "entry": [{"resource": p} for p in patients]}
+        if len(segments) == 2 and segments[0] == "Patient" and method == "GET":
+            patient = self.data.get(segments[1], {}).get("patient")
+            return (200, patient) if patient else (404, not_found(path))
+        search = (len(segments) == 1 and method == "GET") or (
+            len(segments) == 2 and segments[1] == "_search")
+        if search and segments[0] in TYPES:
+            rtype = segments[0]
+            if failing(rtype):
+                return 500, {"resourceType": "OperationOutcome", "issue": [
+                    {"severity": "error", "code": "exception",
+                     "diagnostics": "the test made this query fail"}]}
+            pid = (params.get("patient") or [""])[0].removeprefix("Patient/")
+            source = self.data.get(pid, {}).get(TYPES[rtype]) or {}
+            entries = source.get("entry", []) if isinstance(source, dict) else []
+            return 200, {"resourceType": "Bundle", "type": "searchset",
+                         "total": len(entries), "entry": entries}
+        return 404, not_found(path)
+
+
+def seed_patient() -> dict[str, Any]:
+    """The seed patient's prefetch (fixtures/requests/v3-seed-mri-w.json: 58 years old, chronic
+    radicular low back pain, 8 weeks of physical therapy), its dates moved to today: the service
+    rates with the real clock, so the story stays true on any day. With a name for the banner."""
+    from tests.conftest import FIXTURE_NOW, FIXTURES
+
+    request = json.loads((FIXTURES / "requests" / "v3-seed-mri-w.json").read_text())
+    days = (datetime.now(UTC).date() - FIXTURE_NOW.date()).days
+    data: dict[str, Any] = shift_dates(request["prefetch"], days)
+    data["patient"]["name"] = [{"use": "official", "given": ["Sam"], "family": "Seed"}]
+    assert data["patient"]["id"] == SEED_PATIENT
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the seed patient as a FHIR R4 server "
+                                     "on loopback, for the local CDS Hooks sandbox.")
+    parser.add_argument("--port", type=int, default=8081)
+    args = parser.parse_args()
+    server = SandboxFhirServer(args.port)
+    server.data[SEED_PATIENT] = seed_patient()
+    print(f"FHIR base {server.base} (patient {SEED_PATIENT!r}); Ctrl-C stops", flush=True)
+    try:
+        server.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+
+
+if __name__ == "__main__":
+    main()
