@@ -28,7 +28,21 @@ from tests.e2e.fhir_server import SEED_PATIENT, SandboxFhirServer, seed_patient
 from tests.e2e.sandbox import CHROMIUM_ARGS, Sandbox, StaticSite, sandbox_url
 from tests.served import served
 
-BUILD = ROOT.parent / "shared" / "tools" / "cds-hooks-sandbox" / "build"
+SANDBOX = Path("tools") / "cds-hooks-sandbox" / "build"
+
+
+def sandbox_build() -> Path:
+    """The sandbox build: CDS_SANDBOX_BUILD, else ../shared beside the checkout (where the team
+    keeps it), else the workplace's shared folder (a clone elsewhere, as CI may make)."""
+    if os.environ.get("CDS_SANDBOX_BUILD"):
+        return Path(os.environ["CDS_SANDBOX_BUILD"])
+    for shared in (ROOT.parent / "shared", Path("/work/shared")):
+        if (shared / SANDBOX / "index.html").is_file():
+            return shared / SANDBOX
+    return ROOT.parent / "shared" / SANDBOX
+
+
+BUILD = sandbox_build()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.skipif(not (BUILD / "index.html").is_file(),
