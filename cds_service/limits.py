@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# The concepts of a resource the service reads codes from.
-READ_CONCEPTS = ("code", "category", "reasonCode", "clinicalStatus", "verificationStatus",
-                 "medicationCodeableConcept")
+# The concepts of a resource whose every coding the service looks up (a status or category is
+# read for its first code only, so its size costs nothing).
+READ_CONCEPTS = ("code", "reasonCode", "medicationCodeableConcept")
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,11 @@ def _concept_fault(concept: Mapping[str, Any], limits: Limits) -> str | None:
         return None
     if len(codings) > limits.max_codings:
         return f"{len(codings)} codings in one concept; at most {limits.max_codings}"
+    longest = limits.max_code_length
     for coding in codings:
-        if type(coding) is dict and any(
-                isinstance(coding.get(k), str) and len(coding[k]) > limits.max_code_length
-                for k in ("code", "system")):
-            return f"a code or system longer than {limits.max_code_length} characters"
+        if type(coding) is dict:
+            code, system = coding.get("code"), coding.get("system")
+            if ((type(code) is str and len(code) > longest)
+                    or (type(system) is str and len(system) > longest)):
+                return f"a code or system longer than {longest} characters"
     return None

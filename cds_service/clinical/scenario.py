@@ -7,6 +7,7 @@ alternative). Otherwise the decision lists the unknown facts that would settle i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -191,13 +192,40 @@ class Decision:
         return self.assumption_rates or self.assumption_suggests
 
 
+# The facts a decision reads: the value of each (red flags one by one: the deciding facts name
+# the unknown members of a group), the duration categories and the states of care.
+DECISION_FACTS = ("indication", "cauda_equina", "neuro_deficit", "cancer", "infection",
+                  "immunosuppression", "prior_surgery", "trauma", "osteoporosis", "elderly",
+                  "steroids", "candidate_evidence", "mri_safety")
+MEMO_LIMIT = 50_000
+
+
+def decision_key(facts: Facts, ordered: Procedure) -> tuple[object, ...]:
+    """Everything :func:`decide` reads: equal keys, equal decisions."""
+    return ("decision", ordered.id, tuple(getattr(facts, n).value for n in DECISION_FACTS),
+            facts.duration, facts.care_states, facts.assume_candidate, facts.candidate_assumed,
+            facts.other_indication)
+
+
 def decide(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decision:
     """Rate the order; determinate only when every possible world agrees on the PAMA code.
 
-    When the candidacy was assumed, the order is also rated without the assumption (in the same
-    pass over the worlds): the assumption is kept, and said on the card, only where it changes
-    the rating or the suggestion.
+    A pure function of :func:`decision_key`, so decisions are memoised on the knowledge: the
+    same situation is rated once per process (a few thousand distinct keys in practice).
     """
+    key = decision_key(facts, ordered)
+    known = knowledge.memo.get(key)
+    if known is None:
+        if len(knowledge.memo) > MEMO_LIMIT:
+            knowledge.memo.clear()
+        known = knowledge.memo[key] = _decide_all(facts, knowledge, ordered)
+    return dataclasses.replace(known, deciding=list(known.deciding))
+
+
+def _decide_all(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decision:
+    """When the candidacy was assumed, the order is also rated without the assumption (in the
+    same pass over the worlds): the assumption is kept, and said on the card, only where it
+    changes the rating or the suggestion."""
     assume = facts.assume_candidate
     compare = facts.candidate_assumed and assume
     worlds = possible_worlds(facts)

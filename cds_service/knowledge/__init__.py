@@ -91,7 +91,8 @@ class Knowledge:
     _prefix: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
     _prefix_lengths: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     _procedure_codes: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
-    _cache: dict[tuple[Any, Any], frozenset[str]] = field(default_factory=dict, repr=False)
+    # (system, code) -> value sets, and ("procedure", system, code) -> procedure: bounded
+    _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     def normalize(self, system: str | None, code: str | None) -> tuple[str, str] | None:
         """The (system, code) pair used for comparisons, or None for an empty coding."""
@@ -180,10 +181,26 @@ class Knowledge:
         """The catalog procedure ordered by any of the codings, or None."""
         for c in codings:
             if isinstance(c, dict):
-                key = self.normalize(c.get("system"), c.get("code"))
-                if key and key in self._procedure_codes:
-                    return self.procedures[self._procedure_codes[key]]
+                found = self._procedure_of(c.get("system"), c.get("code"))
+                if found is not None:
+                    return found
         return None
+
+    def _procedure_of(self, system: Any, code: Any) -> Procedure | None:
+        if not isinstance(system, str) or not isinstance(code, str):
+            return None
+        if len(code) > self._longest[1] or len(system) > self._longest[0]:
+            return None  # longer than any catalog code: no lookup, nothing cached
+        key = ("procedure", system, code)
+        if key in self._cache:
+            return self._cache[key]  # type: ignore[return-value]
+        normal = self.normalize(system, code)
+        pid = self._procedure_codes.get(normal) if normal else None
+        found = self.procedures[pid] if pid else None
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[key] = found  # type: ignore[assignment]
+        return found
 
     def category(self, procedure_id: str, variants: Iterable[str]) -> str:
         """The best category of the procedure over the applicable variants."""
