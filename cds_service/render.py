@@ -122,7 +122,8 @@ def load_templates(directory: Path) -> CardTemplates:
         raise TemplateProblem(f"cannot read {directory / 'evidence.j2'}: {exc}") from exc
     env = SandboxedEnvironment(loader=DictLoader({"evidence": evidence}),
                                undefined=StrictUndefined, autoescape=False,
-                               trim_blocks=False, lstrip_blocks=True)
+                               trim_blocks=False, lstrip_blocks=True,
+                               auto_reload=False)  # compiled once: never re-checked per render
     source = common.get("source") or {}
     if not source.get("label"):
         raise TemplateProblem("common.yaml: source.label is required")
