@@ -1,10 +1,15 @@
-"""Load benchmark: the service against the bare FastAPI stack, same server settings, same bodies.
+"""Load benchmark: the service against the bare FastAPI stack and the Node peer, same bodies.
 
-    .venv/bin/python bench/run.py [--duration 10] [--connections 8] [--only a-seed-100]
+    .venv/bin/python bench/run.py [--duration 10] [--connections 8] [--only a-seed-100] [--no-peer]
 
-Needs wrk (Debian: apt-get install wrk); installs nothing and says what is missing.
-Prints requests/s, p50/p90/p99 latency and errors per request kind and server, the ratio
-service/bare measured in the same run, and the service worker's memory before and after.
+Needs wrk (Debian: apt-get install wrk); installs nothing into the system and says what is missing.
+The peer is the CDS Hooks project's own `pama-imaging` sample service (Node.js, bench/peer.py),
+started by this script with its npm dependencies cached under the system temp dir; it is skipped
+with a message (not an error) when Node.js/npm is missing or the peer cannot be installed, and
+for a request kind it does not answer with 200 (it serves order-select only).
+Prints requests/s, p50/p90/p99 latency and errors per request kind and server, the ratios
+service/bare and service/peer measured in the same run, and the service worker's memory before
+and after.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import peer as node_peer  # noqa: E402
 from bodies import build  # noqa: E402
 
 
@@ -98,12 +104,46 @@ def wrk(url: str, body_file: Path, duration: float, connections: int) -> dict[st
     return result
 
 
+def measure_peer(peer: node_peer.Peer | None, skip: str, hook: str, body_file: Path,
+                 svc: dict[str, Any], warm: float, args: argparse.Namespace) -> dict[str, Any]:
+    """The peer's numbers for one request kind, like the other two: a 200 check, warm-up, run.
+
+    {"peer": wrk result (+ "answer") or {"skipped": why}, "ratio_peer": service/peer or None}.
+    """
+    if peer is None:
+        return {"peer": {"skipped": skip}, "ratio_peer": None}
+    if hook != node_peer.HOOK:
+        return {"peer": {"skipped": f"pama-imaging serves {node_peer.HOOK} only, not {hook}"},
+                "ratio_peer": None}
+    try:
+        check = httpx.post(peer.url, content=body_file.read_bytes(),
+                           headers={"Content-Type": "application/json"}, timeout=10)
+    except httpx.HTTPError as exc:
+        return {"peer": {"skipped": f"peer did not answer ({exc!r}; log {peer.log})"},
+                "ratio_peer": None}
+    if check.status_code != 200:
+        first = check.text.strip().splitlines()[0][:120] if check.text.strip() else ""
+        return {"peer": {"skipped": f"peer answered {check.status_code} ({first})"},
+                "ratio_peer": None}
+    answer = check.json()
+    actions = answer.get("extension", {}).get("systemActions", [])
+    ratings = [e["valueCodeableConcept"]["coding"][0]["code"]
+               for a in actions for e in a["resource"].get("extension", [])
+               if e.get("url", "").endswith("/pama-rating")]
+    wrk(peer.url, body_file, warm, args.connections)
+    result = wrk(peer.url, body_file, args.duration, args.connections)
+    result["answer"] = (f"{len(answer.get('cards', []))} cards, {len(actions)} systemActions"
+                        + (f" (rating {', '.join(ratings)})" if ratings else ""))
+    return {"peer": result, "ratio_peer": svc["rps"] / result["rps"] if result["rps"] else 0.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--only", action="append", help="request kinds to run (default all)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--no-peer", action="store_true", help="do not run the Node peer")
     args = parser.parse_args(argv)
     if wrk_missing():
         return 2
@@ -119,9 +159,25 @@ def main(argv: list[str] | None = None) -> int:
 
     base_env = {**os.environ, "CDS_ENV": "development", "CDS_DATA_DIR": str(tmp / "data"),
                 "CDS_LOG_LEVEL": "WARNING"}
+    # The peer first: its npm install (first run only) must not overlap a measurement.
+    peer: node_peer.Peer | None = None
+    peer_skip = "disabled with --no-peer"
+    if not args.no_peer:
+        try:
+            peer = node_peer.start(tmp, free_port())
+            print(f"peer: {peer.description}", flush=True)
+        except (node_peer.PeerUnavailable, OSError) as exc:
+            peer_skip = str(exc)
+    if peer is None:
+        print(f"peer skipped: {peer_skip}", flush=True)
     service_port, bare_port = free_port(), free_port()
-    service = start("cds_service.app:app", service_port, base_env, ROOT)
-    bare = start("bare:app", bare_port, base_env, HERE)
+    try:
+        service = start("cds_service.app:app", service_port, base_env, ROOT)
+        bare = start("bare:app", bare_port, base_env, HERE)
+    except BaseException:
+        if peer is not None:
+            peer.stop()
+        raise
     results: dict[str, dict[str, Any]] = {}
     try:
         for name, (hook, _) in requests.items():
@@ -145,29 +201,44 @@ def main(argv: list[str] | None = None) -> int:
                              "service": svc, "bare": ref,
                              "ratio": svc["rps"] / ref["rps"] if ref["rps"] else 0.0,
                              "rss_before_mb": mem_before, "rss_after_mb": mem_after}
+            results[name].update(measure_peer(peer, peer_skip, hook, files[name], svc, warm,
+                                              args))
     finally:
         service.terminate()
         bare.terminate()
+        if peer is not None:
+            peer.stop()
         service.wait(10)
         bare.wait(10)
 
-    print(f"one uvicorn worker each, {args.connections} connections, "
-          f"{args.duration:.0f} s per run, wrk -t2")
+    print(f"one uvicorn worker each, one node process for the peer, {args.connections} "
+          f"connections, {args.duration:.0f} s per run, wrk -t2; "
+          "ratio = service req/s / bare req/s and / peer req/s")
     print(f"{'request':<14}{'KB':>6}  {'server':<8}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}"
-          f"{'p99 ms':>9}{'errors':>8}{'ratio':>7}")
+          f"{'p99 ms':>9}{'errors':>8}{'ratio/bare':>11}{'ratio/peer':>11}")
     for name, r in results.items():
-        for who in ("service", "bare"):
+        for who in ("service", "bare", "peer"):
             x = r[who]
-            ratio = f"{r['ratio']:.2f}" if who == "service" else ""
-            print(f"{name:<14}{r['bytes'] / 1024:>6.0f}  {who:<8}{x['rps']:>9.0f}"
-                  f"{x['p50']:>9.2f}{x['p90']:>9.2f}{x['p99']:>9.2f}{x['errors']:>8}{ratio:>7}")
+            head = f"{name:<14}{r['bytes'] / 1024:>6.0f}  {who:<8}"
+            if "skipped" in x:
+                print(f"{head}skipped: {x['skipped']}")
+                continue
+            ratios = ""
+            if who == "service":
+                vs_peer = f"{r['ratio_peer']:.2f}" if r["ratio_peer"] is not None else "-"
+                ratios = f"{r['ratio']:>11.2f}{vs_peer:>11}"
+            print(f"{head}{x['rps']:>9.0f}{x['p50']:>9.2f}{x['p90']:>9.2f}{x['p99']:>9.2f}"
+                  f"{x['errors']:>8}{ratios}")
     print()
+    for name, r in results.items():
+        if "answer" in r["peer"]:
+            print(f"{name}: peer answered 200 with {r['peer']['answer']}")
     for name, r in results.items():
         print(f"{name}: service worker RSS {r['rss_before_mb']:.1f} MB after warm-up, "
               f"{r['rss_after_mb']:.1f} MB after {r['service']['requests']} more requests")
     if args.json:
         for r in results.values():
-            for who in ("service", "bare"):
+            for who in ("service", "bare", "peer"):
                 r[who].pop("raw", None)
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
