@@ -245,6 +245,8 @@ async def hook(service_id: str, request: Request) -> Response:
     call, size = await parse_hook(request, described, s.limits)
     if isinstance(call, Response):
         return call
+    if not s.engine.imaging_targets(call):  # nothing to rate: the chart is not even read
+        return json_response({"cards": []})
     record, fetch_outcomes = await patient_record(call, s)
     now = s.clock()
     if size >= s.settings.offload_body_bytes:  # keep the event loop free for other calls
@@ -283,7 +285,7 @@ async def patient_record(call: HookRequest,
         if over:
             raise ProtocolError(413, "too-costly", over.message, [over.where])
     outcomes: dict[str, str] = {}
-    if record.missing_keys() and s.engine.imaging_targets(call):
+    if record.missing_keys():  # (the hook has an imaging order to rate)
         auth = call.fhirAuthorization
         fetched = await s.fetcher.complete(record, call.fhirServer,
                                            auth.access_token if auth else None)

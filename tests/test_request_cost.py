@@ -215,3 +215,14 @@ def test_health_answers_while_a_heavy_call_is_evaluated(served: str) -> None:
     worker.join(timeout=60)
     assert r.status_code == 200
     assert "heavy" in done and done["health"] < done["heavy"]
+
+
+def test_a_call_with_nothing_to_rate_does_not_read_the_chart(api: ValidatingClient) -> None:
+    prefetch = seed_prefetch(FIXTURE_NOW)
+    prefetch["conditions"]["entry"][0]["resource"]["code"]["coding"] += [
+        {"system": "urn:x", "code": str(i)} for i in range(100)]  # over the codings limit
+    lab = order(cpt="36415")  # a blood draw: not lumbar imaging
+    r = api.post(SELECT, json=hook_request(lab, prefetch=prefetch))
+    assert r.status_code == 200 and r.json() == {"cards": []}
+    r = api.post(SELECT, json=hook_request(order(cpt="72148"), prefetch=prefetch))
+    assert r.status_code == 413  # an imaging order reads it, and the limit applies
