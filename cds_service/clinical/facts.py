@@ -349,10 +349,10 @@ def _condition_onset(raw: Mapping[str, Any],
 
 def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) -> Hit | None:
     codings = _codings(raw.get("code"))
-    sets = knowledge.valuesets_of_codings(codings)
-    proc = knowledge.procedure_of(codings)
-    is_referral = rtype == "ServiceRequest" and _is_referral(raw)
-    if is_referral:
+    sets, proc = knowledge.screen(codings)
+    if not sets and proc is None and rtype != "ServiceRequest":
+        return None  # most of a chart (visits, labs): one cached lookup per coding, no more
+    if rtype == "ServiceRequest" and _is_referral(raw):
         reasons = knowledge.valuesets_of_codings(_codings_many(raw.get("reasonCode")))
         if reasons & LBP_SETS:
             sets = sets | {"spine_referral"}

@@ -177,6 +177,20 @@ class Knowledge:
                     found = found | hit
         return found
 
+    def screen(self, codings: Iterable[Any]) -> tuple[frozenset[str], Procedure | None]:
+        """Value sets and catalog procedure of a concept's codings, in one pass (cached)."""
+        sets: frozenset[str] = frozenset()
+        proc: Procedure | None = None
+        for c in codings:
+            if type(c) is dict:
+                system, code = c.get("system"), c.get("code")
+                found = self.valuesets_of(system, code)
+                if found:
+                    sets = sets | found
+                if proc is None:
+                    proc = self._procedure_of(system, code)
+        return sets, proc
+
     def procedure_of(self, codings: Iterable[Any]) -> Procedure | None:
         """The catalog procedure ordered by any of the codings, or None."""
         for c in codings:
