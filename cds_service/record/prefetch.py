@@ -107,11 +107,15 @@ def source_from_value(value: Any, resource_type: str, patient_id: str, *,
     if rtype != "Bundle" and not (rtype is None and "entry" in value):
         return Source(SourceState.MISSING, note=f"unexpected resource type {rtype}")
     resources: list[dict[str, Any]] = []
+    own = f"Patient/{patient_id}"  # the usual reference: checked without the general rule
     for entry in as_list(value.get("entry")):
-        res = entry.get("resource") if isinstance(entry, dict) else None
-        if (isinstance(res, dict) and res.get("resourceType") == resource_type
-                and _belongs_to(res, patient_id)):
-            resources.append(res)  # type: ignore[arg-type]
+        res = entry.get("resource") if type(entry) is dict else None
+        if type(res) is not dict or res.get("resourceType") != resource_type:
+            continue
+        subject = res.get("subject")
+        if (type(subject) is dict and subject.get("reference") == own) or _belongs_to(
+                res, patient_id):
+            resources.append(res)
     next_url = next_link(value)
     if next_url:
         return Source(SourceState.PARTIAL, resources, note="more pages not read",
