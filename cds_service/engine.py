@@ -212,10 +212,15 @@ class Engine:
                     counts[proc.id] += 1
         return counts
 
-    def rate(self, request: HookRequest, record: PatientRecord,
-             now: datetime) -> list[OrderResult]:
-        """Decide every target order that is lumbar imaging (others are left alone)."""
-        targets = self.imaging_targets(request)
+    def rate(self, request: HookRequest, record: PatientRecord, now: datetime,
+             targets: list[tuple[dict[str, Any], Procedure]] | None = None
+             ) -> list[OrderResult]:
+        """Decide every target order that is lumbar imaging (others are left alone).
+
+        ``targets``: :meth:`imaging_targets` of the request, when the caller has them already.
+        """
+        if targets is None:
+            targets = self.imaging_targets(request)
         if not targets:
             return []
         scan = scan_record(record, self.knowledge)

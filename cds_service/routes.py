@@ -245,14 +245,15 @@ async def hook(service_id: str, request: Request) -> Response:
     call, size = await parse_hook(request, described, s.limits)
     if isinstance(call, Response):
         return call
-    if not s.engine.imaging_targets(call):  # nothing to rate: the chart is not even read
+    targets = s.engine.imaging_targets(call)  # found once, used by the fetch and the rating
+    if not targets:  # nothing to rate: the chart is not even read
         return json_response({"cards": []})
     record, fetch_outcomes = await patient_record(call, s)
     now = s.clock()
     if size >= s.settings.offload_body_bytes:  # keep the event loop free for other calls
-        results = await anyio.to_thread.run_sync(s.engine.rate, call, record, now)
+        results = await anyio.to_thread.run_sync(s.engine.rate, call, record, now, targets)
     else:
-        results = s.engine.rate(call, record, now)
+        results = s.engine.rate(call, record, now, targets)
     return answer(service_id, call, record, results, fetch_outcomes, s, now, started)
 
 
