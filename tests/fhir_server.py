@@ -12,11 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from tests.loopback import LoopbackServer
+
 TYPES = {"Condition": "conditions", "Procedure": "procedures",
          "ServiceRequest": "servicerequests", "MedicationRequest": "medications"}
 
 
-class FhirTestServer:
+class FhirTestServer(LoopbackServer):
     """Serves ``Patient/{id}`` and ``{Type}?patient={id}`` from prefetch-shaped data."""
 
     def __init__(self, page_size: int = 2):
@@ -41,17 +43,8 @@ class FhirTestServer:
                 self.wfile.write(raw)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
-                                       daemon=True)
-
-    def __enter__(self) -> FhirTestServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(self.httpd)
+        self.base = f"http://127.0.0.1:{self.port}/fhir"
 
     def answer(self, path: str) -> tuple[int, dict[str, Any]]:
         parts = urlsplit(path)
@@ -81,7 +74,7 @@ class FhirTestServer:
             {"severity": "error", "code": "not-found"}]}
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """An HTTP/1.1 server on loopback whose every answer is written by ``script(server, send)``.
 
     ``send`` writes raw bytes at once (and counts them in ``sent``); ``server.stop`` is set when
@@ -117,14 +110,9 @@ class ScriptedServer:
 
         self.tcp = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self.tcp.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.tcp.server_address[1]}/fhir"
-        self.thread = threading.Thread(target=self.tcp.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self) -> ScriptedServer:
-        self.thread.start()
-        return self
+        self._serve(self.tcp)
+        self.base = f"http://127.0.0.1:{self.port}/fhir"
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        self.tcp.shutdown()
-        self.tcp.server_close()
+        super().__exit__(*exc)

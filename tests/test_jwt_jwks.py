@@ -11,7 +11,6 @@ import datetime
 import ipaddress
 import json
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from cds_service.security import AuthError, JwtVerifier, TrustedIssuer
 from cds_service.settings import Settings
 from tests.builders import hook_request, order, seed_prefetch
 from tests.conftest import FIXTURE_NOW, SELECT, ValidatingClient
+from tests.loopback import LoopbackServer
 from tests.test_auth_api import BASE, ISS, KID, production_settings
 
 KEY = ec.generate_private_key(ec.SECP384R1())
@@ -82,7 +82,7 @@ def _certificates(folder: Path) -> tuple[Path, Path, Path]:
     return ca_file, cert_file, key_file
 
 
-class JwksServer:
+class JwksServer(LoopbackServer):
     """An HTTPS JWKS endpoint on loopback; ``mode`` says how it answers."""
 
     def __init__(self, folder: Path, mode: str = "ok", delay: float = 0.0):
@@ -121,8 +121,9 @@ class JwksServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self._serve(self.httpd)
+        self.url = f"https://127.0.0.1:{self.port}/jwks.json"
+        self.thread.start()
 
     def answer(self) -> tuple[int, bytes, dict[str, str]]:
         json_type = {"Content-Type": "application/json"}
@@ -139,8 +140,7 @@ class JwksServer:
         }[self.mode]
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.__exit__()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from cds_service.security import (
     load_trusted_issuers,
 )
 from cds_service.settings import Settings
+from tests.loopback import LoopbackServer
 
 ISS = "https://ehr.example.org"
 AUD = "https://cds.example.org/cds-services/lbp-imaging-order-select"
@@ -152,7 +152,7 @@ def test_tenant_must_be_listed() -> None:
     assert "tenant" in refused(v, make())
 
 
-class JwksServer:
+class JwksServer(LoopbackServer):
     """A real HTTP server on loopback serving a JWKS and counting requests."""
 
     def __init__(self, jwks: dict[str, Any]):
@@ -174,12 +174,12 @@ class JwksServer:
                 self.wfile.write(raw)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self._serve(self.httpd)
+        self.url = f"http://127.0.0.1:{self.port}/jwks.json"
+        self.thread.start()
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.__exit__()
 
 
 @pytest.fixture

@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from tests.loopback import LoopbackServer
+
 # Search types and the prefetch keys of the service's discovery document they fill.
 TYPES = {"Condition": "conditions", "Procedure": "procedures",
          "ServiceRequest": "servicerequests", "MedicationRequest": "medications"}
@@ -80,7 +82,7 @@ def not_found(what: str) -> dict[str, Any]:
         {"severity": "error", "code": "not-found", "diagnostics": what}]}
 
 
-class SandboxFhirServer:
+class SandboxFhirServer(LoopbackServer):
     """Serves patients from prefetch-shaped dicts (``patient``, ``conditions``, ...).
 
     ``fail`` holds ``(Type, who)`` pairs whose searches answer 500: ``who`` is ``"browser"``
@@ -141,17 +143,8 @@ class SandboxFhirServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
-                                       daemon=True)
-
-    def __enter__(self) -> SandboxFhirServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(self.httpd)
+        self.base = f"http://127.0.0.1:{self.port}/fhir"
 
     def requests(self, method: str | None = None, path: str | None = None) -> list[Seen]:
         with self.lock:

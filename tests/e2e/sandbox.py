@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
+
+from tests.loopback import LoopbackServer
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page, Response
@@ -51,7 +52,7 @@ STUDIES = {
 }
 
 
-class StaticSite:
+class StaticSite(LoopbackServer):
     """A static file server on loopback (the sandbox build), in a thread."""
 
     def __init__(self, directory: Path):
@@ -62,17 +63,8 @@ class StaticSite:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0),
                                          functools.partial(Quiet, directory=str(directory)))
         self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
-                                       daemon=True)
-
-    def __enter__(self) -> StaticSite:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(self.httpd)
+        self.base = f"http://127.0.0.1:{self.port}"
 
 
 def sandbox_url(site: str, fhir: str, patient: str, service: str) -> str:
