@@ -288,14 +288,6 @@ class Store:
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(f"migration failed: {type(exc).__name__}") from exc
 
-    async def ping(self) -> bool:
-        try:
-            async with self.engine.connect() as conn:
-                await asyncio.wait_for(conn.execute(select(1)), timeout=2)
-            return True
-        except (SQLAlchemyError, OSError, TimeoutError):
-            return False
-
     async def writable(self, within: float = 2.0) -> str | None:
         """None when the database accepts writes now; otherwise why not (no values, no ids).
 
