@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-import orjson
-
 from cds_service.clinical.facts import (
     ClinicalParams,
     Evidence,
@@ -146,13 +144,30 @@ def may_cancel(facts: Facts) -> bool:
 
 
 def prune(value: Any) -> Any:
-    """Drop null, empty strings, arrays and objects (CDS Hooks and FHIR forbid them)."""
-    if isinstance(value, dict):
-        cleaned = {k: prune(v) for k, v in value.items()}
-        return {k: v for k, v in cleaned.items() if v not in (None, "", [], {})}
-    if isinstance(value, list):
-        cleaned_list = [prune(v) for v in value]
-        return [v for v in cleaned_list if v not in (None, "", [], {})]
+    """Drop null, empty strings, arrays and objects (CDS Hooks and FHIR forbid them).
+
+    Returns new containers (a deep copy of the JSON structure), never the ones given.
+    """
+    if type(value) is dict:
+        out = {}
+        for k, v in value.items():
+            if type(v) is dict or type(v) is list:
+                v = prune(v)
+                if v:
+                    out[k] = v
+            elif v is not None and v != "":
+                out[k] = v
+        return out
+    if type(value) is list:
+        items = []
+        for v in value:
+            if type(v) is dict or type(v) is list:
+                v = prune(v)
+                if v:
+                    items.append(v)
+            elif v is not None and v != "":
+                items.append(v)
+        return items
     return value
 
 
@@ -166,6 +181,10 @@ class Engine:
         self.params = params_from(settings)
         self.source = CardSource(label=templates.source["label"],
                                  url=templates.source.get("url") or None)
+        # card kind -> the override reasons its cards offer (the same on every card)
+        self._reasons = {kind: [Coding(system=templates.override_system, code=r["code"],
+                                       display=r["display"]) for r in k.override_reasons]
+                         for kind, k in templates.kinds.items()}
 
     # ------------------------------------------------------------------ public
 
@@ -441,8 +460,7 @@ class Engine:
                                 description=t.render(kind, "cancel_description", ctx)
                                 or "Remove the draft order",
                                 resourceId=f"ServiceRequest/{order.get('id')}")]))
-        reasons = [Coding(system=t.override_system, code=r["code"], display=r["display"])
-                   for r in t.kinds[kind].override_reasons]
+        reasons = self._reasons[kind]
         return Card(
             uuid=str(uuid.uuid4()),
             summary=t.render(kind, "summary", ctx) or proc.name,
@@ -472,14 +490,14 @@ class Engine:
 
     def _with_rating(self, resource: dict[str, Any], pama: str,
                      category: str | None) -> dict[str, Any]:
-        out = prune(orjson.loads(orjson.dumps(resource)))
+        out = prune(resource)  # (a copy: the request's order is left as it came)
         kept = [e for e in as_list(out.get("extension"))
                 if not (isinstance(e, Mapping) and str(e.get("url", "")).startswith(PAMA))]
         out["extension"] = kept + self.pama_extensions(pama, category)
         return out
 
     def _replacement(self, subject: _Subject, alt: Alternative) -> dict[str, Any]:
-        new = orjson.loads(orjson.dumps(subject.order))
+        new = dict(subject.order)  # (shallow: _with_rating copies the rest)
         new["code"] = {"coding": [dict(c) for c in alt.procedure.order_codes],
                        "text": alt.procedure.name}
         if not prune(new.get("reasonCode")):  # never an absent reason: the indication found

@@ -4,6 +4,10 @@ Each card kind is one YAML file (indicator, summary, detail, suggestion labels, 
 ``common.yaml`` holds the shared wording and ``evidence.j2`` the evidence block every detail can
 include. Templates are compiled and test-rendered once at start-up, so a broken edit stops the
 start rather than a request.
+
+A render is a pure function of the context variables its template reads (found once, from the
+template's syntax tree), so each text is rendered once per distinct set of those values and then
+reused; the memo is bounded and lives in the process only.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jinja2 import DictLoader, StrictUndefined, TemplateError
+import orjson
+from jinja2 import DictLoader, StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from cds_service.knowledge import read_yaml_mapping
@@ -23,6 +28,7 @@ INDICATORS = {"info", "warning", "critical"}
 TEXT_FIELDS = ("summary", "detail", "suggestion_label", "action_description", "cancel_label",
                "cancel_description")
 SUMMARY_LIMIT = 139
+RENDER_MEMO_SIZE = 4096  # rendered texts kept (cleared when full)
 # The phrases the engine composes the first line of a card from (common.yaml "phrases").
 PHRASES = ("duration", "duration-bound", "duration-unknown", "red-flags", "red-flags-unknown",
            "no-red-flags", "urgent", "care-none", "care-done", "care-under-way", "if-candidate",
@@ -41,6 +47,8 @@ class CardKind:
     indicator: str
     templates: dict[str, Any]
     override_reasons: list[dict[str, str]] = field(default_factory=list)
+    # field -> the context variables its template reads (the memo key)
+    reads: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +62,7 @@ class CardTemplates:
     kinds: dict[str, CardKind]
     assumptions: dict[str, str] = field(default_factory=dict)
     phrases: dict[str, str] = field(default_factory=dict)
+    _memo: dict[tuple[str, str, bytes], str] = field(default_factory=dict, repr=False)
 
     def phrase(self, code: str, **params: Any) -> str:
         """A shared phrase of common.yaml ("phrases"), filled in; its code if it is missing."""
@@ -72,10 +81,25 @@ class CardTemplates:
             return code
 
     def render(self, kind: str, field_name: str, context: dict[str, Any]) -> str | None:
-        template = self.kinds[kind].templates.get(field_name)
+        card = self.kinds[kind]
+        template = card.templates.get(field_name)
         if template is None:
             return None
-        text = template.render(**context).strip()
+        key = _memo_key(kind, field_name, card.reads.get(field_name), context)
+        if key is not None:
+            found = self._memo.get(key)
+            if found is not None:
+                return found
+        text = self._render(template, field_name, context)
+        if key is not None:
+            if len(self._memo) >= RENDER_MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = text
+        return text
+
+    @staticmethod
+    def _render(template: Any, field_name: str, context: dict[str, Any]) -> str:
+        text: str = template.render(**context).strip()
         if field_name == "summary":
             text = " ".join(text.split())
             if len(text) > SUMMARY_LIMIT:
@@ -94,6 +118,33 @@ class CardTemplates:
 
     def fact_document(self, name: str) -> str:
         return self.facts.get(name, {}).get("document", name.replace("_", " "))
+
+
+def _memo_key(kind: str, field_name: str, reads: tuple[str, ...] | None,
+              context: dict[str, Any]) -> tuple[str, str, bytes] | None:
+    """What the text depends on, or None when it cannot be told (then it is not memoised)."""
+    if reads is None or any(name not in context for name in reads):
+        return None  # (a missing variable raises in the render: never memoised)
+    try:
+        return kind, field_name, orjson.dumps([context[name] for name in reads])
+    except TypeError:
+        return None
+
+
+def _reads(env: Any, source: str, included: dict[str, str]) -> tuple[str, ...]:
+    """The context variables a template reads, those of the templates it includes too."""
+    names: set[str] = set()
+    pending, seen = [source], set()
+    while pending:
+        tree = env.parse(pending.pop())
+        names |= meta.find_undeclared_variables(tree)
+        for ref in meta.find_referenced_templates(tree):
+            if ref is None or ref not in included:
+                raise TemplateProblem("a template includes a template chosen at render time")
+            if ref not in seen:
+                seen.add(ref)
+                pending.append(included[ref])
+    return tuple(sorted(names - set(env.globals)))
 
 
 def _tidy_markdown(text: str) -> str:
@@ -135,11 +186,12 @@ def load_templates(directory: Path) -> CardTemplates:
             raise TemplateProblem(f"{path}: indicator must be one of {sorted(INDICATORS)}")
         if not data.get("summary"):
             raise TemplateProblem(f"{path}: summary is required")
-        compiled = {}
+        compiled, reads = {}, {}
         for name in TEXT_FIELDS:
             if data.get(name):
                 try:
                     compiled[name] = env.from_string(str(data[name]))
+                    reads[name] = _reads(env, str(data[name]), {"evidence": evidence})
                 except TemplateError as exc:
                     raise TemplateProblem(f"{path}: {name}: {exc}") from exc
         reasons = []
@@ -147,7 +199,7 @@ def load_templates(directory: Path) -> CardTemplates:
             if not isinstance(r, dict) or not r.get("code") or not r.get("display"):
                 raise TemplateProblem(f"{path}: each override reason needs code and display")
             reasons.append({"code": str(r["code"]), "display": str(r["display"])})
-        kinds[kind] = CardKind(kind, data["indicator"], compiled, reasons)
+        kinds[kind] = CardKind(kind, data["indicator"], compiled, reasons, reads)
     templates = CardTemplates(
         source={k: str(v) for k, v in source.items()},
         override_system=str(common.get("override_reason_system") or ""),

@@ -224,6 +224,17 @@ class RecordScan:
     service_requests: list[Hit]
     birth: tuple[datetime, datetime] | None
     medications: list[Hit] = field(default_factory=list)
+    _by_set: dict[str, list[Hit]] | None = field(default=None, repr=False)
+
+    def conditions_in(self, vs: str) -> list[Hit]:
+        """The condition hits of one value set, in record order (indexed once per scan)."""
+        if self._by_set is None:
+            index: dict[str, list[Hit]] = {}
+            for h in self.conditions:
+                for name in h.sets:
+                    index.setdefault(name, []).append(h)
+            self._by_set = index
+        return self._by_set.get(vs, [])
 
 
 def _codings(concept: Any) -> list[Mapping[str, Any]]:
@@ -310,10 +321,10 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
     birth = _birth(record)
     conditions: list[Hit] = []
     for raw in record.conditions.resources:
-        codings = _codings(raw.get("code"))
-        sets = knowledge.valuesets_of_codings(codings)
+        sets = knowledge.screen(raw.get("code"))[0]
         if not sets:
             continue
+        codings = _codings(raw.get("code"))
         if _status_code(raw.get("verificationStatus")) in EXCLUDED_VERIFICATION:
             continue
         clinical = _status_code(raw.get("clinicalStatus"))
@@ -348,10 +359,10 @@ def _condition_onset(raw: Mapping[str, Any],
 
 
 def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) -> Hit | None:
-    codings = _codings(raw.get("code"))
-    sets, proc = knowledge.screen(codings)
+    sets, proc = knowledge.screen(raw.get("code"))
     if not sets and proc is None and rtype != "ServiceRequest":
         return None  # most of a chart (visits, labs): one cached lookup per coding, no more
+    codings = _codings(raw.get("code"))
     if rtype == "ServiceRequest" and _is_referral(raw):
         reasons = knowledge.valuesets_of_codings(_codings_many(raw.get("reasonCode")))
         if reasons & LBP_SETS:
@@ -473,8 +484,8 @@ def _set_hits(ctx: _Context, vs: str, scope: Scope) -> tuple[list[tuple[Hit, boo
     for h in ctx.reasons:
         if vs in h.sets:
             found.append((h, True))
-    for h in ctx.scan.conditions:
-        if vs not in h.sets or id(h) in reason_ids or not ctx.in_scope(h, scope):
+    for h in ctx.scan.conditions_in(vs):
+        if id(h) in reason_ids or not ctx.in_scope(h, scope):
             continue
         if not h.readable:
             unreadable = True

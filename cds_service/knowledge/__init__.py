@@ -93,6 +93,8 @@ class Knowledge:
     _procedure_codes: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     # (system, code) -> value sets, and ("procedure", system, code) -> procedure: bounded
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    _screened: dict[tuple[str, str], tuple[frozenset[str], Any]] = field(
+        default_factory=dict, repr=False)
 
     def normalize(self, system: str | None, code: str | None) -> tuple[str, str] | None:
         """The (system, code) pair used for comparisons, or None for an empty coding."""
@@ -177,19 +179,39 @@ class Knowledge:
                     found = found | hit
         return found
 
-    def screen(self, codings: Iterable[Any]) -> tuple[frozenset[str], Procedure | None]:
-        """Value sets and catalog procedure of a concept's codings, in one pass (cached)."""
+    def screen(self, concept: Any) -> tuple[frozenset[str], Procedure | None]:
+        """Value sets and catalog procedure of a CodeableConcept's codings, in one pass.
+
+        The per-resource screen of a chart: one cached lookup per coding, nothing else for
+        the visits and labs that make most of a record.
+        """
         sets: frozenset[str] = frozenset()
         proc: Procedure | None = None
+        codings = concept.get("coding") if type(concept) is dict else None
+        if type(codings) is not list:
+            return sets, proc
         for c in codings:
-            if type(c) is dict:
-                system, code = c.get("system"), c.get("code")
-                found = self.valuesets_of(system, code)
-                if found:
-                    sets = sets | found
-                if proc is None:
-                    proc = self._procedure_of(system, code)
+            if type(c) is not dict:
+                continue
+            system, code = c.get("system"), c.get("code")
+            if type(system) is not str or type(code) is not str:
+                continue
+            found = self._screened.get((system, code))
+            if found is None:
+                found = self._screen_one(system, code)
+            if found[0]:
+                sets = sets | found[0]
+            if proc is None:
+                proc = found[1]
         return sets, proc
+
+    def _screen_one(self, system: str, code: str) -> tuple[frozenset[str], Procedure | None]:
+        found = (self.valuesets_of(system, code), self._procedure_of(system, code))
+        if len(code) <= self._longest[1] and len(system) <= self._longest[0]:
+            if len(self._screened) > 50_000:
+                self._screened.clear()
+            self._screened[(system, code)] = found
+        return found
 
     def procedure_of(self, codings: Iterable[Any]) -> Procedure | None:
         """The catalog procedure ordered by any of the codings, or None."""
