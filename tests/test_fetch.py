@@ -21,12 +21,18 @@ POLICY = FetchPolicy(allowed=(BASE,), require_https=True, timeout_seconds=0.5,
                      budget_seconds=1.0, max_pages=3)
 
 
+async def resolve(host: str) -> list[str]:
+    """ehr.example.org does not resolve here, and a name that does not resolve is not fetched.
+    (Loopback, in case: respx answers every request before a connection is made.)"""
+    return ["127.0.0.1"]
+
+
 def fetch(prefetch: dict[str, Any] | None, server: str = BASE, policy: FetchPolicy = POLICY,
           token: str | None = TOKEN) -> tuple[Any, Any]:
     record = record_from_prefetch(prefetch, PATIENT)
 
     async def go() -> Any:
-        fetcher = FhirFetcher(policy)
+        fetcher = FhirFetcher(policy, resolver=resolve)
         try:
             return await fetcher.complete(record, server, token)
         finally:

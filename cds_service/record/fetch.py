@@ -2,12 +2,15 @@
 
 ``fhirServer`` is untrusted input (SSRF): the service talks only to servers allow-listed in
 ``CDS_FHIR_ALLOWED_SERVERS``, never follows redirects, never to link-local or cloud-metadata
-addresses (checked after DNS resolution), builds its URLs from percent-encoded path segments and
-query parameters (a patient id cannot leave the base path or add parameters), follows ``next``
-links only on the same server and under the same base path (after resolving dot segments), and
-sends the request's bearer token only there. The time budget covers connecting, the headers and
-the body; a body above the size cap is not read. Every fault leaves that source missing (or
-partial); none of them becomes an error of ours. Tokens and patient ids are never logged.
+addresses (the name is resolved once per hook call, every address is checked, and connections go
+to those checked addresses only: a DNS server that answers differently the second time is never
+asked again; a name that does not resolve is not fetched), builds its URLs from percent-encoded
+path segments and query parameters (a patient id cannot leave the base path or add parameters),
+follows ``next`` links only on the same server and under the same base path (after resolving dot
+segments), and sends the request's bearer token only there. The time budget covers connecting,
+the headers and the body; a body above the size cap is not read. Every fault leaves that source
+missing (or partial); none of them becomes an error of ours. Tokens and patient ids are never
+logged.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import logging
 import socket
 import time
 import zlib
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+import httpcore
 import httpx
 import orjson
 
@@ -38,6 +45,14 @@ log = logging.getLogger("cds_service.fetch")
 
 METADATA_HOSTS = {"metadata.google.internal", "metadata", "instance-data"}
 RETRY_STATUSES = {502, 503, 504}
+REFUSALS = {  # the outcome of the address check that stops a fetch, and its log line
+    "timeout": "fhirServer name did not resolve within the budget; no fetch",
+    "unsafe-address": "fhirServer is or resolves to a forbidden address; no fetch",
+    "unresolvable": "fhirServer name does not resolve; no fetch",
+}
+
+Resolver = Callable[[str], Awaitable[Sequence[str]]]
+"""The IP addresses of a host name (OSError when it has none)."""
 
 
 @dataclass(frozen=True)
@@ -162,32 +177,130 @@ def _forbidden_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
             or str(ip) in {"169.254.169.254", "fd00:ec2::254", "100.100.100.200"})
 
 
-async def host_is_safe(host: str) -> bool:
-    """False when the host is, or resolves to, a link-local or metadata address."""
-    if not host or host.lower() in METADATA_HOSTS:
-        return False
+async def system_resolver(host: str) -> list[str]:
+    """The addresses of ``host`` from the event loop's getaddrinfo."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return not _forbidden_ip(ipaddress.ip_address(host.strip("[]")))
+        return ipaddress.ip_address(value.strip("[]").split("%")[0])
     except ValueError:
-        pass
+        return None
+
+
+async def checked_addresses(host: str,
+                            resolve: Resolver = system_resolver) -> tuple[str, ...] | str:
+    """The addresses to connect to for ``host``, every one checked (an IP literal is its own,
+    without a lookup), or why not: ``unsafe-address`` (a metadata name, or any address
+    link-local, metadata, multicast, reserved or unspecified) or ``unresolvable``."""
+    if not host or host.lower() in METADATA_HOSTS:
+        return "unsafe-address"
+    literal = _address(host)
+    if literal is not None:
+        return "unsafe-address" if _forbidden_ip(literal) else (str(literal),)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None,
-                                                             type=socket.SOCK_STREAM)
-    except OSError:
-        return True  # unresolvable: the connection will fail anyway; nothing forbidden known
-    return not any(
-        _forbidden_ip(ipaddress.ip_address(info[4][0].split("%")[0])) for info in infos)
+        answers = await resolve(host)
+    except (OSError, UnicodeError):
+        return "unresolvable"
+    addresses = [_address(a) for a in answers]
+    if not addresses:
+        return "unresolvable"
+    if any(a is None or _forbidden_ip(a) for a in addresses):
+        return "unsafe-address"
+    return tuple(dict.fromkeys(str(a) for a in addresses))
+
+
+def connect_host(base: str) -> str:
+    """The base's host as the connection pool names it (IDNA-encoded, IPv6 without brackets)."""
+    try:
+        return httpx.URL(base).raw_host.decode("ascii")
+    except (httpx.InvalidURL, ValueError, UnicodeError):
+        return ""
+
+
+_PINS: ContextVar[dict[str, tuple[str, ...]] | None] = ContextVar("fhir_pins", default=None)
+
+
+@contextmanager
+def pinned(host: str, addresses: tuple[str, ...]) -> Iterator[None]:
+    """Inside the block (and the tasks it starts) new connections to ``host`` go to
+    ``addresses`` only; any other host has none (the pins of an outer block are not kept)."""
+    token = _PINS.set({host: addresses})
+    try:
+        yield
+    finally:
+        _PINS.reset(token)
+
+
+class PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Connects to the addresses pinned for the host, in order, and never looks the name up
+    again (a rebinding DNS server could answer a forbidden address then). TLS (SNI, certificate
+    check) and the Host header still use the name: httpcore takes them from the URL."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int,
+                          timeout: float | None = None,  # noqa: ASYNC109 - httpcore's API
+                          local_address: str | None = None,
+                          socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+                          ) -> httpcore.AsyncNetworkStream:
+        addresses = (_PINS.get() or {}).get(host)
+        if not addresses:
+            raise httpcore.ConnectError("no checked address for this host")
+
+        async def connect(address: str) -> httpcore.AsyncNetworkStream:
+            return await self._inner.connect_tcp(address, port, timeout=timeout,
+                                                 local_address=local_address,
+                                                 socket_options=socket_options)
+
+        for address in addresses[:-1]:  # e.g. an IPv6 address first, not reachable from here
+            try:
+                return await connect(address)
+            except httpcore.ConnectError:
+                continue
+        return await connect(addresses[-1])
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport, its connections made by :class:`PinnedBackend`. httpx 0.28 takes no
+    network backend, so the pool it builds is replaced by an equal one that has it. No proxy
+    (one would look the name up itself), not even from the environment."""
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits)
+        if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
+            # a newer httpx would otherwise keep its own pool, which looks names up again
+            raise RuntimeError("httpx.AsyncHTTPTransport has no _pool to replace")
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PinnedBackend())
 
 
 class FhirFetcher:
-    """Fills missing prefetch keys from the FHIR server (one shared connection pool)."""
+    """Fills missing prefetch keys from the FHIR server (one shared connection pool).
 
-    def __init__(self, policy: FetchPolicy, client: httpx.AsyncClient | None = None) -> None:
+    ``resolver`` looks host names up (the event loop's getaddrinfo by default; tests stub it).
+    A ``client`` given here connects as it likes: only the default one is pinned to the
+    addresses checked."""
+
+    def __init__(self, policy: FetchPolicy, client: httpx.AsyncClient | None = None,
+                 resolver: Resolver = system_resolver) -> None:
         self.policy = policy
+        self._resolve = resolver
         self._refused: set[str] = set()  # hosts already reported as not allow-listed
         self.client = client or httpx.AsyncClient(
             follow_redirects=False, timeout=policy.timeout_seconds,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            transport=PinnedTransport(
+                httpx.Limits(max_connections=100, max_keepalive_connections=20)),
             headers={"Accept": "application/fhir+json"})
 
     async def aclose(self) -> None:
@@ -216,27 +329,33 @@ class FhirFetcher:
             return report
         base = normalize_base(server)
         deadline = time.monotonic() + self.policy.budget_seconds
-        try:
-            async with asyncio.timeout(self.policy.budget_seconds):  # DNS is in the budget too
-                safe = await host_is_safe(urlsplit(base).hostname or "")
-        except TimeoutError:
-            report.outcomes = {k: "timeout" for k in wanted}
-            log.warning("fhirServer name did not resolve within the budget; no fetch")
-            return report
-        if not safe:
-            report.outcomes = {k: "unsafe-address" for k in wanted}
-            log.warning("fhirServer resolves to a forbidden address; no fetch")
+        host = connect_host(base)
+        addresses = await self._check(host)
+        if isinstance(addresses, str):
+            report.outcomes = {k: addresses for k in wanted}
             return report
         keys = list(wanted)
-        results = await asyncio.gather(*(
-            self._fetch_source(k, wanted[k], record.patient_id, base, token, deadline)
-            for k in keys))
+        with pinned(host, addresses):
+            results = await asyncio.gather(*(
+                self._fetch_source(k, wanted[k], record.patient_id, base, token, deadline)
+                for k in keys))
         for key, (source, outcome) in zip(keys, results, strict=True):
             report.outcomes[key] = outcome
             if source is not None:
                 _set_source(record, key, source)
         log.info("fhir fetch", extra={"outcomes": report.outcomes})
         return report
+
+    async def _check(self, host: str) -> tuple[str, ...] | str:
+        """The checked addresses of ``host``, or the outcome that stops the fetch (logged)."""
+        try:
+            async with asyncio.timeout(self.policy.budget_seconds):  # DNS is in the budget too
+                checked = await checked_addresses(host, self._resolve)
+        except TimeoutError:
+            checked = "timeout"
+        if isinstance(checked, str):
+            log.warning(REFUSALS[checked])
+        return checked
 
     async def _fetch_source(self, key: str, current: Source, patient_id: str, base: str,
                             token: str | None, deadline: float) -> tuple[Source | None, str]:
