@@ -23,6 +23,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cds_service.codesystems import LEGACY_OVERRIDE_SYSTEM, SystemUrls
 from cds_service.engine import Engine
 from cds_service.errors import (
     ProtocolError,
@@ -215,6 +216,14 @@ def audit_hash_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
+def override_systems(engine: Engine, settings: Settings) -> frozenset[str]:
+    """The override-reason systems feedback may name: today's, and those our cards carried
+    under former canonical bases (CDS_CANONICAL_BASE_PREVIOUS) or before the systems resolved."""
+    former = [SystemUrls.under(root).override_reason
+              for root in settings.previous_canonical_roots]
+    return frozenset([engine.systems.override_reason, LEGACY_OVERRIDE_SYSTEM, *former])
+
+
 def create_app(settings: Settings | None = None, *,
                clock: Callable[[], datetime] | None = None) -> FastAPI:
     """Build the application; raise ConfigurationError if it must not start."""
@@ -305,7 +314,8 @@ def create_app(settings: Settings | None = None, *,
         settings=settings, engine=engine, store=store, audits=audits, verifier=verifier,
         fetcher=fetcher, metrics=metrics, clock=clock, limits=limits,
         offered={r["code"]: r["display"] for kind in templates.kinds.values()
-                 for r in kind.override_reasons})
+                 for r in kind.override_reasons},
+        override_systems=override_systems(engine, settings))
     for name in ("settings", "engine", "clock", "verifier", "fetcher", "store", "metrics",
                  "audits"):  # the parts, by name, for tests and tools
         setattr(app.state, name, getattr(app.state.services, name))

@@ -7,6 +7,7 @@ the card kind per the alert policy and renders it from the ``cards/`` templates.
 
 from __future__ import annotations
 
+import importlib.metadata
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from cds_service.clinical.facts import (
     scan_record,
 )
 from cds_service.clinical.scenario import CANCEL, Alternative, Decision, decide
+from cds_service.codesystems import SystemUrls, code_systems
 from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
 from cds_service.protocol import Action, Card, CardSource, Coding, HookRequest, Suggestion
 from cds_service.record import PatientRecord
@@ -31,6 +33,10 @@ from cds_service.record.prefetch import as_list
 from cds_service.render import CardTemplates
 from cds_service.settings import Settings
 
+try:
+    VERSION = importlib.metadata.version("cds-lbp-imaging")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    VERSION = "0.0.0"
 PAMA = "http://fhir.org/argonaut/Extension/pama-rating"
 PAMA_SYSTEM = "http://fhir.org/argonaut/CodeSystem/pama-rating"
 PAMA_QCDSM = "http://fhir.org/argonaut/Extension/pama-rating-qcdsm-consulted"
@@ -38,7 +44,6 @@ PAMA_CONSULT = "http://fhir.org/argonaut/Extension/pama-rating-consult-id"
 PAMA_AUC = "http://fhir.org/argonaut/Extension/pama-rating-auc-applied"
 PAMA_DISPLAY = {"appropriate": "Appropriate", "not-appropriate": "Not appropriate",
                 "no-criteria-apply": "No criteria apply"}
-ACR_CATEGORY_SYSTEM = "https://cds-lbp-imaging.example.org/CodeSystem/acr-appropriateness-category"
 SOURCE_NAMES = {"patient": "demographics", "conditions": "problem list",
                 "procedures": "procedures", "servicerequests": "orders and referrals",
                 "medications": "medication orders"}
@@ -181,8 +186,13 @@ class Engine:
         self.params = params_from(settings)
         self.source = CardSource(label=templates.source["label"],
                                  url=templates.source.get("url") or None)
+        # the site's own override-reason system (cards/common.yaml) or ours
+        self.systems = SystemUrls.under(settings.canonical_root, templates.override_system)
+        self.code_systems = code_systems(
+            self.systems, templates.categories,
+            [r for k in templates.kinds.values() for r in k.override_reasons], VERSION)
         # card kind -> the override reasons its cards offer (the same on every card)
-        self._reasons = {kind: [Coding(system=templates.override_system, code=r["code"],
+        self._reasons = {kind: [Coding(system=self.systems.override_reason, code=r["code"],
                                        display=r["display"]) for r in k.override_reasons]
                          for kind, k in templates.kinds.items()}
 
@@ -477,7 +487,7 @@ class Engine:
         codings: list[dict[str, Any]] = [{"system": PAMA_SYSTEM, "code": pama,
                                           "display": PAMA_DISPLAY.get(pama, pama)}]
         if category:
-            codings.append({"system": ACR_CATEGORY_SYSTEM, "code": category,
+            codings.append({"system": self.systems.acr_category, "code": category,
                             "display": self.templates.categories.get(category, category)})
         ext: list[dict[str, Any]] = [
             {"url": PAMA, "valueCodeableConcept": {"coding": codings}},

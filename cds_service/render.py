@@ -207,8 +207,6 @@ def load_templates(directory: Path) -> CardTemplates:
         facts=common.get("facts") or {}, kinds=kinds,
         assumptions={str(k): str(v) for k, v in (common.get("assumptions") or {}).items()},
         phrases={str(k): str(v) for k, v in (common.get("phrases") or {}).items()})
-    if any(k.override_reasons for k in kinds.values()) and not templates.override_system:
-        raise TemplateProblem("common.yaml: override_reason_system is required")
     for code in templates.assumptions:
         if templates.assumption(code, {"weeks": 8}) == code:
             raise TemplateProblem(f"common.yaml: assumptions.{code}: only {{weeks}} may be used")

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from cds_service.codesystems import PATH, search_bundle
 from cds_service.engine import Engine, OrderResult
 from cds_service.errors import ProtocolError, issue, outcome_response, validation_issues
 from cds_service.limits import Limits, check_request, check_resources
@@ -94,6 +95,8 @@ class Services:
     limits: Limits
     # override reason code -> the display the cards offer (feedback may name one by code alone)
     offered: dict[str, str] = field(default_factory=dict)
+    # the override-reason systems of our cards: today's and those of former canonical bases
+    override_systems: frozenset[str] = frozenset()
 
 
 def services(request: Request) -> Services:
@@ -231,6 +234,28 @@ async def report(request: Request, start: str | None = None, end: str | None = N
     if "application/json" in request.headers.get("accept", ""):
         return json_response(body)
     return Response(render_html(body), media_type="text/html; charset=utf-8")
+
+
+# ------------------------------------------------------------------ the code systems
+
+
+def fhir_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/fhir+json")
+
+
+@router.get(f"{PATH}/{{cs_id}}")
+async def code_system(cs_id: str, request: Request) -> Response:
+    """One of the service's code systems, at its canonical URL (public, like a terminology)."""
+    found = services(request).engine.code_systems.get(cs_id)
+    if found is None:
+        raise ProtocolError(404, "not-found", f"no CodeSystem '{cs_id}' here", ["id"])
+    return fhir_response(found)
+
+
+@router.get(PATH)
+async def code_system_search(request: Request, url: str | None = None) -> Response:
+    s = services(request)
+    return fhir_response(search_bundle(s.engine.code_systems, s.settings.canonical_root, url))
 
 
 # ------------------------------------------------------------------ the hook call
@@ -407,7 +432,7 @@ def feedback_record(item: Any, s: Services) -> FeedbackRecord:
     reason = item.overrideReason.reason if item.overrideReason else None
     display = None
     if reason is not None:
-        ours = reason.system in (None, s.engine.templates.override_system)
+        ours = reason.system is None or reason.system in s.override_systems
         display = reason.display or (s.offered.get(reason.code) if ours else None)
     return FeedbackRecord(
         card=item.card, outcome=item.outcome, outcome_timestamp=item.outcomeTimestamp,

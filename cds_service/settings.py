@@ -18,6 +18,9 @@ def _default_cards_dir() -> Path:
     return PROJECT_DIR / "cards"
 
 
+DEV_BASE_URL = "http://127.0.0.1:8080"  # where `make run` serves
+
+
 class Settings(BaseSettings):
     """Service configuration; see the README table for what each variable does."""
 
@@ -27,6 +30,11 @@ class Settings(BaseSettings):
 
     # HTTP
     public_base_url: str | None = None
+    # Base of the canonical URLs of the service's code systems ({base}/fhir/CodeSystem/{id});
+    # default: public_base_url. EHRs store these URLs: never change it once live (README).
+    canonical_base: str | None = None
+    # Former canonical bases whose override-reason codes feedback may still carry (comma-separated)
+    canonical_base_previous: str = ""
     max_body_bytes: int = 5 * 1024 * 1024
     # What one hook call may cost (over a limit: 413 with an OperationOutcome)
     max_draft_orders: int = 200
@@ -100,6 +108,17 @@ class Settings(BaseSettings):
     @property
     def is_development(self) -> bool:
         return self.env == "development"
+
+    @property
+    def canonical_root(self) -> str:
+        """The base of the code systems' canonical URLs (``make run``'s address by default;
+        production requires public_base_url, so it never falls back there)."""
+        return (self.canonical_base or self.public_base_url or DEV_BASE_URL).rstrip("/")
+
+    @property
+    def previous_canonical_roots(self) -> list[str]:
+        return [b.strip().rstrip("/") for b in self.canonical_base_previous.split(",")
+                if b.strip()]
 
     @cached_property
     def jwt_algorithm_list(self) -> list[str]:

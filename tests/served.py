@@ -18,13 +18,17 @@ from tests.test_socket import free_port
 
 @contextmanager
 def served(data: Path, **env: str) -> Iterator[str]:
-    """`cds-service serve` in development mode with extra CDS_* settings; yields its base URL."""
+    """`cds-service serve` in development mode with extra CDS_* settings; yields its base URL.
+
+    ``{base}`` in a setting's value is replaced by that URL.
+    """
     port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v.replace("{base}", base) for k, v in env.items()}  # settings naming the address
     full = {**os.environ, "CDS_ENV": "development", "CDS_DATA_DIR": str(data), **env}
     proc = subprocess.Popen([sys.executable, "-m", "cds_service", "serve", "--port", str(port)],
                             cwd=ROOT, env=full, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
             try:

@@ -16,8 +16,6 @@ from tests.builders import hook_request, order, seed_prefetch
 from tests.conftest import FIXTURE_NOW, SELECT, ValidatingClient, dev_settings
 from tests.test_store import ADMIN, db_url  # noqa: F401 - the database fixture (both backends)
 
-OVERRIDE_SYSTEM = "https://cds-lbp-imaging.example.org/CodeSystem/override-reason"
-
 
 def session_app(url: str, tmp_path: Path) -> Any:
     from cds_service.app import create_app
@@ -43,7 +41,8 @@ def feedback(card: dict[str, Any], outcome: str, minute: int,
     if outcome == "accepted":
         item["acceptedSuggestions"] = [{"id": card["suggestions"][0]["uuid"]}]
     else:  # as the sandbox sends it: code and system, no display
-        item["overrideReason"] = {"reason": {"code": reason, "system": OVERRIDE_SYSTEM}}
+        system = card["overrideReasons"][0]["system"]  # the card's own system
+        item["overrideReason"] = {"reason": {"code": reason, "system": system}}
     return item
 
 
