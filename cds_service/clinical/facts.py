@@ -496,6 +496,8 @@ def _set_hits(ctx: _Context, vs: str, scope: Scope) -> tuple[list[tuple[Hit, boo
 
 def flag_fact(spec: FlagSpec, ctx: _Context) -> Fact:
     """One fact from its value sets: hits in scope, then the companion and text rules."""
+    if not ctx.reasons and not ctx.scan.conditions:  # nothing coded to look at
+        return _fact(spec.name, [], {"conditions": ctx.scan.record.conditions})
     per_set: dict[str, list[tuple[Hit, bool]]] = {}
     unreadable = False
     for vs, scope in spec.sets:
