@@ -148,6 +148,7 @@ class CountRequests:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.refresh_audit_queue()  # a hook call queues its audit row
 
 
 def check_production(settings: Settings) -> None:
@@ -268,6 +269,7 @@ def create_app(settings: Settings | None = None, *,
         if verifier is not None:
             await verifier.aclose()
         await store.dispose()
+        metrics.close()
 
     limits = Limits(max_depth=settings.max_json_depth, max_drafts=settings.max_draft_orders,
                     max_codings=settings.max_codings_per_concept,
@@ -288,6 +290,7 @@ def create_app(settings: Settings | None = None, *,
 
     def audit_event(kind: str, rows: int, detail: str) -> None:
         """Audit writer events: at most one per batch written or tried, never one per row."""
+        metrics.refresh_audit_queue()
         if kind == "written":
             metrics.audit_written.inc(rows)
         elif kind == "dropped":
@@ -309,7 +312,7 @@ def create_app(settings: Settings | None = None, *,
     audits = AuditWriter(store, audit_event, interval=settings.audit_flush_seconds,
                          batch=settings.audit_batch_rows, max_queue=settings.audit_queue_rows,
                          retry_max=settings.audit_retry_max_seconds)
-    metrics.audit_queue.set_function(audits.pending)
+    metrics.watch_audit_queue(audits.pending)
     app.state.services = Services(
         settings=settings, engine=engine, store=store, audits=audits, verifier=verifier,
         fetcher=fetcher, metrics=metrics, clock=clock, limits=limits,

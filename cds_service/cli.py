@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,48 @@ def _now(value: str | None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextmanager
+def shared_metrics_dir(workers: int) -> Iterator[Path | None]:
+    """prometheus_client's multiprocess directory while ``serve`` runs, or None (one process).
+
+    Used when PROMETHEUS_MULTIPROC_DIR is set (its stale ``*.db`` files, a previous run's
+    counts, are removed first) or with several workers (then a fresh directory under the temp
+    dir, removed at exit). The variable is exported before any worker starts because a worker
+    chooses where its values live when it first imports prometheus_client.
+    """
+    configured = os.environ.get(MULTIPROC_ENV)
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        yield path
+    elif workers > 1:
+        with tempfile.TemporaryDirectory(prefix="cds-metrics-",
+                                         ignore_cleanup_errors=True) as made:
+            os.environ[MULTIPROC_ENV] = made
+            try:
+                yield Path(made)
+            finally:
+                del os.environ[MULTIPROC_ENV]
+    else:
+        yield None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(shared_metrics_dir(args.workers))
+        except OSError as exc:
+            print(f"cds-service: cannot start: {MULTIPROC_ENV}: {exc}", file=sys.stderr)
+            return 2
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cds_service.app import ConfigurationError, audit_hash_key, build_verifier, check_production

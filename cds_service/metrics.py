@@ -1,12 +1,32 @@
-"""Prometheus metrics of one application instance (its own registry)."""
+"""Prometheus metrics of one application instance.
+
+One process (``make run``, the tests): the metrics live in the application's own registry.
+Several worker processes (``cds-service serve --workers N``): ``serve`` exports
+``PROMETHEUS_MULTIPROC_DIR`` before the workers start, each worker writes its values to files
+there, and ``/metrics`` in any worker renders the sum over all of them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+
+def multiprocess_mode() -> bool:
+    """True when prometheus_client keeps values in PROMETHEUS_MULTIPROC_DIR files.
+
+    prometheus_client chooses this once, when it is first imported; asking it (rather than the
+    environment now) keeps rendering consistent with where the values were really written.
+    """
+    return values.ValueClass is not values.MutexValue
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.multiprocess = multiprocess_mode()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("cds_http_requests_total", "HTTP requests by route and status",
@@ -32,11 +52,36 @@ class Metrics:
         self.audit_fixed = Counter("cds_audit_rows_fixed_total",
                                    "Hook calls audited with a value cut to its column or "
                                    "cleaned of NUL", registry=r)
+        # livesum: the rows queued in the workers still running (each worker has its own queue)
         self.audit_queue = Gauge("cds_audit_queue_rows",
-                                 "Hook calls queued for the audit, not yet written", registry=r)
+                                 "Hook calls queued for the audit, not yet written",
+                                 multiprocess_mode="livesum", registry=r)
         self.jwt_replay_fallback = Counter(
             "cds_jwt_replay_fallback_total", "JWT replay (jti) checks made by this process "
             "alone because the shared database was unavailable", registry=r)
+        self._audit_pending: Callable[[], int] | None = None
+
+    def watch_audit_queue(self, pending: Callable[[], int]) -> None:
+        """Report ``pending()`` as ``cds_audit_queue_rows``, refreshed by
+        :meth:`refresh_audit_queue` (Gauge.set_function is not seen across processes)."""
+        self._audit_pending = pending
+        self.refresh_audit_queue()
+
+    def refresh_audit_queue(self) -> None:
+        """Store the audit queue's length now (call it where the queue may have changed)."""
+        if self._audit_pending is not None:
+            self.audit_queue.set(self._audit_pending())
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text exposition: this application's registry, or the sum over every worker."""
+        self.refresh_audit_queue()
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """At worker exit: drop this process's live gauges from the shared directory."""
+        if self.multiprocess:
+            mark_process_dead(os.getpid())

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from cds_service.codesystems import ACR_CATEGORY, OVERRIDE_REASON, PATH
 from cds_service.protocol import Discovery, Feedback, HookRequest, ServiceResponse
 
 JSON = "application/json"
@@ -145,6 +146,19 @@ def build_openapi(app: FastAPI, service_ids: Iterable[str]) -> dict[str, Any]:
             "200": {"description": "Prometheus metrics",
                     "content": {"text/plain": {"schema": {"type": "string"}}}},
             **_errors("401", "404")}
+    systems = [f"{PATH}/{cs_id}" for cs_id in (ACR_CATEGORY, OVERRIDE_REASON)]
+    one = paths[f"{PATH}/{{cs_id}}"]["get"]
+    one["parameters"] = [{"name": "cs_id", "in": "path", "required": True,
+                          "schema": {"type": "string"},
+                          "examples": {"category": {"value": ACR_CATEGORY},
+                                       "override": {"value": OVERRIDE_REASON}}}]
+    one["responses"] = {
+        "200": {"description": f"A FHIR R4 CodeSystem ({', '.join(systems)})",
+                "content": {FHIR_JSON: {"schema": {"type": "object"}}}},
+        **_errors("404")}
+    paths[PATH]["get"]["responses"] = {
+        "200": {"description": "A searchset Bundle of the service's CodeSystems (url= filters)",
+                "content": {FHIR_JSON: {"schema": {"type": "object"}}}}}
     report = paths["/admin/report"]["get"]
     report["responses"] = {
         "200": {"description": "The feedback report (JSON with Accept: application/json)",
