@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cds_service.codesystems import LEGACY_OVERRIDE_SYSTEM, SystemUrls
@@ -130,6 +131,8 @@ class CountRequests:
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
         self.metrics = metrics
+        # plain Starlette routes name their endpoint, not themselves, in the scope
+        self.templates = {r.endpoint: r.path for r in router.routes if isinstance(r, Route)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -146,7 +149,8 @@ class CountRequests:
         try:
             await self.app(scope, receive, capture)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = getattr(scope.get("route"), "path", None) or self.templates.get(
+                scope.get("endpoint"), "unmatched")
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.refresh_audit_queue()  # a hook call queues its audit row
 

@@ -122,15 +122,18 @@ def build_openapi(app: FastAPI, service_ids: Iterable[str]) -> dict[str, Any]:
                      "schema": {"type": "string", "enum": ids}}
     body = {"required": True}
     auth = ("401",)
-    hook = paths["/cds-services/{service_id}"]["post"]
-    hook.update(parameters=[service_param],
+    # (plain routes, not in FastAPI's document: described here in full)
+    hook = paths.setdefault("/cds-services/{service_id}", {}).setdefault("post", {})
+    hook.update(summary="Rate the imaging orders of a hook call", operationId="hook",
+                parameters=[service_param],
                 requestBody={**body, "content": {JSON: {
                     "schema": _ref("HookRequest"),
                     "examples": {"order-select": {"value": HOOK_EXAMPLE}}}}},
                 responses={**_ok("ServiceResponse", "Cards and PAMA system actions"),
                            **_errors("400", *auth, "404", "408", "412", "413", "503")})
-    feedback = paths["/cds-services/{service_id}/feedback"]["post"]
-    feedback.update(parameters=[service_param],
+    feedback = paths.setdefault("/cds-services/{service_id}/feedback", {}).setdefault("post", {})
+    feedback.update(summary="Feedback on the cards (accepted, overridden)",
+                    operationId="feedback", parameters=[service_param],
                     requestBody={**body, "content": {JSON: {"schema": _ref("Feedback")}}},
                     responses={**_ok("FeedbackReceived", "Feedback stored (idempotent)"),
                                **_errors("400", *auth, "404", "408", "413", "503")})

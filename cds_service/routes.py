@@ -23,6 +23,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.routing import Route
 
 from cds_service.codesystems import PATH, search_bundle
 from cds_service.engine import Engine, OrderResult
@@ -261,8 +262,8 @@ async def code_system_search(request: Request, url: str | None = None) -> Respon
 # ------------------------------------------------------------------ the hook call
 
 
-@router.post("/cds-services/{service_id}")
-async def hook(service_id: str, request: Request) -> Response:
+async def hook(request: Request) -> Response:
+    service_id: str = request.path_params["service_id"]
     s = services(request)
     described = known_service(service_id)
     await authenticate(request, s)
@@ -390,8 +391,8 @@ def audit_row(service_id: str, request: HookRequest, results: list[OrderResult],
 # ------------------------------------------------------------------ feedback
 
 
-@router.post("/cds-services/{service_id}/feedback")
-async def feedback(service_id: str, request: Request) -> Response:
+async def feedback(request: Request) -> Response:
+    service_id: str = request.path_params["service_id"]
     s = services(request)
     known_service(service_id)
     await authenticate(request, s)
@@ -441,3 +442,12 @@ def feedback_record(item: Any, s: Services) -> FeedbackRecord:
         override_code=reason.code if reason else None,
         override_display=str(display) if display else None,
         user_comment=item.overrideReason.userComment if item.overrideReason else None)
+
+
+# The hook call and its feedback are plain routes, matched before the others: nearly all traffic
+# is theirs, and they read their own bodies (no parameters for FastAPI to solve on each call).
+# openapi.py describes them.
+router.routes[:0] = [
+    Route("/cds-services/{service_id}", hook, methods=["POST"], name="hook"),
+    Route("/cds-services/{service_id}/feedback", feedback, methods=["POST"], name="feedback"),
+]
