@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+import orjson
+
+from cds_service.clinical.answers import Attested, attest, denies, is_attested, read_answers
 from cds_service.clinical.facts import (
     ClinicalParams,
     Evidence,
@@ -27,7 +30,8 @@ from cds_service.clinical.facts import (
 from cds_service.clinical.scenario import CANCEL, Alternative, Decision, decide
 from cds_service.codesystems import SystemUrls, code_systems
 from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
-from cds_service.protocol import Action, Card, CardSource, Coding, HookRequest, Suggestion
+from cds_service.protocol import Action, Card, CardSource, Coding, HookRequest, Link, Suggestion
+from cds_service.questionnaire import answers_code_system, build_questionnaire, load_questions
 from cds_service.record import PatientRecord
 from cds_service.record.prefetch import as_list
 from cds_service.render import CardTemplates
@@ -38,6 +42,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
     VERSION = "0.0.0"
 PAMA = "http://fhir.org/argonaut/Extension/pama-rating"
+ASKING_KINDS = ("missing-data", "not-appropriate")  # cards that link to the questions
 PAMA_SYSTEM = "http://fhir.org/argonaut/CodeSystem/pama-rating"
 PAMA_QCDSM = "http://fhir.org/argonaut/Extension/pama-rating-qcdsm-consulted"
 PAMA_CONSULT = "http://fhir.org/argonaut/Extension/pama-rating-consult-id"
@@ -188,9 +193,17 @@ class Engine:
                                  url=templates.source.get("url") or None)
         # the site's own override-reason system (cards/common.yaml) or ours
         self.systems = SystemUrls.under(settings.canonical_root, templates.override_system)
+        self.questions = load_questions(settings.knowledge_dir)
+        roots = [settings.canonical_root, *settings.previous_canonical_roots]
+        self.questionnaire_urls = frozenset(self.questions.url(r) for r in roots)
         self.code_systems = code_systems(
             self.systems, templates.categories,
             [r for k in templates.kinds.values() for r in k.override_reasons], VERSION)
+        self.code_systems[self.questions.answers_system_id] = answers_code_system(
+            self.questions, settings.canonical_root, VERSION)
+        self.questionnaire = build_questionnaire(self.questions, settings.canonical_root)
+        self._duration_answers = {code: display for q in self.questions.items
+                                  if q.fact == "duration" for code, display in q.answers}
         # card kind -> the override reasons its cards offer (the same on every card)
         self._reasons = {kind: [Coding(system=self.systems.override_reason, code=r["code"],
                                        display=r["display"]) for r in k.override_reasons]
@@ -231,10 +244,10 @@ class Engine:
             targets.append((order, proc))
         return targets
 
-    def _drafted_counts(self, request: HookRequest) -> Counter[str]:
+    def _drafted_counts(self, drafts: list[dict[str, Any]]) -> Counter[str]:
         """How many draft ServiceRequests order each catalog procedure (counted once)."""
         counts: Counter[str] = Counter()
-        for d in request.context.draftOrders.resources():
+        for d in drafts:
             if d.get("resourceType") == "ServiceRequest":
                 proc = self.knowledge.procedure_of(_order_codings(d))
                 if proc is not None:
@@ -252,13 +265,30 @@ class Engine:
             targets = self.imaging_targets(request)
         if not targets:
             return []
+        return self._rate(targets, request.context.draftOrders.resources(), record, now)
+
+    def rate_order(self, order: dict[str, Any], record: PatientRecord,
+                   now: datetime) -> OrderResult | None:
+        """Rate one ServiceRequest on its own (the SMART app: the order read from the EHR and
+        the clinician's answers in ``record.questionnaire_responses``); None if not imaging."""
+        proc = self.knowledge.procedure_of(_order_codings(order))
+        if proc is None:
+            return None
+        results = self._rate([(order, proc)], [order], record, now)
+        return results[0] if results else None
+
+    def _rate(self, targets: list[tuple[dict[str, Any], Procedure]],
+              draft_orders: list[dict[str, Any]], record: PatientRecord,
+              now: datetime) -> list[OrderResult]:
         scan = scan_record(record, self.knowledge)
-        drafts = scan_drafts(request.context.draftOrders.resources(), self.knowledge)
-        counts = self._drafted_counts(request)
+        drafts = scan_drafts(draft_orders, self.knowledge)
+        counts = self._drafted_counts(draft_orders)
+        answers = self.answers(record, now)
         results = []
         for order, proc in targets:
             facts = derive_facts(scan, order, drafts, self.knowledge, now, self.params,
                                  lumbar=proc.region == "lumbar")
+            facts = attest(facts, answers, self.questions, self.params)
             if (proc.region != "lumbar" and facts.indication.value is not Tri.YES
                     and not facts.other_indication):
                 continue  # a whole-body study with no indication given is not lumbar imaging
@@ -272,6 +302,20 @@ class Engine:
             results.append(OrderResult(order, proc, facts, decision,
                                        [c for _, c in kinds_cards], [k for k, _ in kinds_cards]))
         return results
+
+    def answers(self, record: PatientRecord, now: datetime) -> dict[str, Attested]:
+        """The clinician's answers in the record (completed responses to our Questionnaire)."""
+        if not record.questionnaire_responses.resources:
+            return {}
+        return read_answers(record.questionnaire_responses.resources, self.questions,
+                            self.questionnaire_urls, now, self.settings.answer_valid_days)
+
+    def questions_to_ask(self, subject: _Subject) -> list[str]:
+        """The linkIds of the questions whose answers would settle the order's rating (or its
+        scenario), for the card's link to the SMART app."""
+        facts = {"conservative_care" if name == "care" else name
+                 for name in subject.decision.deciding}
+        return [q.link_id for q in self.questions.for_facts(facts)]
 
     # ------------------------------------------------------------------ policy
 
@@ -350,7 +394,9 @@ class Engine:
             alternatives = [self._alt(p, c) for p, c in rated]
         document, not_sent = self._missing(subject)
         mri = facts.recent_mri.evidence[0] if facts.recent_mri.evidence else None
-        devices = ", ".join(sorted({finding(e) for e in facts.mri_safety.evidence}))
+        devices = ", ".join(sorted({finding(e) for e in facts.mri_safety.evidence
+                                    if not denies(e)})) if facts.mri_safety.value is Tri.YES \
+            else ""
         assumed = [(code, params) for code, params in facts.assumptions
                    if code != "candidate-after-failed-care" or decision.assumption_drives]
         category = decision.category
@@ -423,6 +469,11 @@ class Engine:
 
     def _duration_text(self, facts: Facts, now: datetime | None) -> str:
         t = self.templates
+        said = [e for e in facts.duration_fact.evidence if is_attested(e)]
+        if said and len(facts.duration) == 1:
+            (category,) = facts.duration
+            span = self._duration_answers.get(category, category).lower()
+            return t.phrase("duration-attested", span=span, day=said[0].date)
         onset = [e for e in facts.duration_fact.evidence if e.date]
         if not onset:
             return t.phrase("duration-unknown")
@@ -471,6 +522,7 @@ class Engine:
                                 or "Remove the draft order",
                                 resourceId=f"ServiceRequest/{order.get('id')}")]))
         reasons = self._reasons[kind]
+        links = self._app_link(kind, subject)
         return Card(
             uuid=str(uuid.uuid4()),
             summary=t.render(kind, "summary", ctx) or proc.name,
@@ -479,7 +531,23 @@ class Engine:
             detail=t.render(kind, "detail", ctx) or None,
             suggestions=suggestions or None,
             selectionBehavior="at-most-one" if suggestions else None,
-            overrideReasons=reasons or None)
+            overrideReasons=reasons or None,
+            links=links or None)
+
+    def _app_link(self, kind: str, subject: _Subject) -> list[Link]:
+        """A SMART app link asking the questions that would settle the rating (no PHI in the
+        app context: the order's reference, the study and the questions' linkIds)."""
+        if not self.settings.smart_app_enabled or kind not in ASKING_KINDS:
+            return []
+        ask = self.questions_to_ask(subject)
+        if not ask:
+            return []
+        count = f"{len(ask)} question" + ("s" if len(ask) != 1 else "")
+        context = {"order": f"ServiceRequest/{subject.order.get('id')}",
+                   "procedure": subject.procedure.id, "ask": ask}
+        return [Link(label=self.templates.phrase("smart-link", questions=count),
+                     url=f"{self.settings.app_base_url}/app/launch", type="smart",
+                     appContext=orjson.dumps(context).decode())]
 
     # ------------------------------------------------------------------ FHIR payloads
 

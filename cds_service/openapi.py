@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from cds_service.codesystems import ACR_CATEGORY, OVERRIDE_REASON, PATH
 from cds_service.protocol import Discovery, Feedback, HookRequest, ServiceResponse
+from cds_service.questionnaire import QUESTIONNAIRE_PATH
 
 JSON = "application/json"
 FHIR_JSON = "application/fhir+json"
@@ -162,6 +163,10 @@ def build_openapi(app: FastAPI, service_ids: Iterable[str]) -> dict[str, Any]:
     paths[PATH]["get"]["responses"] = {
         "200": {"description": "A searchset Bundle of the service's CodeSystems (url= filters)",
                 "content": {FHIR_JSON: {"schema": {"type": "object"}}}}}
+    paths[f"{QUESTIONNAIRE_PATH}/{{q_id}}"]["get"]["responses"] = {
+        "200": {"description": "The FHIR R4 Questionnaire lbp-imaging-auc",
+                "content": {FHIR_JSON: {"schema": {"type": "object"}}}},
+        **_errors("404")}
     report = paths["/admin/report"]["get"]
     report["responses"] = {
         "200": {"description": "The feedback report (JSON with Accept: application/json)",

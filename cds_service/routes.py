@@ -37,6 +37,7 @@ from cds_service.protocol import (
     ServiceDescription,
     ServiceResponse,
 )
+from cds_service.questionnaire import QUESTIONNAIRE_PATH
 from cds_service.record import PREFETCH_TEMPLATES, PatientRecord, record_from_prefetch
 from cds_service.record.fetch import FhirFetcher
 from cds_service.record.prefetch import SOURCE_ATTRS, Source, SourceState
@@ -250,6 +251,15 @@ async def code_system(cs_id: str, request: Request) -> Response:
     found = services(request).engine.code_systems.get(cs_id)
     if found is None:
         raise ProtocolError(404, "not-found", f"no CodeSystem '{cs_id}' here", ["id"])
+    return fhir_response(found)
+
+
+@router.get(f"{QUESTIONNAIRE_PATH}/{{q_id}}")
+async def questionnaire(q_id: str, request: Request) -> Response:
+    """The Questionnaire of the questions that decide a rating (what the SMART app asks)."""
+    found = services(request).engine.questionnaire
+    if q_id != found["id"]:
+        raise ProtocolError(404, "not-found", f"no Questionnaire '{q_id}' here", ["id"])
     return fhir_response(found)
 
 

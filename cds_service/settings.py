@@ -80,6 +80,18 @@ class Settings(BaseSettings):
     conservative_care_weeks: int = 6
     elderly_over_age: int = 70  # the fracture red flag: older than this many years
     recent_red_flag_days: int = 90  # red-flag symptoms this recent count (as do this episode's)
+    # A clinician's answer (QuestionnaireResponse of lbp-imaging-auc) counts this long
+    answer_valid_days: int = 30
+
+    # The SMART app that asks the questions the record leaves open (/app/); off: no card link
+    smart_app_enabled: bool = True
+    smart_client_id: str = "cds-lbp-imaging"
+    smart_scopes: str = ("launch openid fhirUser patient/Patient.rs patient/Condition.rs "
+                         "patient/Procedure.rs patient/ServiceRequest.rs "
+                         "patient/MedicationRequest.rs patient/QuestionnaireResponse.crs")
+    smart_session_seconds: int = 900  # the app's server-side session (holds the access token)
+    # secret that signs the app's session cookie; required in production when the app is on
+    smart_session_secret: str | None = None
     episode_grace_days: int = 14
     recent_mri_months: int = 12
     recent_trauma_days: int = 90
@@ -114,6 +126,11 @@ class Settings(BaseSettings):
         """The base of the code systems' canonical URLs (``make run``'s address by default;
         production requires public_base_url, so it never falls back there)."""
         return (self.canonical_base or self.public_base_url or DEV_BASE_URL).rstrip("/")
+
+    @property
+    def app_base_url(self) -> str:
+        """Where the EHR reaches the service (and its SMART app)."""
+        return (self.public_base_url or DEV_BASE_URL).rstrip("/")
 
     @property
     def previous_canonical_roots(self) -> list[str]:

@@ -49,6 +49,7 @@ def test_discovery_lists_one_service_per_hook_with_prefetch(client: ValidatingCl
         "procedures": "Procedure?patient={{context.patientId}}",
         "servicerequests": "ServiceRequest?patient={{context.patientId}}",
         "medications": "MedicationRequest?patient={{context.patientId}}",
+        "questionnaireresponses": "QuestionnaireResponse?patient={{context.patientId}}",
     }
 
 

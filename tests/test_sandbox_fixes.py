@@ -113,9 +113,12 @@ def test_an_open_allow_listed_server_is_read_without_a_token(fhir: FhirTestServe
         r = c.post(SELECT, json=without_procedures(fhir))
         assert r.status_code == 200, r.text  # rated, not 412
         assert r.json()["systemActions"]
-        assert [p for p, _ in fhir.requests] == ["/fhir/Procedure?patient=pt-seed"]
+        # what the prefetch lacked, and the clinician's answers (optional: fetched alongside)
+        assert sorted(p for p, _ in fhir.requests) == [
+            "/fhir/Procedure?patient=pt-seed", "/fhir/QuestionnaireResponse?patient=pt-seed"]
         assert all(auth is None for _, auth in fhir.requests)  # no token was invented
-        assert fetch_outcomes(c) == {"fetched": 1.0}
+        # this server has no QuestionnaireResponse endpoint: answers unknown, still rated
+        assert fetch_outcomes(c) == {"fetched": 1.0, "http-404": 1.0}
 
 
 def test_without_the_setting_no_fetch_and_the_outcome_says_no_token(
@@ -126,7 +129,8 @@ def test_without_the_setting_no_fetch_and_the_outcome_says_no_token(
         r = c.post(SELECT, json=without_procedures(fhir))
         assert r.status_code == 412
         assert fhir.requests == []
-        assert fetch_outcomes(c) == {"no-token": 1.0}  # not "no-server": one was given
+        # one per key not received (procedures, and the optional answers)
+        assert fetch_outcomes(c) == {"no-token": 2.0}  # not "no-server": one was given
 
 
 def test_no_fetch_from_a_server_that_is_not_allow_listed(fhir: FhirTestServer) -> None:
@@ -134,4 +138,4 @@ def test_no_fetch_from_a_server_that_is_not_allow_listed(fhir: FhirTestServer) -
         fhir.requests.clear()
         r = c.post(SELECT, json=without_procedures(fhir))
         assert r.status_code == 412 and fhir.requests == []
-        assert fetch_outcomes(c) == {"not-allowed": 1.0}
+        assert fetch_outcomes(c) == {"not-allowed": 2.0}  # procedures, and the answers

@@ -20,10 +20,16 @@ PREFETCH_TEMPLATES: dict[str, tuple[str, str]] = {
     "procedures": ("Procedure", "Procedure?patient={{context.patientId}}"),
     "servicerequests": ("ServiceRequest", "ServiceRequest?patient={{context.patientId}}"),
     "medications": ("MedicationRequest", "MedicationRequest?patient={{context.patientId}}"),
+    # the clinician's answers to the service's Questionnaire (the SMART app writes them)
+    "questionnaireresponses": ("QuestionnaireResponse",
+                               "QuestionnaireResponse?patient={{context.patientId}}"),
 }
 # prefetch key -> PatientRecord attribute
 SOURCE_ATTRS = {"patient": "patient", "conditions": "conditions", "procedures": "procedures",
-                "servicerequests": "service_requests", "medications": "medications"}
+                "servicerequests": "service_requests", "medications": "medications",
+                "questionnaireresponses": "questionnaire_responses"}
+# Sources that only add (answers): without them nothing is unknown, so nothing is asked for
+OPTIONAL_KEYS = frozenset({"questionnaireresponses"})
 
 
 class SourceState(StrEnum):
@@ -57,13 +63,17 @@ class PatientRecord:
     service_requests: Source
     medications: Source = field(default_factory=lambda: Source(SourceState.MISSING,
                                                                note="not prefetched"))
+    questionnaire_responses: Source = field(
+        default_factory=lambda: Source(SourceState.MISSING, note="not prefetched"))
 
     def sources(self) -> dict[str, Source]:
         return {key: getattr(self, attr) for key, attr in SOURCE_ATTRS.items()}
 
     def missing_keys(self) -> list[str]:
-        """Prefetch keys whose data did not arrive (or arrived only in part)."""
-        return [k for k, s in self.sources().items() if s.state is not SourceState.COMPLETE]
+        """Prefetch keys whose data did not arrive (or arrived only in part), the optional
+        ones (answers) aside."""
+        return [k for k, s in self.sources().items()
+                if s.state is not SourceState.COMPLETE and k not in OPTIONAL_KEYS]
 
 
 def as_list(value: Any) -> list[Any]:

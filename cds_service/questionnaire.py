@@ -1,0 +1,223 @@
+"""The questions that decide a rating, as data (``knowledge/questions.yaml``), and what is built
+from them: the FHIR R4 Questionnaire the service publishes, the QuestionnaireResponse the SMART
+app writes, and the answers the engine reads back from a response.
+
+One source: the Questionnaire, the app's form and the engine's reading of answers all come from
+the same list of questions, keyed by linkId.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cds_service.codesystems import PATH as CODESYSTEM_PATH
+from cds_service.knowledge import KNOWLEDGE_DIR, KnowledgeError, read_yaml_mapping
+
+QUESTIONNAIRE_PATH = "/fhir/Questionnaire"
+TYPES = {"boolean", "integer", "choice"}
+# The facts a question may settle (names of cds_service.clinical.facts.Facts fields)
+FACTS = {"duration", "conservative_care", "candidate_evidence", "cauda_equina", "neuro_deficit",
+         "cancer", "infection", "immunosuppression", "trauma", "osteoporosis", "steroids",
+         "prior_surgery", "mri_safety"}
+
+Answer = bool | int | str  # boolean, integer, or the code of a choice
+
+
+@dataclass(frozen=True)
+class Question:
+    link_id: str
+    fact: str
+    text: str
+    type: str
+    answers: tuple[tuple[str, str], ...] = ()  # (code, display) of a choice
+    unit: str | None = None
+    enable_when: tuple[str, Answer] | None = None  # (linkId, answer)
+
+
+@dataclass(frozen=True)
+class Questions:
+    """The questionnaire's identity and its questions, in order."""
+
+    id: str
+    name: str
+    title: str
+    version: str
+    source: str
+    answers_system_id: str
+    items: tuple[Question, ...]
+    by_link: dict[str, Question] = field(default_factory=dict, compare=False)
+
+    def url(self, canonical_root: str) -> str:
+        return f"{canonical_root.rstrip('/')}{QUESTIONNAIRE_PATH}/{self.id}"
+
+    def answers_system(self, canonical_root: str) -> str:
+        return f"{canonical_root.rstrip('/')}{CODESYSTEM_PATH}/{self.answers_system_id}"
+
+    def for_facts(self, facts: Iterable[str]) -> list[Question]:
+        """The questions that settle any of the facts (with those they depend on), in order."""
+        wanted = set(facts)
+        chosen = {q.link_id for q in self.items if q.fact in wanted}
+        chosen |= {q.enable_when[0] for q in self.items
+                   if q.link_id in chosen and q.enable_when}
+        return [q for q in self.items if q.link_id in chosen]
+
+
+def load_questions(directory: Path | None = None) -> Questions:
+    """Read and check ``questions.yaml``; raise KnowledgeError naming any problem."""
+    path = (directory or KNOWLEDGE_DIR) / "questions.yaml"
+    doc = read_yaml_mapping(path, KnowledgeError)
+    head = doc.get("questionnaire") or {}
+    for key in ("id", "name", "title", "version", "source", "answers_system_id"):
+        if not isinstance(head.get(key), str) or not head[key]:
+            raise KnowledgeError(f"{path}: questionnaire.{key} is required (a string)")
+    items: list[Question] = []
+    for i, raw in enumerate(doc.get("questions") or []):
+        items.append(_question(raw, f"{path}: questions[{i}]", items))
+    if not items:
+        raise KnowledgeError(f"{path}: no questions")
+    return Questions(head["id"], head["name"], head["title"], head["version"], head["source"],
+                     head["answers_system_id"], tuple(items),
+                     {q.link_id: q for q in items})
+
+
+def _question(raw: Any, where: str, earlier: list[Question]) -> Question:
+    if not isinstance(raw, dict):
+        raise KnowledgeError(f"{where}: must be a mapping")
+    link_id, fact, text, kind = (raw.get(k) for k in ("linkId", "fact", "text", "type"))
+    if not isinstance(link_id, str) or not link_id or any(q.link_id == link_id for q in earlier):
+        raise KnowledgeError(f"{where}: linkId must be a unique non-empty string")
+    if fact not in FACTS:
+        raise KnowledgeError(f"{where}: fact must be one of {sorted(FACTS)}")
+    if not isinstance(text, str) or not text.strip():
+        raise KnowledgeError(f"{where}: text is required")
+    if kind not in TYPES:
+        raise KnowledgeError(f"{where}: type must be one of {sorted(TYPES)}")
+    answers = tuple((str(a["code"]), str(a["display"])) for a in raw.get("answers") or []
+                    if isinstance(a, dict) and a.get("code") and a.get("display"))
+    if (kind == "choice") != bool(answers):
+        raise KnowledgeError(f"{where}: a choice lists its answers (code, display); "
+                             "other types list none")
+    enable = raw.get("enable_when")
+    when: tuple[str, Answer] | None = None
+    if enable is not None:
+        target = next((q for q in earlier if q.link_id == (enable or {}).get("question")), None)
+        if target is None or target.type != "boolean" or not isinstance(enable.get("answer"), bool):
+            raise KnowledgeError(f"{where}: enable_when names an earlier boolean question and "
+                                 "an answer true or false")
+        when = (target.link_id, enable["answer"])
+    return Question(link_id, fact, text.strip(), kind, answers, raw.get("unit"), when)
+
+
+# ------------------------------------------------------------------ FHIR resources
+
+
+def build_questionnaire(questions: Questions, canonical_root: str) -> dict[str, Any]:
+    """The FHIR R4 Questionnaire (SDC-style: linkIds, item types, answer options, enableWhen)."""
+    system = questions.answers_system(canonical_root)
+    items = []
+    for q in questions.items:
+        item: dict[str, Any] = {"linkId": q.link_id, "text": q.text, "type": q.type,
+                                "required": False}
+        if q.answers:
+            item["answerOption"] = [{"valueCoding": {"system": system, "code": c, "display": d}}
+                                    for c, d in q.answers]
+        if q.unit:
+            item["extension"] = [{
+                "url": "http://hl7.org/fhir/StructureDefinition/questionnaire-unit",
+                "valueCoding": {"system": "http://unitsofmeasure.org", "code": "wk",
+                                "display": q.unit}}]
+        if q.enable_when:
+            item["enableWhen"] = [{"question": q.enable_when[0], "operator": "=",
+                                   "answerBoolean": q.enable_when[1]}]
+        items.append(item)
+    return {
+        "resourceType": "Questionnaire", "id": questions.id,
+        "url": questions.url(canonical_root), "version": questions.version,
+        "name": questions.name, "title": questions.title, "status": "active",
+        "experimental": False, "subjectType": ["Patient"],
+        "description": "The questions that settle the ACR appropriateness rating of a lumbar "
+                       f"spine imaging order when the record does not. Source of the criteria: "
+                       f"{questions.source}.",
+        "item": items,
+    }
+
+
+def answers_code_system(questions: Questions, canonical_root: str,
+                        version: str) -> dict[str, Any]:
+    """The code system of the choice answers (pain duration categories)."""
+    concepts = [{"code": c, "display": d} for q in questions.items for c, d in q.answers]
+    return {
+        "resourceType": "CodeSystem", "id": questions.answers_system_id,
+        "url": questions.answers_system(canonical_root), "version": version,
+        "name": "LumbarImagingAnswers", "title": "Answers of the lumbar imaging questions",
+        "status": "active", "experimental": False, "caseSensitive": True,
+        "content": "complete", "count": len(concepts), "concept": concepts,
+        "description": "Coded answers of the Questionnaire " + questions.url(canonical_root),
+    }
+
+
+def build_response(questions: Questions, canonical_root: str, answers: Mapping[str, Answer],
+                   patient_id: str, authored: datetime,
+                   order_reference: str | None = None) -> dict[str, Any]:
+    """A completed QuestionnaireResponse holding the given answers (unanswered items left out,
+    as are those a false enableWhen hides)."""
+    system = questions.answers_system(canonical_root)
+    items = []
+    for q in questions.items:
+        if q.link_id not in answers or not _enabled(q, answers):
+            continue
+        value = answers[q.link_id]
+        if q.type == "boolean":
+            answer: dict[str, Any] = {"valueBoolean": bool(value)}
+        elif q.type == "integer":
+            answer = {"valueInteger": int(value)}
+        else:
+            display = dict(q.answers)[str(value)]
+            answer = {"valueCoding": {"system": system, "code": str(value), "display": display}}
+        items.append({"linkId": q.link_id, "text": q.text, "answer": [answer]})
+    response: dict[str, Any] = {
+        "resourceType": "QuestionnaireResponse",
+        "questionnaire": f"{questions.url(canonical_root)}|{questions.version}",
+        "status": "completed", "subject": {"reference": f"Patient/{patient_id}"},
+        "authored": authored.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "item": items,
+    }
+    if order_reference:
+        response["basedOn"] = [{"reference": order_reference}]
+    return response
+
+
+def _enabled(q: Question, answers: Mapping[str, Answer]) -> bool:
+    return q.enable_when is None or answers.get(q.enable_when[0]) == q.enable_when[1]
+
+
+def parse_form(questions: Questions, form: Mapping[str, str],
+               asked: Iterable[str] | None = None) -> tuple[dict[str, Answer], list[str]]:
+    """Answers from an HTML form (``yes``/``no``, a whole number of weeks, a choice code), and
+    the problems found (the linkIds of answers that cannot be read). Empty fields: unanswered."""
+    answers: dict[str, Answer] = {}
+    problems: list[str] = []
+    for q in questions.items:
+        if asked is not None and q.link_id not in set(asked):
+            continue
+        raw = (form.get(q.link_id) or "").strip()
+        if not raw:
+            continue
+        value = _form_value(q, raw)
+        if value is None:
+            problems.append(q.link_id)
+        else:
+            answers[q.link_id] = value
+    return answers, problems
+
+
+def _form_value(q: Question, raw: str) -> Answer | None:
+    if q.type == "boolean":
+        return {"yes": True, "no": False}.get(raw.lower())
+    if q.type == "integer":
+        return int(raw) if raw.isdigit() and int(raw) <= 520 else None  # up to ten years
+    return raw if raw in dict(q.answers) else None
