@@ -63,17 +63,31 @@ def check_request(body: Any, limits: Limits) -> Exceeded | None:
 
 def check_resources(key: str, resources: Iterable[Mapping[str, Any]],
                     limits: Limits) -> Exceeded | None:
-    """The first limit a patient-record resource exceeds in the concepts the service reads."""
+    """The first limit a patient-record resource exceeds in the concepts the service reads.
+
+    (The loop is written out: it runs for every concept of every resource of a chart.)
+    """
+    most, longest = limits.max_codings, limits.max_code_length
     for resource in resources:
         for name in READ_CONCEPTS:
             value = resource.get(name)
             if value is None:
                 continue
             for concept in value if type(value) is list else (value,):
-                if type(concept) is dict and "coding" in concept:
-                    fault = _concept_fault(concept, limits)
-                    if fault:
-                        return Exceeded(fault, f"prefetch.{key}")
+                codings = concept.get("coding") if type(concept) is dict else None
+                if type(codings) is not list:
+                    continue
+                over = len(codings) > most
+                for coding in codings if not over else ():
+                    if type(coding) is dict:
+                        code, system = coding.get("code"), coding.get("system")
+                        if ((type(code) is str and len(code) > longest)
+                                or (type(system) is str and len(system) > longest)):
+                            over = True
+                            break
+                if over:
+                    return Exceeded(_concept_fault(concept, limits) or "over limits",
+                                    f"prefetch.{key}")
     return None
 
 

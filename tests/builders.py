@@ -62,6 +62,7 @@ def seed_prefetch(now: datetime) -> dict[str, Any]:
                              procedure("p-pt2", "97110", day(now, 49))),
         "servicerequests": bundle(),
         "medications": bundle(),
+        "questionnaireresponses": bundle(),  # no answers given (the key is optional)
     }
 
 

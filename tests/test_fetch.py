@@ -51,6 +51,8 @@ def mock_all(router: respx.Router, prefetch: dict[str, Any]) -> None:
         200, json=prefetch["servicerequests"])
     router.get(f"{BASE}/MedicationRequest", params={"patient": PATIENT}).respond(
         200, json=prefetch["medications"])
+    router.get(f"{BASE}/QuestionnaireResponse", params={"patient": PATIENT}).respond(
+        200, json=prefetch["questionnaireresponses"])
 
 
 def test_fetches_every_missing_key_with_the_bearer_token() -> None:

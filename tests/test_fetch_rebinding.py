@@ -40,6 +40,7 @@ NAME = "fhir.rebind.test"  # .test: no real DNS server answers it
 TOKEN = "rebind-token-" + "7" * 12
 SEED = seed_prefetch(FIXTURE_NOW)
 KEYS = list(SEED)
+SERVED = {**TYPES, "QuestionnaireResponse": "questionnaireresponses"}  # resource type -> key
 
 
 class Recorder(LoopbackServer):
@@ -60,7 +61,7 @@ class Recorder(LoopbackServer):
                 outer.hits.append((self.path, self.headers.get("Host")))
                 kind = urlsplit(self.path).path.split("/")[2]
                 body = json.dumps(SEED["patient"] if kind == "Patient"
-                                  else SEED[TYPES[kind]]).encode()
+                                  else SEED[SERVED[kind]]).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/fhir+json")
                 self.send_header("Content-Length", str(len(body)))
@@ -138,7 +139,7 @@ def test_the_connection_goes_to_the_address_checked_not_a_second_answer(
     route_system_lookups(monkeypatch, dns)
     [report] = fetch(f"http://{NAME}:{a.port}/fhir", dns)
     assert report.outcomes == {k: "fetched" for k in KEYS}
-    assert len(a.hits) == 5  # five connections (the server closes each), all to A
+    assert len(a.hits) == len(KEYS)  # one connection a source (the server closes each), all A
     assert b.hits == []
     assert dns.lookups == [NAME]
     assert {host for _, host in a.hits} == {f"{NAME}:{a.port}"}  # the name, not the address
@@ -151,7 +152,7 @@ def test_each_call_checks_again_and_its_new_connections_use_its_own_answer(
     route_system_lookups(monkeypatch, dns)
     first, second = fetch(f"http://{NAME}:{a.port}/fhir", dns, calls=2)
     assert first.outcomes == second.outcomes == {k: "fetched" for k in KEYS}
-    assert (len(a.hits), len(b.hits)) == (5, 5)
+    assert (len(a.hits), len(b.hits)) == (len(KEYS), len(KEYS))
     assert dns.lookups == [NAME, NAME]
 
 
@@ -162,7 +163,7 @@ def test_the_checked_addresses_are_tried_in_order(servers: tuple[Recorder, Recor
     route_system_lookups(monkeypatch, dns)
     [report] = fetch(f"http://{NAME}:{a.port}/fhir", dns)
     assert report.outcomes == {k: "fetched" for k in KEYS}
-    assert len(a.hits) == 5 and dns.lookups == [NAME]
+    assert len(a.hits) == len(KEYS) and dns.lookups == [NAME]
 
 
 def test_an_ip_literal_is_checked_without_a_lookup(servers: tuple[Recorder, Recorder],
@@ -249,7 +250,7 @@ def test_an_unresolvable_name_is_counted_and_answered_with_412(
     with ValidatingClient(app) as c:
         assert c.post(SELECT, json=body).status_code == 412
         metrics = c.get("/metrics").text
-    assert 'cds_fhir_fetch_total{outcome="unresolvable"} 5.0' in metrics
+    assert f'cds_fhir_fetch_total{{outcome="unresolvable"}} {len(KEYS)}.0' in metrics
     assert a.hits == []
 
 
@@ -307,6 +308,6 @@ def test_tls_sni_certificate_and_host_use_the_name(tmp_path: Path,
         [report] = fetch(f"https://{NAME}:{server.port}/fhir", dns)
     # the certificate names no IP address: it was verified against the name
     assert report.outcomes == {k: "fetched" for k in KEYS}
-    assert set(server.sni) == {NAME} and len(server.sni) == 5
+    assert set(server.sni) == {NAME} and len(server.sni) == len(KEYS)
     assert {host for _, host in server.hits} == {f"{NAME}:{server.port}"}
     assert dns.lookups == [NAME]

@@ -29,7 +29,7 @@ HOSTILE_IDS = UNFETCHABLE_IDS + ["%2e%2e", "..%2f..%2fescaped", "x&_count=1000",
                                  "x#frag", "x y", "x;y=1", "pt-é", "..."]
 CONTROL_IDS = ["x\ny", "x\r\ny", "x\ty", "x\x00y", "x\x7fy", "x\x85y", "\n"]
 SEARCHES = ("/fhir/Condition", "/fhir/Procedure", "/fhir/ServiceRequest",
-            "/fhir/MedicationRequest")
+            "/fhir/MedicationRequest", "/fhir/QuestionnaireResponse")
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_a_patient_id_stays_one_path_segment_or_one_query_value(fhir: FhirTestSe
         assert fhir.requests == []
         assert set(report.outcomes.values()) == {"bad-patient-id"}
     else:
-        assert len(fhir.requests) == 5
+        assert len(fhir.requests) == len(SEARCHES) + 1  # and Patient/{id}
 
 
 def test_the_server_reads_back_the_patient_id_it_was_given(fhir: FhirTestServer) -> None:
