@@ -47,6 +47,8 @@ from cds_service.security import (
     public_base_url_problem,
 )
 from cds_service.settings import Settings, get_settings
+from cds_service.smart import SmartApp
+from cds_service.smart import router as smart_router
 from cds_service.store import (
     AuditWriter,
     DatabaseReplayCache,
@@ -157,8 +159,9 @@ class CountRequests:
 
 def check_production(settings: Settings) -> None:
     """Outside development mode, name every secret setting that is missing, then refuse a
-    trusted-issuer file that cannot be used (or has an http JWKS URL) and a missing or
-    non-https CDS_PUBLIC_BASE_URL (the JWT audience is built from it, never from Host)."""
+    trusted-issuer file that cannot be used (or has an http JWKS URL), a missing or
+    non-https CDS_PUBLIC_BASE_URL (the JWT audience is built from it, never from Host), and a
+    CDS_SMART_SESSION_SECRET too short to sign with."""
     if settings.is_development:
         return
     missing = [name for name, value in (("CDS_TRUSTED_ISSUERS_FILE",
@@ -176,6 +179,12 @@ def check_production(settings: Settings) -> None:
             f"CDS_PUBLIC_BASE_URL {problem} outside development mode: it is the base URL the "
             "EHR calls (e.g. https://cds.example.org), and every JWT audience (aud) is checked "
             "against it, never against the request's Host header")
+    secret = settings.smart_session_secret
+    if settings.smart_app_enabled and secret is not None and len(secret) < 32:
+        raise ConfigurationError(
+            "CDS_SMART_SESSION_SECRET must be at least 32 characters: it signs the SMART app's "
+            "session cookies and encrypts the EHR's access tokens it keeps (unset, a secret is "
+            "derived from CDS_AUDIT_HASH_KEY)")
 
 
 def build_verifier(settings: Settings, replay: ReplayStore | None = None,
@@ -349,6 +358,9 @@ def create_app(settings: Settings | None = None, *,
         return outcome_response(500, [issue("exception", "internal error")])
 
     app.include_router(router)
+    if settings.smart_app_enabled:  # off: no /app/ routes (and no card links)
+        app.state.smart = SmartApp(settings, engine, store, clock, audit_hash_key(settings))
+        app.include_router(smart_router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
                        read_timeout=settings.body_read_timeout_seconds)
     app.add_middleware(CountRequests, metrics=metrics)  # outside: counts 413 and 408 too

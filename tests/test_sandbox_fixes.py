@@ -113,11 +113,25 @@ def test_an_open_allow_listed_server_is_read_without_a_token(fhir: FhirTestServe
         r = c.post(SELECT, json=without_procedures(fhir))
         assert r.status_code == 200, r.text  # rated, not 412
         assert r.json()["systemActions"]
-        # what the prefetch lacked, and the clinician's answers (optional: fetched alongside)
+        assert [p for p, _ in fhir.requests] == ["/fhir/Procedure?patient=pt-seed"]
+        assert all(auth is None for _, auth in fhir.requests)  # no token was invented
+        assert fetch_outcomes(c) == {"fetched": 1.0}
+
+
+def test_absent_answers_are_fetched_alongside_and_their_failure_changes_nothing(
+        fhir: FhirTestServer) -> None:
+    """An EHR that does not prefetch the optional answers: they are read with what is missing;
+    this server has no QuestionnaireResponse endpoint (404), and the order is rated anyway."""
+    settings = dev_settings(fhir_allowed_servers=fhir.base, fhir_budget_seconds=2.0,
+                            fhir_timeout_seconds=1.0)
+    body = without_procedures(fhir)
+    del body["prefetch"]["questionnaireresponses"]
+    with ValidatingClient(create_app(settings, clock=lambda: FIXTURE_NOW)) as c:
+        fhir.requests.clear()
+        r = c.post(SELECT, json=body)
+        assert r.status_code == 200, r.text
         assert sorted(p for p, _ in fhir.requests) == [
             "/fhir/Procedure?patient=pt-seed", "/fhir/QuestionnaireResponse?patient=pt-seed"]
-        assert all(auth is None for _, auth in fhir.requests)  # no token was invented
-        # this server has no QuestionnaireResponse endpoint: answers unknown, still rated
         assert fetch_outcomes(c) == {"fetched": 1.0, "http-404": 1.0}
 
 
@@ -129,8 +143,7 @@ def test_without_the_setting_no_fetch_and_the_outcome_says_no_token(
         r = c.post(SELECT, json=without_procedures(fhir))
         assert r.status_code == 412
         assert fhir.requests == []
-        # one per key not received (procedures, and the optional answers)
-        assert fetch_outcomes(c) == {"no-token": 2.0}  # not "no-server": one was given
+        assert fetch_outcomes(c) == {"no-token": 1.0}  # not "no-server": one was given
 
 
 def test_no_fetch_from_a_server_that_is_not_allow_listed(fhir: FhirTestServer) -> None:
@@ -138,4 +151,4 @@ def test_no_fetch_from_a_server_that_is_not_allow_listed(fhir: FhirTestServer) -
         fhir.requests.clear()
         r = c.post(SELECT, json=without_procedures(fhir))
         assert r.status_code == 412 and fhir.requests == []
-        assert fetch_outcomes(c) == {"not-allowed": 2.0}  # procedures, and the answers
+        assert fetch_outcomes(c) == {"not-allowed": 1.0}

@@ -346,6 +346,23 @@ class FhirFetcher:
         log.info("fhir fetch", extra={"outcomes": report.outcomes})
         return report
 
+    async def read(self, server: str, token: str | None, rtype: str, rid: str) -> Any:
+        """One resource (``{rtype}/{rid}``) from an allow-listed server, under the same guard
+        as :meth:`complete`: its parsed JSON, or a short fault label (a str)."""
+        if not server_allowed(server, self.policy):
+            return "not-allowed"
+        base = normalize_base(server)
+        url = query_url(base, rtype + "/{{context.patientId}}", rid)  # rid: one encoded segment
+        if url is None:
+            return "bad-id"
+        host = connect_host(base)
+        addresses = await self._check(host)
+        if isinstance(addresses, str):
+            return addresses
+        with pinned(host, addresses):
+            return await self._get(url, base, token,
+                                   time.monotonic() + self.policy.budget_seconds)
+
     async def _check(self, host: str) -> tuple[str, ...] | str:
         """The checked addresses of ``host``, or the outcome that stops the fetch (logged)."""
         try:

@@ -27,7 +27,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, String, Table, delete, event, false, select
+from sqlalchemy import JSON, String, Table, delete, event, false, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -35,7 +35,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyErro
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from cds_service.store.models import CardShown, FeedbackItem, HookCall, JwtSeen
+from cds_service.store.models import AppSession, CardShown, FeedbackItem, HookCall, JwtSeen
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 FEEDBACK_BATCH = 200  # feedback rows per write transaction (SQLite holds its lock for one batch)
@@ -505,6 +505,59 @@ class Store:
                 if key in wanted and (key not in latest or created_at > latest[key]):
                     latest[key] = created_at
         return latest
+
+
+    # ------------------------------------------------------------------ SMART app sessions
+
+    async def save_app_session(self, values: dict[str, Any]) -> None:
+        """Insert an app session (``values``: every column) or replace the row of its id."""
+        stmt = self._upsert(AppSession).values(**values).on_conflict_do_update(
+            index_elements=["id"], set_={k: v for k, v in values.items() if k != "id"})
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(stmt)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._failure(exc) from exc
+
+    async def app_session(self, key: str, now: datetime) -> AppSession | None:
+        """The app session of that key, unless it is unknown or expired."""
+        try:
+            async with self.sessions() as session:
+                return (await session.execute(select(AppSession).where(
+                    AppSession.id == key, AppSession.expires_at > now))).scalar_one_or_none()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._failure(exc) from exc
+
+    async def claim_app_session(self, key: str, state: str, now: datetime) -> bool:
+        """Use the session's ``state`` once: True when it matched and was live (the state and
+        the PKCE verifier are cleared in the same statement: a second callback finds none)."""
+        stmt = update(AppSession).where(
+            AppSession.id == key, AppSession.state == state, AppSession.expires_at > now,
+        ).values(state=None, verifier=None)
+        try:
+            async with self.engine.begin() as conn:
+                return bool((await conn.execute(stmt)).rowcount)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._failure(exc) from exc
+
+    async def grant_app_session(self, key: str, granted: str) -> None:
+        """Store what the EHR granted (encrypted by the caller) in the session."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(update(AppSession).where(AppSession.id == key)
+                                   .values(granted=granted))
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._failure(exc) from exc
+
+    async def drop_app_sessions(self, now: datetime) -> int:
+        """Delete the expired app sessions; how many there were."""
+        try:
+            async with self.engine.begin() as conn:
+                result = await conn.execute(delete(AppSession).where(
+                    AppSession.expires_at <= now))
+                return int(result.rowcount or 0)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._failure(exc) from exc
 
 
 AuditEvent = Callable[[str, int, str], None]

@@ -1,4 +1,5 @@
-"""Tables: one row per hook call (audit), per card shown, and per feedback item."""
+"""Tables: one row per hook call (audit), per card shown, per feedback item, per SMART app
+session."""
 
 from __future__ import annotations
 
@@ -113,4 +114,23 @@ class JwtSeen(Base):
     __tablename__ = "jwt_seen"
 
     key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class AppSession(Base):
+    """A session of the SMART app (/app/), shared by every worker. The browser holds only a
+    random id, in a signed cookie; the row is keyed by a hash of it. What the EHR granted
+    (access token, patient, appContext, scope) is kept encrypted under a key derived from the
+    session secret and that id, so the table alone reveals neither tokens nor patients."""
+
+    __tablename__ = "app_session"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the cookie id
+    state: Mapped[str | None] = mapped_column(String(64), nullable=True)  # SHA-256 of `state`
+    verifier: Mapped[str | None] = mapped_column(String(128), nullable=True)  # PKCE, until used
+    iss: Mapped[str] = mapped_column(String(2000))
+    token_endpoint: Mapped[str] = mapped_column(String(2000))
+    redirect_uri: Mapped[str] = mapped_column(String(2000))
+    granted: Mapped[str | None] = mapped_column(Text, nullable=True)  # encrypted (Fernet)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)

@@ -1,0 +1,146 @@
+"""What the app reads from the EHR and how it rates: the order and the patient's record (read
+with the app's token), the same engine as the hooks, and the record's answers to pre-fill."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cds_service.clinical.facts import Facts, Tri
+from cds_service.engine import PAMA_DISPLAY, Engine, OrderResult
+from cds_service.questionnaire import Question
+from cds_service.record.prefetch import SOURCE_ATTRS, PatientRecord, Source, SourceState
+from cds_service.smart.context import AppContext
+from cds_service.smart.oauth import Grant
+from cds_service.smart.outbound import Outbound
+from cds_service.smart.problems import Problem, ehr_down
+
+REFUSED = {"http-401", "http-403"}
+
+
+@dataclass
+class Chart:
+    """What one page read from the EHR: the order and the patient's record."""
+
+    order: dict[str, Any]
+    record: PatientRecord
+    patient_label: str
+
+
+@dataclass(frozen=True)
+class RatingView:
+    """The rating as the page shows it."""
+
+    procedure: str
+    determinate: bool
+    rating: str
+    category: str | None = None
+    category_label: str | None = None
+    scenario: str | None = None
+    still_open: list[str] = field(default_factory=list)
+
+
+def no_access() -> Problem:
+    return Problem(401, "The EHR no longer accepts the app's access",
+                   "The EHR's FHIR server refused the app's access token (it may have expired).")
+
+
+def empty_record(patient_id: str) -> PatientRecord:
+    """A record with every source still to be fetched."""
+    return PatientRecord(patient_id, **{attr: Source(SourceState.MISSING, note="not fetched")
+                                        for attr in SOURCE_ATTRS.values()})
+
+
+async def read_chart(out: Outbound, iss: str, grant: Grant, ctx: AppContext) -> Chart:
+    """The order of the appContext and the patient's record, read with the app's token."""
+    order = await out.fhir.read(iss, grant.access_token, "ServiceRequest", ctx.order_id)
+    if isinstance(order, str) and order in REFUSED:
+        raise no_access()
+    if order == "http-404":
+        raise Problem(404, "The order was not found",
+                      "The EHR has no readable ServiceRequest for this order (a draft may "
+                      "become readable only once it is saved).",
+                      "Save the order in the EHR, then open the app again from its card.")
+    if isinstance(order, str):
+        raise ehr_down("Reading the order", order)
+    if (not isinstance(order, dict) or order.get("resourceType") != "ServiceRequest"
+            or order.get("id") != ctx.order_id):
+        raise ehr_down("Reading the order", "the answer is not the ServiceRequest asked for")
+    subject = order.get("subject")
+    reference = subject.get("reference") if isinstance(subject, dict) else None
+    if not isinstance(reference, str) or reference.rstrip("/").split("/")[-2:] != [
+            "Patient", grant.patient]:  # relative or absolute
+        raise Problem(403, "The order is not this patient's",
+                      "The order the card named belongs to another patient than the one the EHR "
+                      "opened the app for; nothing is shown or saved.")
+    record = empty_record(grant.patient)
+    report = await out.fhir.complete(record, iss, grant.access_token)
+    if REFUSED & set(report.outcomes.values()):
+        raise no_access()
+    return Chart(order, record, _patient_label(record, grant.patient))
+
+
+def _patient_label(record: PatientRecord, patient_id: str) -> str:
+    """The patient's name and birth date as the chart shows them (or the id)."""
+    patient = record.patient.resources[0] if record.patient.resources else {}
+    names = patient.get("name") if isinstance(patient.get("name"), list) else []
+    name = names[0] if names and isinstance(names[0], dict) else {}
+    text = name.get("text") or " ".join(
+        [*(g for g in name.get("given") or [] if isinstance(g, str)),
+         *([name["family"]] if isinstance(name.get("family"), str) else [])])
+    born = patient.get("birthDate")
+    label = text or f"Patient/{patient_id}"
+    return f"{label}, born {born}" if isinstance(born, str) else label
+
+
+def rate(engine: Engine, chart: Chart, now: datetime,
+         response: dict[str, Any] | None = None) -> OrderResult:
+    """The engine's result for the order; with ``response`` (the answers on the form as a
+    QuestionnaireResponse) in place of the answers the record holds."""
+    record = chart.record
+    if response is not None:
+        record = copy.copy(record)
+        record.questionnaire_responses = Source(SourceState.COMPLETE, [response])
+    result = engine.rate_order(chart.order, record, now)
+    if result is None:
+        raise Problem(400, "Not an order this service rates",
+                      "The order is not a lumbar spine imaging study of the service's catalog.",
+                      "Close this window.")
+    return result
+
+
+def rating_view(engine: Engine, result: OrderResult) -> RatingView:
+    d = result.decision
+    name = result.procedure.name
+    if not d.determinate or not d.pama:
+        still = [engine.templates.fact_label(n) for n in d.deciding]
+        return RatingView(name, False, "not rated yet: the answers so far leave it open",
+                          still_open=still)
+    scenario = "; ".join(f"{engine.knowledge.variants[v]} ({v})" for v in sorted(d.variants))
+    return RatingView(name, True, PAMA_DISPLAY.get(d.pama, d.pama), d.category,
+                      engine.templates.categories.get(d.category or "", d.category),
+                      scenario or None)
+
+
+def prefill(asked: list[Question], facts: Facts) -> dict[str, str]:
+    """linkId -> the answer the record gives ("yes", "no", a choice code, a number of weeks);
+    questions the record leaves open are left out."""
+    values: dict[str, str] = {}
+    for q in asked:
+        value: str | None = None
+        if q.fact == "duration":
+            known = facts.duration_fact.value is Tri.YES and len(facts.duration) == 1
+            value = next(iter(facts.duration)) if known else None
+        elif q.fact == "conservative_care" and q.type == "integer":
+            value = str(int(facts.care_weeks)) if facts.care_weeks is not None else None
+        elif q.fact == "conservative_care":
+            value = ("yes" if facts.care_weeks is not None
+                     else {Tri.NO: "no"}.get(facts.care.value))
+        else:
+            fact = getattr(facts, q.fact, None)
+            value = {Tri.YES: "yes", Tri.NO: "no"}.get(fact.value) if fact else None
+        if value is not None:
+            values[q.link_id] = value
+    return values

@@ -1,0 +1,270 @@
+"""The app's routes under /app/: the SMART EHR launch, its callback, and the questions page.
+
+    GET  /app/launch?iss&launch  -> 302 to the EHR's authorize endpoint (PKCE S256, state)
+    GET  /app/callback?code&state -> the code exchanged for a token -> 303 to questions
+    GET  /app/questions           -> the questions this order needs, pre-filled, and its rating
+    POST /app/questions           -> "Update rating" (re-rated) or "Save answers" (written)
+
+Every failure is a page with its status (4xx, 502, 503), never a 500 or a trace; nothing
+logged names a patient, a URL with parameters or a token.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from cds_service.questionnaire import build_response, parse_form
+from cds_service.record.fetch import normalize_base, server_allowed
+from cds_service.smart.context import parse_app_context
+from cds_service.smart.oauth import (
+    authorize_url,
+    can_write_responses,
+    discover,
+    exchange,
+    pkce_pair,
+)
+from cds_service.smart.outbound import Outbound
+from cds_service.smart.pages import (
+    SCRIPT,
+    Notice,
+    QuestionsView,
+    problem_page,
+    questions_page,
+    saved_page,
+)
+from cds_service.smart.problems import Problem, bad_state, expired
+from cds_service.smart.rating import prefill, rate, rating_view, read_chart
+from cds_service.smart.service import Session, SmartApp
+from cds_service.store import StoreUnavailable
+
+log = logging.getLogger("cds_service.smart")
+router = APIRouter(prefix="/app", include_in_schema=False)
+
+CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; connect-src 'self'; "
+       "img-src 'self'; form-action 'self'; base-uri 'none'")
+HEADERS = {"Cache-Control": "no-store", "Content-Security-Policy": CSP,
+           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+MAX_FORM_BYTES = 64 * 1024
+MAX_PARAM = 2000
+
+
+def page(html: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(html, status_code=status, headers=HEADERS)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def explained(handler: Handler) -> Handler:
+    """Turn every failure of a route into a page (a Problem's own, or 503 / 500)."""
+
+    @functools.wraps(handler)
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Problem as problem:
+            log.info("app page refused", extra={"route": request.url.path,
+                                                "status": problem.status,
+                                                "problem": problem.title})
+            return page(problem_page(problem), problem.status)
+        except StoreUnavailable:
+            log.error("app session store unavailable", extra={"route": request.url.path})
+            return page(problem_page(Problem(
+                503, "The service cannot keep your session right now",
+                "Its database is not available.", "Try again in a minute.")), 503)
+        except Exception as exc:  # never a trace on a page; the type name in the log
+            log.error("app page failed", extra={"route": request.url.path,
+                                                "error": type(exc).__name__})
+            return page(problem_page(Problem(
+                500, "Something went wrong", "The app could not show this page.",
+                "Close this window and open the app again from the card.")), 500)
+
+    return run
+
+
+def _smart(request: Request) -> SmartApp:
+    smart: SmartApp = request.app.state.smart
+    return smart
+
+
+def _param(request: Request, name: str) -> str:
+    value = request.query_params.get(name, "")
+    return value if len(value) <= MAX_PARAM else ""
+
+
+@router.get("/launch")
+@explained
+async def launch(request: Request) -> Response:
+    smart = _smart(request)
+    iss, launch_id = _param(request, "iss").strip(), _param(request, "launch")
+    if not iss or not launch_id:
+        raise Problem(400, "Not opened by the EHR",
+                      "The app is opened by the EHR (a SMART EHR launch, with iss and launch); "
+                      "this address was opened without them.", "Open the app from the card.")
+    if not server_allowed(iss, smart.policy) or "?" in iss or "#" in iss:
+        raise Problem(400, "This EHR is not known to the service",
+                      "The FHIR server that opened the app (iss) is not one the service is "
+                      "configured to work with.", "Ask the service's administrators to add it "
+                      "to CDS_FHIR_ALLOWED_SERVERS, or open the app from your own EHR.")
+    async with smart.outbound() as out:
+        config = await discover(out, iss)
+    redirect_uri = f"{smart.base_url(request)}/app/callback"
+    state = smart.keys.new_id()
+    verifier, challenge = pkce_pair()
+    settings = smart.settings
+    target = authorize_url(config, client_id=settings.smart_client_id,
+                           redirect_uri=redirect_uri, scope=settings.smart_scopes, state=state,
+                           iss=iss, launch=launch_id, challenge=challenge)
+    response = RedirectResponse(target, status_code=302, headers=HEADERS)
+    await smart.begin(response, request, state=state, verifier=verifier, iss=iss,
+                      token_endpoint=config.token_endpoint, redirect_uri=redirect_uri)
+    return response
+
+
+@router.get("/callback")
+@explained
+async def callback(request: Request) -> Response:
+    smart = _smart(request)
+    state = _param(request, "state")
+    session = await smart.load(request)
+    if session is None or not state or not smart.state_matches(session, state):
+        raise bad_state()
+    verifier = session.row.verifier
+    if not await smart.claim(session, state) or not verifier:
+        raise bad_state()
+    error = _param(request, "error")
+    if error:
+        said = error if error.replace("_", "").isalnum() and len(error) <= 60 else "an error"
+        raise Problem(403, "The EHR did not authorise the app",
+                      f"Its authorisation server answered {said}.",
+                      "Open the app again from the card to retry, or ask the EHR's "
+                      "administrators whether this app is allowed for you.")
+    code = _param(request, "code")
+    if not code:
+        raise bad_state()
+    async with smart.outbound() as out:
+        grant = await exchange(out, session.row.token_endpoint, code=code,
+                               redirect_uri=session.row.redirect_uri,
+                               client_id=smart.settings.smart_client_id, verifier=verifier,
+                               requested_scope=smart.settings.smart_scopes)
+    await smart.keep(session, grant)
+    return RedirectResponse("questions", status_code=303, headers=HEADERS)
+
+
+async def _granted(request: Request) -> tuple[SmartApp, Session]:
+    smart = _smart(request)
+    session = await smart.load(request)
+    if session is None or session.grant is None:
+        raise expired()
+    return smart, session
+
+
+@router.get("/questions")
+@explained
+async def questions(request: Request) -> Response:
+    smart, session = await _granted(request)
+    assert session.grant is not None
+    engine = smart.engine
+    context = parse_app_context(session.grant.app_context)
+    async with smart.outbound() as out:
+        chart = await read_chart(out, session.row.iss, session.grant, context)
+    result = rate(engine, chart, smart.clock())
+    asked = context.questions(engine.questions)
+    shown = prefill(asked, result.facts)
+    return page(questions_page(QuestionsView(
+        chart.patient_label, f"{result.procedure.name} ({context.order_reference})",
+        rating_view(engine, result), asked, dict(shown), shown,
+        smart.keys.csrf(session.id))))
+
+
+async def _form(request: Request) -> dict[str, str]:
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise Problem(413, "Too much in the form", "The form sent is larger than any answer "
+                      "to these questions can be.", "Reload the page and answer again.")
+    try:
+        pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True,
+                          max_num_fields=200)
+    except ValueError:
+        pairs = []
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        form.setdefault(key, value)
+    return form
+
+
+@router.post("/questions")
+@explained
+async def answer(request: Request) -> Response:
+    smart, session = await _granted(request)
+    grant = session.grant
+    assert grant is not None
+    form = await _form(request)
+    if not smart.keys.csrf_ok(session.id, form.get("csrf")):
+        raise Problem(403, "The answers could not be accepted",
+                      "The form did not carry this session's check value (it may come from an "
+                      "older page or another site).", "Reload the page and answer again.")
+    engine, now = smart.engine, smart.clock()
+    context = parse_app_context(grant.app_context)
+    async with smart.outbound() as out:
+        chart = await read_chart(out, session.row.iss, grant, context)
+        asked = context.questions(engine.questions)
+        answers, problems = parse_form(engine.questions, form, [q.link_id for q in asked])
+        response = build_response(engine.questions, smart.settings.canonical_root, answers,
+                                  grant.patient, now, order_reference=context.order_reference)
+        before, after = rate(engine, chart, now), rate(engine, chart, now, response)
+        view = QuestionsView(
+            chart.patient_label, f"{after.procedure.name} ({context.order_reference})",
+            rating_view(engine, after), asked, {q.link_id: form.get(q.link_id, "").strip()
+                                                for q in asked},
+            prefill(asked, before.facts), smart.keys.csrf(session.id), problems)
+        if form.get("action") != "save" or problems:
+            return page(questions_page(view), 400 if problems else 200)
+        return await _save(smart, out, session, response, view)
+
+
+async def _save(smart: SmartApp, out: Outbound, session: Session, response: dict[str, Any],
+                view: QuestionsView) -> Response:
+    """Write the QuestionnaireResponse to the EHR (when the scope allows), and say so."""
+    grant = session.grant
+    assert grant is not None
+    if not can_write_responses(grant.scope):
+        view.notice = Notice("error", "Not saved: the EHR did not grant the app the right to "
+                             "save answers",
+                             "The scope patient/QuestionnaireResponse.c was not granted. The "
+                             "rating below uses your answers; record them in the chart, or ask "
+                             "the EHR's administrators to grant the scope.")
+        return page(questions_page(view), 403)
+    reply: Any = "not-allowed"
+    if server_allowed(session.row.iss, smart.policy):
+        reply = await out.send(
+            "POST", f"{normalize_base(session.row.iss)}/QuestionnaireResponse",
+            content=orjson.dumps(response),
+            headers={"Content-Type": "application/fhir+json", "Prefer": "return=minimal",
+                     "Authorization": f"Bearer {grant.access_token}"})
+    if isinstance(reply, str) or reply.status not in (200, 201):
+        fault = reply if isinstance(reply, str) else f"HTTP {reply.status}"
+        log.warning("app answers not saved", extra={"fault": fault})
+        view.notice = Notice("error", "Not saved",
+                             f"The EHR's FHIR server did not accept the answers ({fault}). They "
+                             "are still on the form below: save again, or record them in the "
+                             "chart.")
+        return page(questions_page(view), 502)
+    view.notice = Notice("saved", "Saved. Close this window; the order will be rated with your "
+                         "answers.", "The answers are in the patient's record as a "
+                         "questionnaire response; the rating below is the one they give.")
+    return page(saved_page(view))
+
+
+@router.get("/app.js")
+async def script() -> Response:
+    return Response(SCRIPT, media_type="text/javascript",
+                    headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"})
