@@ -285,6 +285,19 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
             network_backend=PinnedBackend())
 
 
+# What can go wrong on the way to a server (not its answer), and the outcome each is counted as
+TRANSPORT_FAULTS = (TimeoutError, httpx.HTTPError, httpx.InvalidURL, ValueError, UnicodeError)
+
+
+def fault_outcome(exc: BaseException) -> str:
+    """The outcome of a transport fault: timeout, connection-error or bad-url."""
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.HTTPError):
+        return "connection-error"
+    return "bad-url"
+
+
 class FhirFetcher:
     """Fills missing prefetch keys from the FHIR server (one shared connection pool).
 
@@ -426,12 +439,8 @@ class FhirFetcher:
             try:
                 async with asyncio.timeout(limit):
                     answer = await self._read(url, token, limit)
-            except (TimeoutError, httpx.TimeoutException):
-                return "timeout"
-            except httpx.HTTPError:
-                return "connection-error"
-            except (httpx.InvalidURL, ValueError, UnicodeError):
-                return "bad-url"
+            except TRANSPORT_FAULTS as exc:
+                return fault_outcome(exc)
             if isinstance(answer, str):
                 return answer
             status, body = answer

@@ -18,10 +18,12 @@ from typing import Any, Self
 import httpx
 
 from cds_service.record.fetch import (
+    TRANSPORT_FAULTS,
     FetchPolicy,
     FhirFetcher,
     Resolver,
     checked_addresses,
+    fault_outcome,
     pinned,
     system_resolver,
 )
@@ -82,12 +84,8 @@ class Outbound:
             async with asyncio.timeout(seconds):
                 with pinned(host, addresses):
                     return await self._exchange(method, target, **kwargs)
-        except (TimeoutError, httpx.TimeoutException):
-            return "timeout"
-        except httpx.HTTPError:
-            return "connection-error"
-        except (httpx.InvalidURL, ValueError, UnicodeError):
-            return "bad-url"
+        except TRANSPORT_FAULTS as exc:
+            return fault_outcome(exc)
 
     async def _exchange(self, method: str, url: httpx.URL, **kwargs: Any) -> Reply | str:
         headers = {"Accept-Encoding": "identity", **kwargs.pop("headers", {})}

@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.e2e.fhir_server import SEED_PATIENT, SandboxFhirServer, seed_patient
-from tests.e2e.sandbox import CHROMIUM_ARGS, Sandbox, StaticSite, sandbox_url
+from tests.e2e.sandbox import Sandbox, StaticSite, sandbox_url
 from tests.served import served
 
 SANDBOX = Path("tools") / "cds-hooks-sandbox" / "build"
@@ -100,14 +100,6 @@ def service(tmp_path: Path, fhir_server: SandboxFhirServer) -> Iterator[str]:
                 CDS_LOG_LEVEL="WARNING") as base:
         assert httpx.get(base + "/healthz", timeout=5).status_code == 200, "service not up"
         yield base
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 import pytest
 
 from tests.conftest import ROOT
-from tests.e2e.sandbox import CHROMIUM_ARGS, NOT_LOOPBACK
+from tests.e2e.sandbox import NOT_LOOPBACK
 from tests.served import served
 from tests.smart_server import LAUNCH, SmartTestServer
 
@@ -47,14 +47,6 @@ def service(tmp_path_factory: pytest.TempPathFactory, ehr: SmartTestServer) -> I
     with served(data, CDS_FHIR_ALLOWED_SERVERS=ehr.base, CDS_PUBLIC_BASE_URL="{base}",
                 CDS_LOG_LEVEL="WARNING") as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 class Opened:
