@@ -90,7 +90,8 @@ class Settings(BaseSettings):
                          "patient/Procedure.rs patient/ServiceRequest.rs "
                          "patient/MedicationRequest.rs patient/QuestionnaireResponse.crs")
     smart_session_seconds: int = 900  # the app's server-side session (holds the access token)
-    # secret that signs the app's session cookie; required in production when the app is on
+    # secret that signs the app's session cookie and encrypts its stored tokens (32+ characters);
+    # unset: derived from the audit hash key
     smart_session_secret: str | None = None
     episode_grace_days: int = 14
     recent_mri_months: int = 12
