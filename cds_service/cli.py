@@ -70,6 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cds_service.app import ConfigurationError, audit_hash_key, build_verifier, check_production
+    from cds_service.engine import Engine
     from cds_service.knowledge import KnowledgeError, load_knowledge
     from cds_service.render import TemplateProblem, load_templates
     from cds_service.settings import get_settings
@@ -79,8 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
         check_production(settings)
         audit_hash_key(settings)
         build_verifier(settings)
-        load_knowledge(settings.knowledge_dir)
-        load_templates(settings.cards_dir)
+        # the engine loads the questions and checks the value sets the rules read
+        Engine(load_knowledge(settings.knowledge_dir), load_templates(settings.cards_dir),
+               settings)
     except (ConfigurationError, KnowledgeError, TemplateProblem) as exc:
         print(f"cds-service: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import orjson
 
 from cds_service.clinical.answers import Attested, attest, denies, is_attested, read_answers
 from cds_service.clinical.facts import (
+    VALUESETS_READ,
     ClinicalParams,
     Evidence,
     Facts,
@@ -29,7 +30,7 @@ from cds_service.clinical.facts import (
 )
 from cds_service.clinical.scenario import CANCEL, Alternative, Decision, decide
 from cds_service.codesystems import SystemUrls, code_systems
-from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
+from cds_service.knowledge import CATEGORY_RANK, Knowledge, KnowledgeError, Procedure
 from cds_service.protocol import Action, Card, CardSource, Coding, HookRequest, Link, Suggestion
 from cds_service.questionnaire import answers_code_system, build_questionnaire, load_questions
 from cds_service.record import PatientRecord
@@ -185,6 +186,10 @@ class Engine:
     """Holds the loaded knowledge and templates; evaluates hook requests."""
 
     def __init__(self, knowledge: Knowledge, templates: CardTemplates, settings: Settings):
+        unknown = VALUESETS_READ - set(knowledge.valueset_descriptions)
+        if unknown:
+            raise KnowledgeError(f"valuesets.yaml lacks value sets the rules read: "
+                                 f"{', '.join(sorted(unknown))} (renamed or removed?)")
         self.knowledge = knowledge
         self.templates = templates
         self.settings = settings

@@ -22,7 +22,7 @@ DEV_BASE_URL = "http://127.0.0.1:8080"  # where `make run` serves
 
 
 class Settings(BaseSettings):
-    """Service configuration; see the README table for what each variable does."""
+    """Service configuration; docs/configuration.md (generated) says what each variable does."""
 
     model_config = SettingsConfigDict(env_prefix="CDS_", extra="ignore")
 

@@ -158,3 +158,14 @@ def test_development_mode_announces_itself(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level("WARNING", logger="cds_service"):
         create_app(dev_settings())
     assert any("DEVELOPMENT MODE" in r.getMessage() for r in caplog.records)
+
+
+def test_a_value_set_the_rules_read_cannot_be_renamed_away(tmp_path: Path) -> None:
+    """Renaming cauda_equina in a site copy would make the red flag match nothing (a critical
+    card would become an info card): the service refuses to start instead, naming it."""
+    knowledge = tmp_path / "knowledge"
+    shutil.copytree(KNOWLEDGE_DIR, knowledge, ignore=shutil.ignore_patterns("*.py"))
+    path = knowledge / "valuesets.yaml"
+    path.write_text(path.read_text().replace("\n  cauda_equina:\n", "\n  cauda_equina_x:\n", 1))
+    with pytest.raises(KnowledgeError, match="cauda_equina"):
+        create_app(dev_settings(knowledge_dir=knowledge))

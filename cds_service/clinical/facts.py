@@ -89,6 +89,11 @@ FLAGS = (
 # Every red flag the cards name as checked (prior surgery and age come from their own rules).
 RED_FLAGS = ("cauda_equina", "neuro_deficit", "cancer", "infection", "immunosuppression",
              "prior_surgery", "trauma", "osteoporosis", "elderly", "steroids")
+# Every value set the rules read by name: a knowledge copy must define each (a renamed set would
+# otherwise match nothing, and a red flag would silently never count).
+VALUESETS_READ = (frozenset(vs for spec in FLAGS for vs, _ in spec.sets) | LBP_SETS | SPINAL_SETS
+                  | THERAPY_SETS | INTERVENTION_SETS
+                  | {"prior_lumbar_surgery", "fusion_any_site", "lumbar_surgery_procedure"})
 REASON_SETS = LBP_SETS | SPINAL_SETS | frozenset(
     vs for spec in FLAGS if spec.red_flag for vs, _ in spec.sets) | {
     "prior_lumbar_surgery", "fusion_any_site"}
