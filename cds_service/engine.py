@@ -415,6 +415,8 @@ class Engine:
             "rating": {"pama": decision.pama, "category": category,
                        "category_label": t.categories.get(category or "", "not rated")},
             "scenario": scenario, "why": self._why(facts, subject.now),
+            # determinately outside every variant (a severe neurological deficit alone)
+            "outside": decision.variants is not None and not decision.variants,
             "conditional": t.phrase("if-candidate") if decision.assumption_rates else "",
             "suggest_if": t.phrase("suggest-if-candidate")
             if decision.assumption_suggests and not decision.assumption_rates else "",

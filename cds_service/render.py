@@ -233,7 +233,7 @@ def sample_context() -> dict[str, Any]:
                   "short": "MRI with contrast", "priority": "stat"},
         "rating": {"pama": "not-appropriate", "category": "UNA",
                    "category_label": "Usually not appropriate"},
-        "scenario": "sample scenario", "suggestion": alt, "cancel": False,
+        "scenario": "sample scenario", "outside": False, "suggestion": alt, "cancel": False,
         "alternatives": [alt], "assumptions": ["sample assumption"],
         "evidence": [{"label": "Pain duration", "code": "M54.16", "display": "sample",
                       "date": "2026-01-01", "resource": "Condition/sample"}],

@@ -5,11 +5,13 @@ The fixtures cover the reported situations end to end; these tests pin each rule
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from cds_service.app import create_app
 from cds_service.clinical.facts import Tri
 from tests.builders import ICD, bundle, condition, day, order, seed_prefetch
-from tests.conftest import FIXTURE_NOW
+from tests.conftest import FIXTURE_NOW, FIXTURES, SELECT, ValidatingClient, dev_settings
 from tests.test_clinical import KNOWLEDGE, rate
 
 NOW = FIXTURE_NOW
@@ -165,3 +167,16 @@ def test_ct_myelography_from_its_companion_code() -> None:
     assert KNOWLEDGE.combined_procedure(ct, codings).id == "ct-myelo"
     loinc = [{"system": "http://loinc.org", "code": "44114-7"}]
     assert KNOWLEDGE.procedure_of(loinc).id == "ct-myelo"
+
+
+def test_outside_every_scenario_the_card_says_so_not_that_history_is_missing() -> None:
+    """A severe neurological deficit alone fits no variant; MRI with contrast is not
+    appropriate in any: the card says the findings fit none, never that history is missing."""
+    body = json.loads((FIXTURES / "requests" / "neuro-deficit-foot-drop-mri-wo.json").read_text())
+    body["context"]["draftOrders"]["entry"][0]["resource"]["code"]["coding"] = [
+        {"system": "http://www.ama-assn.org/go/cpt", "code": "72149"}]
+    with ValidatingClient(create_app(dev_settings(), clock=lambda: FIXTURE_NOW)) as c:
+        card = c.post(SELECT, json=body).json()["cards"][0]
+    assert "fit none of the scenarios of these criteria" in card["detail"]
+    assert "every scenario of these criteria" in card["detail"]
+    assert "not documented" not in card["detail"] and "leaves open" not in card["detail"]
