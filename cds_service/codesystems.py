@@ -40,7 +40,7 @@ class SystemUrls:
 def code_systems(urls: SystemUrls, categories: dict[str, str],
                  override_reasons: list[dict[str, str]], version: str) -> dict[str, dict[str, Any]]:
     """id -> CodeSystem (FHIR R4 JSON) of every system whose canonical URL is ours."""
-    systems = {ACR_CATEGORY: _code_system(
+    systems = {ACR_CATEGORY: code_system(
         ACR_CATEGORY, urls.acr_category, version, "ACRAppropriatenessCategory",
         "ACR Appropriateness Criteria rating category",
         "The rating category of an imaging study in a clinical scenario (variant) of the "
@@ -48,7 +48,7 @@ def code_systems(urls: SystemUrls, categories: dict[str, str],
         [{"code": code, "display": display} for code, display in categories.items()])}
     # A site that names its own override-reason system (cards/common.yaml) publishes it itself.
     if urls.override_reason == f"{urls.root}/{OVERRIDE_REASON}":
-        systems[OVERRIDE_REASON] = _code_system(
+        systems[OVERRIDE_REASON] = code_system(
             OVERRIDE_REASON, urls.override_reason, version, "CardOverrideReason",
             "Reasons for overriding a lumbar imaging appropriateness card",
             "The reasons a clinician may give for not following a card of this service "
@@ -64,8 +64,9 @@ def _unique(reasons: list[dict[str, str]]) -> list[dict[str, str]]:
     return list(seen.values())
 
 
-def _code_system(cs_id: str, url: str, version: str, name: str, title: str, description: str,
-                 concepts: list[dict[str, str]]) -> dict[str, Any]:
+def code_system(cs_id: str, url: str, version: str, name: str, title: str, description: str,
+                concepts: list[dict[str, str]]) -> dict[str, Any]:
+    """A complete FHIR R4 CodeSystem of the service's (every concept listed)."""
     return {
         "resourceType": "CodeSystem", "id": cs_id, "url": url, "version": version,
         "name": name, "title": title, "status": "active", "experimental": False,

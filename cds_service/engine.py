@@ -552,7 +552,10 @@ class Engine:
         count = f"{len(ask)} question" + ("s" if len(ask) != 1 else "")
         context = {"order": f"ServiceRequest/{subject.order.get('id')}",
                    "procedure": subject.procedure.id, "ask": ask}
-        return [Link(label=self.templates.phrase("smart-link", questions=count),
+        # a missing-data card's order is not rated yet; a not-appropriate one is, in every
+        # scenario left open: the answers settle which study fits, not the rating
+        phrase = "smart-link" if kind == "missing-data" else "smart-link-scenario"
+        return [Link(label=self.templates.phrase(phrase, questions=count),
                      url=f"{self.settings.app_base_url}/app/launch", type="smart",
                      appContext=orjson.dumps(context).decode())]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cds_service.codesystems import PATH as CODESYSTEM_PATH
+from cds_service.codesystems import code_system
 from cds_service.knowledge import KNOWLEDGE_DIR, KnowledgeError, read_yaml_mapping
 
 QUESTIONNAIRE_PATH = "/fhir/Questionnaire"
@@ -149,15 +150,11 @@ def build_questionnaire(questions: Questions, canonical_root: str) -> dict[str, 
 def answers_code_system(questions: Questions, canonical_root: str,
                         version: str) -> dict[str, Any]:
     """The code system of the choice answers (pain duration categories)."""
-    concepts = [{"code": c, "display": d} for q in questions.items for c, d in q.answers]
-    return {
-        "resourceType": "CodeSystem", "id": questions.answers_system_id,
-        "url": questions.answers_system(canonical_root), "version": version,
-        "name": "LumbarImagingAnswers", "title": "Answers of the lumbar imaging questions",
-        "status": "active", "experimental": False, "caseSensitive": True,
-        "content": "complete", "count": len(concepts), "concept": concepts,
-        "description": "Coded answers of the Questionnaire " + questions.url(canonical_root),
-    }
+    return code_system(
+        questions.answers_system_id, questions.answers_system(canonical_root), version,
+        "LumbarImagingAnswers", "Answers of the lumbar imaging questions",
+        "Coded answers of the Questionnaire " + questions.url(canonical_root),
+        [{"code": c, "display": d} for q in questions.items for c, d in q.answers])
 
 
 def build_response(questions: Questions, canonical_root: str, answers: Mapping[str, Answer],

@@ -32,7 +32,8 @@ RENDER_MEMO_SIZE = 4096  # rendered texts kept (cleared when full)
 # The phrases the engine composes the first line of a card from (common.yaml "phrases").
 PHRASES = ("duration", "duration-bound", "duration-unknown", "duration-attested", "red-flags",
            "red-flags-unknown", "no-red-flags", "urgent", "care-none", "care-done",
-           "care-under-way", "if-candidate", "suggest-if-candidate", "smart-link")
+           "care-under-way", "if-candidate", "suggest-if-candidate", "smart-link",
+           "smart-link-scenario")
 PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer",
                  "checked": "cancer", "weeks": 3, "needed": 6, "questions": "2 questions",
                  "day": "2026-01-01"}
