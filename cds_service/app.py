@@ -28,6 +28,7 @@ from cds_service.codesystems import LEGACY_OVERRIDE_SYSTEM, SystemUrls
 from cds_service.engine import Engine
 from cds_service.errors import (
     ProtocolError,
+    StartupError,
     error_response,
     issue,
     outcome_response,
@@ -59,7 +60,7 @@ from cds_service.store import (
 log = logging.getLogger("cds_service.app")
 
 
-class ConfigurationError(RuntimeError):
+class ConfigurationError(StartupError, RuntimeError):
     """The service cannot start with this configuration."""
 
 

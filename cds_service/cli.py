@@ -69,10 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cds_service.app import ConfigurationError, audit_hash_key, build_verifier, check_production
+    from cds_service.app import audit_hash_key, build_verifier, check_production
     from cds_service.engine import Engine
-    from cds_service.knowledge import KnowledgeError, load_knowledge
-    from cds_service.render import TemplateProblem, load_templates
+    from cds_service.errors import StartupError
+    from cds_service.knowledge import load_knowledge
+    from cds_service.render import load_templates
     from cds_service.settings import get_settings
 
     settings = get_settings()
@@ -83,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
         # the engine loads the questions and checks the value sets the rules read
         Engine(load_knowledge(settings.knowledge_dir), load_templates(settings.cards_dir),
                settings)
-    except (ConfigurationError, KnowledgeError, TemplateProblem) as exc:
+    except StartupError as exc:
         print(f"cds-service: cannot start: {exc}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,12 @@
-"""FHIR OperationOutcome answers for every error the service returns."""
+"""The service's own exceptions, and FHIR OperationOutcome answers for every error it returns.
+
+    Exception
+     +-- StartupError          the service cannot start: one type for ``cds-service`` to catch
+     |    +-- ConfigurationError   (cds_service.app) settings that cannot run
+     |    +-- KnowledgeError       (cds_service.knowledge) a knowledge file is wrong
+     |    +-- TemplateProblem      (cds_service.render) a card template is wrong
+     +-- ProtocolError         a client error, answered with a 4xx OperationOutcome
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,11 @@ from typing import Any
 import orjson
 from fastapi.responses import Response
 from pydantic import ValidationError
+
+
+class StartupError(Exception):
+    """The service cannot start (configuration, knowledge or card templates): the message names
+    the file or setting and the fix."""
 
 
 class ProtocolError(Exception):

@@ -20,6 +20,7 @@ import orjson
 from jinja2 import DictLoader, StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from cds_service.errors import StartupError
 from cds_service.knowledge import read_yaml_mapping
 
 KINDS = ("not-appropriate", "better-alternative", "cauda-equina", "mri-safety", "recent-mri",
@@ -39,7 +40,7 @@ PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer
                  "day": "2026-01-01"}
 
 
-class TemplateProblem(ValueError):
+class TemplateProblem(StartupError, ValueError):
     """A card template is missing, malformed or does not render."""
 
 

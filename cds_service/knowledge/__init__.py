@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from cds_service.errors import StartupError
+
 KNOWLEDGE_DIR = Path(__file__).resolve().parent
 VARIANTS = ("V1", "V2", "V3", "V4", "V5", "V6", "V7")
 CATEGORIES = ("UA", "MBA", "MBA(D)", "UNA")
@@ -25,7 +27,7 @@ MODALITIES = {"XR", "CT", "MR", "NM", "PET"}
 REGIONS = {"lumbar", "whole-body"}
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(StartupError, ValueError):
     """The knowledge files are missing, malformed or inconsistent."""
 
 
