@@ -119,7 +119,7 @@ def summarize(body: dict[str, Any]) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cds_service.engine import Engine
     from cds_service.knowledge import load_knowledge
-    from cds_service.protocol import HookRequest, ServiceResponse
+    from cds_service.protocol import HookRequest
     from cds_service.record import record_from_prefetch
     from cds_service.render import load_templates
     from cds_service.settings import get_settings
@@ -141,10 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     engine = Engine(load_knowledge(settings.knowledge_dir), load_templates(settings.cards_dir),
                     settings)
     record = record_from_prefetch(request.prefetch, request.context.patientId)
-    cards, actions = engine.evaluate(request, record, _now(args.now))
-    body = ServiceResponse(cards=cards, systemActions=actions or None).to_json()
-    if actions:
-        body["extension"] = {"systemActions": body["systemActions"]}
+    body = engine.answer(engine.rate(request, record, _now(args.now))).body()
     if not args.json:
         print(summarize(body))
         print()

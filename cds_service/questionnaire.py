@@ -14,16 +14,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cds_service.clinical.registry import ASKED
 from cds_service.codesystems import PATH as CODESYSTEM_PATH
 from cds_service.codesystems import code_system
 from cds_service.knowledge import KNOWLEDGE_DIR, KnowledgeError, read_yaml_mapping
 
 QUESTIONNAIRE_PATH = "/fhir/Questionnaire"
 TYPES = {"boolean", "integer", "choice"}
-# The facts a question may settle (names of cds_service.clinical.facts.Facts fields)
-FACTS = {"duration", "conservative_care", "candidate_evidence", "cauda_equina", "neuro_deficit",
-         "cancer", "infection", "immunosuppression", "trauma", "osteoporosis", "steroids",
-         "prior_surgery", "mri_safety"}
+# The facts a question may settle (the registry's names)
+FACTS = ASKED
 
 Answer = bool | int | str  # boolean, integer, or the code of a choice
 

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.routing import Route
 
 from cds_service.codesystems import PATH, search_bundle
-from cds_service.engine import Engine, OrderResult
+from cds_service.engine import Engine, OrderResult, Rated
 from cds_service.errors import ProtocolError, issue, outcome_response, validation_issues
 from cds_service.limits import Limits, check_request, check_resources
 from cds_service.metrics import Metrics
@@ -35,7 +35,6 @@ from cds_service.protocol import (
     Feedback,
     HookRequest,
     ServiceDescription,
-    ServiceResponse,
 )
 from cds_service.questionnaire import QUESTIONNAIRE_PATH
 from cds_service.record import PREFETCH_TEMPLATES, PatientRecord, record_from_prefetch
@@ -286,11 +285,13 @@ async def hook(request: Request) -> Response:
         return json_response({"cards": []})
     record, fetch_outcomes = await patient_record(call, s)
     now = s.clock()
-    if size >= s.settings.offload_body_bytes:  # keep the event loop free for other calls
+    offload = size >= s.settings.offload_body_bytes  # keep the event loop free for other calls
+    if offload:
         results = await anyio.to_thread.run_sync(s.engine.rate, call, record, now, targets)
     else:
         results = s.engine.rate(call, record, now, targets)
-    return answer(service_id, call, record, results, fetch_outcomes, s, now, started)
+    return await answer(service_id, call, record, results, fetch_outcomes, s, now, started,
+                        offload)
 
 
 async def parse_hook(request: Request, described: ServiceDescription,
@@ -343,20 +344,22 @@ def drop_over_limits(record: PatientRecord, outcomes: dict[str, str], limits: Li
             outcomes[key] = "over-limits"
 
 
-def answer(service_id: str, call: HookRequest, record: PatientRecord,
-           results: list[OrderResult], fetch_outcomes: dict[str, str], s: Services,
-           now: datetime, started: float) -> Response:
+async def answer(service_id: str, call: HookRequest, record: PatientRecord,
+                 rated: list[Rated], fetch_outcomes: dict[str, str], s: Services,
+                 now: datetime, started: float, offload: bool = False) -> Response:
     """Answer: 412 when an order cannot be rated without what is missing; else the cards and
     ratings, counted in the metrics and queued for the audit."""
     missing = record.missing_keys()
-    if missing and any(not r.decision.determinate for r in results):
+    if missing and any(not r.decision.determinate for r in rated):
         log.info("undecidable without data", extra={
             "hookInstance": call.hookInstance, "missing": missing, "fetch": fetch_outcomes})
         return outcome_response(412, [issue(
             "incomplete", "prefetch data needed to rate the order is missing and could not "
             f"be fetched from the FHIR server: {', '.join(missing)}",
             [f"prefetch.{k}" for k in missing])])
-    cards, actions = s.engine.respond(results)
+    said = (await anyio.to_thread.run_sync(s.engine.answer, rated) if offload
+            else s.engine.answer(rated))
+    results = said.orders
     for r in results:
         for kind, card in zip(r.kinds, r.cards, strict=True):
             s.metrics.cards.labels(kind, card.indicator).inc()
@@ -366,14 +369,11 @@ def answer(service_id: str, call: HookRequest, record: PatientRecord,
     s.metrics.latency.labels(call.hook).observe(elapsed)
     if results:
         s.audits.submit(audit_row(service_id, call, results, elapsed * 1000, now))
-    response = ServiceResponse(cards=cards, systemActions=actions or None).to_json()
-    if actions:  # the sandbox reads the older Argonaut location: same actions, dumped once
-        response["extension"] = {"systemActions": response["systemActions"]}
     log.info("hook evaluated", extra={
         "hookInstance": call.hookInstance, "hook": call.hook, "service": service_id,
-        "cards": len(cards), "ratings": len(actions), "missing": missing,
+        "cards": len(said.cards), "ratings": len(said.actions), "missing": missing,
         "fetch": fetch_outcomes, "ms": round(elapsed * 1000, 2)})
-    return json_response(response)
+    return json_response(said.body())
 
 
 def audit_row(service_id: str, request: HookRequest, results: list[OrderResult],

@@ -131,7 +131,7 @@ def test_recorded_date_is_a_lower_bound_on_duration() -> None:
     del lbp["onsetDateTime"]
     lbp["recordedDate"] = day(NOW, 140)
     facts, d = rate(p, "mri-wo")
-    assert facts.duration == frozenset({"chronic"})
+    assert facts.duration_categories == frozenset({"chronic"})
     assert d.category == "UA"
     assert ("duration-from-recorded-date", {}) in facts.assumptions
 
@@ -142,7 +142,7 @@ def test_recent_recorded_date_leaves_duration_open() -> None:
     del lbp["onsetDateTime"]
     lbp["recordedDate"] = day(NOW, 7)
     facts, _ = rate(p, "mri-wo")
-    assert facts.duration == frozenset({"acute", "subacute", "chronic"})
+    assert facts.duration_categories == frozenset({"acute", "subacute", "chronic"})
 
 
 def test_onset_age_and_period() -> None:
@@ -151,13 +151,13 @@ def test_onset_age_and_period() -> None:
     del lbp["onsetDateTime"]
     lbp["onsetPeriod"] = {"start": day(NOW, 200)}
     facts, _ = rate(p, "mri-wo")
-    assert facts.duration == frozenset({"chronic"})
+    assert facts.duration_categories == frozenset({"chronic"})
     del lbp["onsetPeriod"]
     p["patient"]["birthDate"] = day(NOW, 58 * 365)
     lbp["onsetAge"] = {"value": 58, "unit": "a", "system": "http://unitsofmeasure.org",
                        "code": "a"}
     facts, _ = rate(p, "mri-wo")
-    assert "acute" in facts.duration
+    assert "acute" in facts.duration_categories
 
 
 def test_therapy_from_an_earlier_episode_does_not_count() -> None:
@@ -167,7 +167,7 @@ def test_therapy_from_an_earlier_episode_does_not_count() -> None:
                                                            status="resolved")})
     p["procedures"] = bundle(procedure("old-pt", "97110", day(NOW, 800)))
     facts, d = rate(p, "mri-wo")
-    assert facts.care.value is Tri.NO
+    assert facts.conservative_care.value is Tri.NO
     assert d.variants == frozenset({"V2"}) and d.category == "UNA"
 
 
@@ -217,7 +217,7 @@ def test_referral_in_drafts_makes_candidate_without_assumption() -> None:
     record = record_from_prefetch(p, PATIENT)
     facts = derive_facts(scan_record(record, KNOWLEDGE), draft, [draft, injection], KNOWLEDGE,
                          NOW, params)
-    assert facts.candidate_evidence.value is Tri.YES
+    assert facts.intervention_candidate.value is Tri.YES
     d = decide(facts, KNOWLEDGE, KNOWLEDGE.procedures["mri-wo"])
     assert d.variants == frozenset({"V3"}) and d.category == "UA"
 
@@ -266,8 +266,8 @@ def test_evaluation_time_is_an_input() -> None:
     scan = scan_record(record, KNOWLEDGE)
     early = derive_facts(scan, draft, [draft], KNOWLEDGE, NOW)
     later = derive_facts(scan, draft, [draft], KNOWLEDGE, NOW + timedelta(weeks=5))
-    assert early.duration == frozenset({"acute"})
-    assert later.duration == frozenset({"subacute"})
+    assert early.duration_categories == frozenset({"acute"})
+    assert later.duration_categories == frozenset({"subacute"})
 
 
 def test_completed_spine_referral_in_history_makes_candidate() -> None:
@@ -279,9 +279,9 @@ def test_completed_spine_referral_in_history_makes_candidate() -> None:
     referral["code"] = {"text": "Referral to spine surgery"}
     p["servicerequests"] = bundle(referral)
     facts, d = rate(p, "mri-wo", params=params)
-    assert facts.candidate_evidence.value is Tri.YES
+    assert facts.intervention_candidate.value is Tri.YES
     assert d.variants == frozenset({"V3"}) and d.category == "UA"
     referral["status"] = "revoked"
     facts, d = rate(p, "mri-wo", params=params)
-    assert facts.candidate_evidence.value is Tri.NO
+    assert facts.intervention_candidate.value is Tri.NO
     assert d.variants == frozenset({"V2"})

@@ -127,14 +127,14 @@ def test_medication_for_back_pain_is_conservative_care() -> None:
     p["procedures"] = bundle()
     p["medications"] = bundle(medication("n", "Naproxen 500 mg tablet", 60))
     facts, d = rate(p, "mri-wo")
-    assert facts.care.value is Tri.YES and d.variants == frozenset({"V3"})
+    assert facts.conservative_care.value is Tri.YES and d.variants == frozenset({"V3"})
     # prescribed for another indication: not back-pain care
     p["medications"] = bundle(medication("g", "Gabapentin 300 mg", 60, reason="E11.40"))
     facts, d = rate(p, "mri-wo")
-    assert facts.care.value is Tri.NO and d.variants == frozenset({"V2"})
+    assert facts.conservative_care.value is Tri.NO and d.variants == frozenset({"V2"})
     p["medications"] = bundle(medication("x", "Atorvastatin 20 mg", 60, reason="M54.50"))
     facts, _ = rate(p, "mri-wo")
-    assert facts.care.value is Tri.YES  # its reason is low back pain
+    assert facts.conservative_care.value is Tri.YES  # its reason is low back pain
 
 
 def test_missing_medication_key_leaves_care_unknown_without_therapy() -> None:
@@ -142,8 +142,8 @@ def test_missing_medication_key_leaves_care_unknown_without_therapy() -> None:
     p["procedures"] = bundle()
     del p["medications"]
     facts, d = rate(p, "mri-wo")
-    assert facts.care.value is Tri.UNKNOWN and not d.determinate
-    assert "care" in d.deciding
+    assert facts.conservative_care.value is Tri.UNKNOWN and not d.determinate
+    assert "conservative_care" in d.deciding
 
 
 def test_care_under_way_needs_a_candidate_on_record_for_v3() -> None:

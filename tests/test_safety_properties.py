@@ -100,7 +100,7 @@ def hook_calls(draw: st.DrawFn, allow_mri_safety: bool = True) -> dict[str, Any]
 def evaluate(body: dict[str, Any]) -> list[OrderResult]:
     request = HookRequest.model_validate(body)
     record = record_from_prefetch(request.prefetch, request.context.patientId)
-    return ENGINE.rate(request, record, NOW)
+    return ENGINE.answer(ENGINE.rate(request, record, NOW)).orders
 
 
 def possible_variants(result: OrderResult) -> list[frozenset[str]]:

@@ -24,7 +24,7 @@ def run(prefetch: dict[str, Any] | None, cpt: str, reason: str | None = "M54.16"
     body = hook_request(order(cpt=cpt, reason=reason), prefetch=prefetch)
     request = HookRequest.model_validate(body)
     record = record_from_prefetch(request.prefetch, request.context.patientId)
-    results = ENGINE.rate(request, record, NOW)
+    results = ENGINE.answer(ENGINE.rate(request, record, NOW)).orders
     assert len(results) <= 1
     return results[0] if results else None
 
@@ -40,7 +40,7 @@ def test_unknown_therapy_makes_mri_without_contrast_undecidable() -> None:
     r = run(without("procedures"), "72148")
     assert not r.decision.determinate and r.decision.pama is None
     assert r.kinds == ["missing-data"]
-    assert "care" in r.decision.deciding
+    assert "conservative_care" in r.decision.deciding
 
 
 def test_unknown_problem_list_makes_mri_without_contrast_undecidable() -> None:

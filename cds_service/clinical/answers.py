@@ -15,12 +15,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cds_service.clinical.dates import parse_span
-from cds_service.clinical.facts import ClinicalParams, Evidence, Fact, Facts, Tri
+from cds_service.clinical.model import ClinicalParams, Evidence, Fact, Facts, Tri
+from cds_service.clinical.registry import FINDINGS
 from cds_service.questionnaire import Answer, Questions
 
-# Facts a yes/no answer settles like a finding: a coded YES is never undone by an answer.
-FINDINGS = ("cauda_equina", "neuro_deficit", "cancer", "infection", "immunosuppression",
-            "trauma", "osteoporosis", "steroids", "prior_surgery", "mri_safety")
 ANSWERED_STATUSES = {"completed", "amended"}
 ATTESTED = "clinician-attested"  # the role of an answer's evidence: "clinician-attested on DATE"
 DENIED = " (no)"  # ... ending so when the answer is no
@@ -108,7 +106,7 @@ def attest(facts: Facts, answers: Mapping[str, Attested], questions: Questions,
             changes[name] = _finding(getattr(facts, name), link_id, answer)
     changes |= _duration(facts, by_fact.get("duration", []))
     changes |= _care(facts, dict(by_fact.get("conservative_care", [])), params)
-    changes |= _candidate(facts, by_fact.get("candidate_evidence", []))
+    changes |= _candidate(facts, by_fact.get("intervention_candidate", []))
     updated = dataclasses.replace(facts, **changes)
     return _reassess_assumption(updated, params)
 
@@ -145,12 +143,12 @@ def _finding(fact: Fact, link_id: str, answer: Attested) -> Fact:
 
 
 def _duration(facts: Facts, answered: list[tuple[str, Attested]]) -> dict[str, Any]:
-    if not answered or facts.duration_fact.value is Tri.YES:
+    if not answered or facts.duration.value is Tri.YES:
         return {}  # a dated onset in the record is kept
     link_id, answer = answered[-1]
-    return {"duration": frozenset({str(answer.value)}),
-            "duration_fact": Fact("duration", Tri.YES,
-                                  [_evidence(link_id, answer, f"{answer.value} pain")])}
+    return {"duration_categories": frozenset({str(answer.value)}),
+            "duration": Fact("duration", Tri.YES,
+                             [_evidence(link_id, answer, f"{answer.value} pain")])}
 
 
 def _care(facts: Facts, answered: dict[str, Attested],
@@ -160,7 +158,7 @@ def _care(facts: Facts, answered: dict[str, Attested],
     if tried is not None and tried.value is False:
         if facts.care_weeks is not None:
             return {}  # the record shows care: kept
-        return {"care": Fact("conservative_care", Tri.NO,
+        return {"conservative_care": Fact("conservative_care", Tri.NO,
                              [_evidence("conservative-care", tried, "no")]),
                 "care_states": ("none",)}
     if weeks is None or not isinstance(weeks.value, int):
@@ -170,26 +168,28 @@ def _care(facts: Facts, answered: dict[str, Attested],
         return {}  # the record shows as much care or more: kept
     evidence = [_evidence("conservative-care-weeks", weeks, f"{weeks.value} weeks")]
     if total >= needed:
-        return {"care_weeks": total, "care": Fact("conservative_care", Tri.YES, evidence),
+        return {"care_weeks": total,
+                "conservative_care": Fact("conservative_care", Tri.YES, evidence),
                 "care_states": ("done",)}
-    return {"care_weeks": total, "care": Fact("conservative_care", Tri.NO, evidence),
+    return {"care_weeks": total,
+            "conservative_care": Fact("conservative_care", Tri.NO, evidence),
             "care_states": ("under-way",)}
 
 
 def _candidate(facts: Facts, answered: list[tuple[str, Attested]]) -> dict[str, Any]:
-    if not answered or facts.candidate_evidence.value is Tri.YES:
+    if not answered or facts.intervention_candidate.value is Tri.YES:
         return {}  # a planned intervention on record is kept
     link_id, answer = answered[-1]
     value = Tri.YES if answer.value else Tri.NO
-    return {"candidate_evidence": Fact("candidate_evidence", value,
+    return {"intervention_candidate": Fact("intervention_candidate", value,
                                        [_evidence(link_id, answer, _said(answer.value))]),
             "candidate_assumed": False}
 
 
 def _reassess_assumption(facts: Facts, params: ClinicalParams) -> Facts:
     """Candidacy is assumed after failed care only while nobody has said otherwise."""
-    answered = any(is_attested(e) for e in facts.candidate_evidence.evidence)
-    assumed = (not answered and facts.candidate_evidence.value is not Tri.YES
+    answered = any(is_attested(e) for e in facts.intervention_candidate.evidence)
+    assumed = (not answered and facts.intervention_candidate.value is not Tri.YES
                and params.assume_candidate_after_failed_care and "done" in facts.care_states)
     assumptions = [a for a in facts.assumptions if a[0] != "candidate-after-failed-care"]
     if assumed:
@@ -200,7 +200,7 @@ def _reassess_assumption(facts: Facts, params: ClinicalParams) -> Facts:
 
 def _earliest_onset(facts: Facts) -> datetime | None:
     """The dated onset of this episode (answers given before it belong to another)."""
-    days = [e.date for e in facts.duration_fact.evidence if e.date and not is_attested(e)]
+    days = [e.date for e in facts.duration.evidence if e.date and not is_attested(e)]
     spans = [parse_span(d) for d in days]
     starts = [s[0] for s in spans if s]
     return min(starts) if starts else None

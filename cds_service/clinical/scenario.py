@@ -13,7 +13,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from cds_service.clinical.facts import Facts, Tri
+from cds_service.clinical.model import Facts, Tri
+from cds_service.clinical.registry import DECISION_FACTS, GROUPS
 from cds_service.knowledge import CATEGORY_RANK, PAMA_CODE, Knowledge, Procedure
 
 CANCEL = "cancel"
@@ -21,7 +22,9 @@ NO_IMAGING_YET = frozenset({"V1", "V2"})  # the variants where no study is appro
 
 
 class World(NamedTuple):
-    """One assignment of the facts that decide the scenario (red flags grouped by variant)."""
+    """One assignment of the facts that decide the scenario (red flags grouped by variant), in
+    the order the facts that decide a rating are named. Each field is a fact of the registry
+    that the decision reads, a group of them, or a state the facts carry (checked below)."""
 
     indication: bool
     cauda_equina: bool
@@ -29,15 +32,18 @@ class World(NamedTuple):
     v7: bool  # cancer, infection or immunosuppression
     prior_surgery: bool
     v6: bool  # low-velocity trauma, osteoporosis, older age or chronic steroids
-    duration: str
-    care: str  # "none", "under-way" or "done"
-    candidate_evidence: bool
+    duration: str  # "acute", "subacute" or "chronic"
+    conservative_care: str  # "none", "under-way" or "done"
+    intervention_candidate: bool
     mri_safety: bool
 
 
 WORLD_FACTS = World._fields
-GROUPS = {"v7": ("cancer", "infection", "immunosuppression"),
-          "v6": ("trauma", "osteoporosis", "elderly", "steroids")}
+STATES = ("duration", "conservative_care")  # worlds take their states, not a yes or no
+_folded = {n for n in DECISION_FACTS if not any(n in m for m in GROUPS.values())}
+if set(WORLD_FACTS) != _folded | set(GROUPS) | set(STATES):  # a registry edit must reach here
+    raise ImportError(f"scenario.World {WORLD_FACTS} does not match the registry's decision "
+                      f"facts {sorted(_folded)} and groups {sorted(GROUPS)}")
 
 
 @functools.lru_cache(maxsize=8192)  # pure, and the worlds are few (at most 2 x 2,304)
@@ -66,9 +72,9 @@ def variants_of(world: World, assume_candidate: bool = True) -> frozenset[str]:
         return frozenset({"V1"})
     # V3: persistent symptoms during or after 6 weeks of care, in a surgery or injection
     # candidate (assumed after failed care when the setting allows; on record while under way).
-    if world.care == "done" and (world.candidate_evidence or assume_candidate):
+    if world.conservative_care == "done" and (world.intervention_candidate or assume_candidate):
         return frozenset({"V3"})
-    if world.care == "under-way" and world.candidate_evidence:
+    if world.conservative_care == "under-way" and world.intervention_candidate:
         return frozenset({"V3"})
     return frozenset({"V2"})
 
@@ -87,10 +93,10 @@ def possible_worlds(facts: Facts) -> list[World]:
     choices: list[tuple[object, ...]] = []
     for name in WORLD_FACTS:
         if name == "duration":
-            choices.append(tuple(sorted(facts.duration)))
+            choices.append(tuple(sorted(facts.duration_categories)))
         elif name in GROUPS:
             choices.append(_group_possible(facts, GROUPS[name]))
-        elif name == "care":
+        elif name == "conservative_care":
             choices.append(facts.care_states)
         else:
             choices.append(getattr(facts, name).possible())
@@ -192,19 +198,15 @@ class Decision:
         return self.assumption_rates or self.assumption_suggests
 
 
-# The facts a decision reads: the value of each (red flags one by one: the deciding facts name
-# the unknown members of a group), the duration categories and the states of care.
-DECISION_FACTS = ("indication", "cauda_equina", "neuro_deficit", "cancer", "infection",
-                  "immunosuppression", "prior_surgery", "trauma", "osteoporosis", "elderly",
-                  "steroids", "candidate_evidence", "mri_safety")
 MEMO_LIMIT = 50_000
 
 
 def decision_key(facts: Facts, ordered: Procedure) -> tuple[object, ...]:
-    """Everything :func:`decide` reads: equal keys, equal decisions."""
+    """Everything :func:`decide` reads: equal keys, equal decisions (the value of each decision
+    fact of the registry, the duration categories and the states of care)."""
     return ("decision", ordered.id, tuple(getattr(facts, n).value for n in DECISION_FACTS),
-            facts.duration, facts.care_states, facts.assume_candidate, facts.candidate_assumed,
-            facts.other_indication)
+            facts.duration_categories, facts.care_states, facts.assume_candidate,
+            facts.candidate_assumed, facts.other_indication)
 
 
 def decide(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decision:

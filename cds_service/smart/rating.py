@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from cds_service.clinical.facts import Facts, Tri
-from cds_service.engine import PAMA_DISPLAY, Engine, OrderResult
+from cds_service.engine import PAMA_DISPLAY, Engine, Rated
 from cds_service.questionnaire import Question
 from cds_service.record.prefetch import SOURCE_ATTRS, PatientRecord, Source, SourceState
 from cds_service.smart.context import AppContext
@@ -96,7 +96,7 @@ def _patient_label(record: PatientRecord, patient_id: str) -> str:
 
 
 def rate(engine: Engine, chart: Chart, now: datetime,
-         response: dict[str, Any] | None = None) -> OrderResult:
+         response: dict[str, Any] | None = None) -> Rated:
     """The engine's result for the order; with ``response`` (the answers on the form as a
     QuestionnaireResponse) in place of the answers the record holds."""
     record = chart.record
@@ -111,7 +111,7 @@ def rate(engine: Engine, chart: Chart, now: datetime,
     return result
 
 
-def rating_view(engine: Engine, result: OrderResult) -> RatingView:
+def rating_view(engine: Engine, result: Rated) -> RatingView:
     d = result.decision
     name = result.procedure.name
     if not d.determinate or not d.pama:
@@ -131,13 +131,13 @@ def prefill(asked: list[Question], facts: Facts) -> dict[str, str]:
     for q in asked:
         value: str | None = None
         if q.fact == "duration":
-            known = facts.duration_fact.value is Tri.YES and len(facts.duration) == 1
-            value = next(iter(facts.duration)) if known else None
+            known = facts.duration.value is Tri.YES and len(facts.duration_categories) == 1
+            value = next(iter(facts.duration_categories)) if known else None
         elif q.fact == "conservative_care" and q.type == "integer":
             value = str(int(facts.care_weeks)) if facts.care_weeks is not None else None
         elif q.fact == "conservative_care":
             value = ("yes" if facts.care_weeks is not None
-                     else {Tri.NO: "no"}.get(facts.care.value))
+                     else {Tri.NO: "no"}.get(facts.conservative_care.value))
         else:
             fact = getattr(facts, q.fact, None)
             value = {Tri.YES: "yes", Tri.NO: "no"}.get(fact.value) if fact else None

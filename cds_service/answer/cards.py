@@ -1,0 +1,285 @@
+"""A card from the templates of its kind (``cards/``): the context a template reads, the
+suggestions, the override reasons and the link to the SMART app that asks what the record leaves
+open."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from typing import Any
+
+import orjson
+
+from cds_service.answer.payloads import Payloads
+from cds_service.answer.policy import CardChoice
+from cds_service.answer.rating import Rated
+from cds_service.clinical.answers import denies, is_attested
+from cds_service.clinical.facts import Evidence, Facts, Tri
+from cds_service.clinical.registry import NAMES
+from cds_service.clinical.scenario import Alternative, Decision
+from cds_service.codesystems import SystemUrls
+from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
+from cds_service.protocol import Action, Card, CardSource, Coding, Link, Suggestion
+from cds_service.questionnaire import Questions
+from cds_service.render import CardTemplates, TemplateProblem
+from cds_service.settings import Settings
+
+ASKING_KINDS = ("missing-data", "not-appropriate")  # cards that link to the questions
+SOURCE_NAMES = {"patient": "demographics", "conditions": "problem list",
+                "procedures": "procedures", "servicerequests": "orders and referrals",
+                "medications": "medication orders"}
+
+
+def finding(e: Evidence) -> str:
+    """A finding in words with its code after it: "pacemaker (Z95.0)"."""
+    if e.display and e.code:
+        return f"{e.display} ({e.code})"
+    return e.display or e.code or e.resource
+
+
+def _days_since(day: str | None, now: datetime | None) -> int:
+    if not day or now is None:
+        return 0
+    try:
+        return max(0, (now.date() - date.fromisoformat(day)).days)
+    except ValueError:
+        return 0
+
+
+def evidence_rows(facts: Facts, templates: CardTemplates,
+                  this_order: str) -> list[dict[str, Any]]:
+    """One row per resource and code, in the registry's order, with every fact it supports."""
+    rows: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+    for name in NAMES:
+        fact = facts.fact(name)
+        for e in fact.evidence:
+            label = templates.fact_label(fact.name)
+            row = rows.setdefault((e.resource, e.code, e.date), {
+                "labels": [], "code": e.code, "display": e.display,
+                # non-breaking hyphens: a date never wraps in a narrow table cell
+                "date": (e.date or "").replace("-", "\u2011")
+                or ("this order" if e.resource == this_order else None),
+                "resource": e.resource})
+            if label not in row["labels"]:
+                row["labels"].append(label)
+    return [{**r, "label": ", ".join(r["labels"])} for r in rows.values()]
+
+
+class CardBuilder:
+    """Renders the card an order gets, with its suggestions and links."""
+
+    def __init__(self, knowledge: Knowledge, templates: CardTemplates, questions: Questions,
+                 settings: Settings, systems: SystemUrls, payloads: Payloads):
+        unlabelled = [n for n in NAMES if n not in templates.facts]
+        if unlabelled:
+            raise TemplateProblem(
+                f"cards/common.yaml: facts lacks {', '.join(unlabelled)}: every fact of the "
+                "rules needs a label (and what to document when it is unknown)")
+        self.knowledge = knowledge
+        self.templates = templates
+        self.questions = questions
+        self.settings = settings
+        self.payloads = payloads
+        self.source = CardSource(label=templates.source["label"],
+                                 url=templates.source.get("url") or None)
+        self._duration_answers = {code: display for q in questions.items
+                                  if q.fact == "duration" for code, display in q.answers}
+        # card kind -> the override reasons its cards offer (the same on every card)
+        self._reasons = {kind: [Coding(system=systems.override_reason, code=r["code"],
+                                       display=r["display"]) for r in k.override_reasons]
+                         for kind, k in templates.kinds.items()}
+
+    def card(self, rated: Rated, choice: CardChoice) -> Card:
+        """The card of the chosen kind, with a suggestion per option and the cancel."""
+        t, kind = self.templates, choice.kind
+        first = choice.options[0] if choice.options else None
+        ctx = self.context(rated, first, choice.cancel, kind)
+        suggestions = [self._suggestion(rated, kind, ctx, alt, i == 0)
+                       for i, alt in enumerate(choice.options)]
+        if choice.cancel:
+            suggestions.append(Suggestion(
+                label=t.render(kind, "cancel_label", ctx) or "Cancel the order",
+                uuid=str(uuid.uuid4()),
+                actions=[Action(type="delete",
+                                description=t.render(kind, "cancel_description", ctx)
+                                or "Remove the draft order",
+                                resourceId=f"ServiceRequest/{rated.order.get('id')}")]))
+        reasons = self._reasons[kind]
+        links = self._app_link(kind, rated)
+        return Card(
+            uuid=str(uuid.uuid4()),
+            summary=t.render(kind, "summary", ctx) or rated.procedure.name,
+            indicator=t.kinds[kind].indicator,  # type: ignore[arg-type]
+            source=self.source,
+            detail=t.render(kind, "detail", ctx) or None,
+            suggestions=suggestions or None,
+            selectionBehavior="at-most-one" if suggestions else None,
+            overrideReasons=reasons or None,
+            links=links or None)
+
+    def _suggestion(self, rated: Rated, kind: str, ctx: dict[str, Any], alt: Alternative,
+                    first: bool) -> Suggestion:
+        t = self.templates
+        sctx = {**ctx, "suggestion": self._alt(alt.procedure, alt.category)}
+        return Suggestion(
+            label=t.render(kind, "suggestion_label", sctx) or alt.procedure.name,
+            uuid=str(uuid.uuid4()),
+            isRecommended=True if first and alt.category == "UA" else None,
+            actions=[Action(type="update",
+                            description=t.render(kind, "action_description", sctx)
+                            or f"Order {alt.procedure.name}",
+                            resource=self.payloads.replacement(rated, alt))])
+
+    # ------------------------------------------------------------------ the template context
+
+    def context(self, rated: Rated, suggestion: Alternative | None, cancel: bool,
+                kind: str) -> dict[str, Any]:
+        """Every variable a card template may read (``render.sample_context`` lists them)."""
+        t = self.templates
+        order, proc, facts, decision = rated.order, rated.procedure, rated.facts, rated.decision
+        document, not_sent = self._missing(rated)
+        mri = facts.recent_mri.evidence[0] if facts.recent_mri.evidence else None
+        devices = ", ".join(sorted({finding(e) for e in facts.mri_safety.evidence
+                                    if not denies(e)})) if facts.mri_safety.value is Tri.YES \
+            else ""
+        assumed = [(code, params) for code, params in facts.assumptions
+                   if code != "candidate-after-failed-care" or decision.assumption_drives]
+        category = decision.category
+        alts = decision.alternatives
+        already = next((a.procedure.name for a in alts if a.procedure.id in rated.drafted),
+                       None) if isinstance(alts, tuple) and not suggestion else None
+        return {
+            "kind": kind,
+            "order": {"id": order.get("id"), "name": proc.name, "short": proc.short_name,
+                      "priority": str(order.get("priority") or "routine")},
+            "rating": {"pama": decision.pama, "category": category,
+                       "category_label": t.categories.get(category or "", "not rated")},
+            "scenario": self._scenario(decision), "why": self._why(facts, rated.now),
+            # determinately outside every variant (a severe neurological deficit alone)
+            "outside": decision.variants is not None and not decision.variants,
+            "conditional": t.phrase("if-candidate") if decision.assumption_rates else "",
+            "suggest_if": t.phrase("suggest-if-candidate")
+            if decision.assumption_suggests and not decision.assumption_rates else "",
+            "suggestion": self._alt(suggestion.procedure, suggestion.category)
+            if suggestion else None,
+            "cancel": cancel, "alternatives": self._alternatives(decision, proc),
+            "evidence": evidence_rows(facts, t, f"ServiceRequest/{order.get('id')}"),
+            "assumptions": [t.assumption(code, params) for code, params in assumed],
+            "missing": document,
+            "missing_first": document[0]["document"] if document else "the patient's history",
+            "missing_label": " and ".join(m["label"].lower() for m in document[:2])
+            or "the patient's history",
+            "missing_text": "; ".join(m["document"] for m in document)
+            or "the patient's history",
+            "devices": devices or "an implant", "device_found": bool(devices),
+            "unavailable": ", ".join(not_sent),
+            "care": self._care_text(facts),
+            "recent": {"date": mri.date, "resource": mri.resource} if mri else None,
+            "already": already,
+        }
+
+    def _scenario(self, decision: Decision) -> str | None:
+        if not decision.variants:
+            return None
+        return "; ".join(f"{self.knowledge.variants[v]} ({v})" for v in sorted(decision.variants))
+
+    def _alternatives(self, decision: Decision, proc: Procedure) -> list[dict[str, Any]]:
+        """The studies not usually inappropriate in the scenario, best first."""
+        if not decision.variants:
+            return []
+        rated = [(p, self.knowledge.category(p.id, decision.variants))
+                 for p in self.knowledge.procedures.values()
+                 if p.region == "lumbar" or p is proc]  # the ordered study is always listed
+        rated = [(p, c) for p, c in rated if c != "UNA"]
+        rated.sort(key=lambda pc: (-CATEGORY_RANK[pc[1]], pc[0].rrl_rank, pc[0].preference))
+        return [self._alt(p, c) for p, c in rated]
+
+    def _missing(self, rated: Rated) -> tuple[list[dict[str, str]], list[str]]:
+        """What the clinician should document, and what the EHR did not send (said apart)."""
+        t, facts = self.templates, rated.facts
+        document, not_sent = [], []
+        for name in rated.decision.deciding:
+            sources = [SOURCE_NAMES[m] for m in facts.fact(name).missing if m in SOURCE_NAMES]
+            if sources:
+                not_sent += [s for s in sources if s not in not_sent]
+            else:
+                document.append({"name": name, "label": t.fact_label(name),
+                                 "document": t.fact_document(name)})
+        for key in rated.missing:
+            if SOURCE_NAMES[key] not in not_sent:
+                not_sent.append(SOURCE_NAMES[key])
+        return document, not_sent
+
+    def _why(self, facts: Facts, now: datetime | None) -> str:
+        """The first line of every card: what the rating rests on, and what was checked."""
+        t = self.templates
+        parts = [self._duration_text(facts, now)]
+        found = [f for f in facts.red_flags() if f.value is Tri.YES]
+        unknown = [f for f in facts.red_flags() if f.value is Tri.UNKNOWN]
+        if found:
+            parts.append(t.phrase("red-flags", found="; ".join(
+                f"{t.fact_label(f.name).lower()}: " + ", ".join(finding(e) for e in f.evidence)
+                for f in found)))
+        elif unknown:
+            parts.append(t.phrase("red-flags-unknown", unknown=", ".join(
+                t.fact_short(f.name) for f in unknown)))
+        else:
+            parts.append(t.phrase("no-red-flags", checked=", ".join(
+                t.fact_short(f.name) for f in facts.red_flags())))
+        if facts.urgent:
+            parts.append(t.phrase("urgent"))
+        return "; ".join(p for p in parts if p) + "."
+
+    def _duration_text(self, facts: Facts, now: datetime | None) -> str:
+        t = self.templates
+        said = [e for e in facts.duration.evidence if is_attested(e)]
+        if said and len(facts.duration_categories) == 1:
+            (category,) = facts.duration_categories
+            span = self._duration_answers.get(category, category).lower()
+            return t.phrase("duration-attested", span=span, day=said[0].date)
+        onset = [e for e in facts.duration.evidence if e.date]
+        if not onset:
+            return t.phrase("duration-unknown")
+        days = max(_days_since(e.date, now) for e in onset)
+        span = f"{days} days" if days < 28 else f"{days // 7} weeks"
+        return t.phrase("duration" if facts.duration_dated else "duration-bound", span=span)
+
+    def _care_text(self, facts: Facts) -> str:
+        t = self.templates
+        needed = self.settings.conservative_care_weeks
+        if facts.care_weeks is None:
+            return "" if facts.conservative_care.value is Tri.UNKNOWN else t.phrase("care-none")
+        weeks = int(facts.care_weeks)
+        if weeks >= needed:
+            return t.phrase("care-done", weeks=weeks)
+        return t.phrase("care-under-way", weeks=weeks, needed=needed)
+
+    def _alt(self, proc: Procedure, category: str) -> dict[str, Any]:
+        return {"id": proc.id, "name": proc.name, "short": proc.short_name,
+                "category": category, "rrl": proc.rrl,
+                "category_label": self.templates.categories.get(category, category)}
+
+    # ------------------------------------------------------------------ the SMART app link
+
+    def questions_to_ask(self, rated: Rated) -> list[str]:
+        """The linkIds of the questions whose answers would settle the order's rating (or its
+        scenario), for the card's link to the SMART app."""
+        return [q.link_id for q in self.questions.for_facts(rated.decision.deciding)]
+
+    def _app_link(self, kind: str, rated: Rated) -> list[Link]:
+        """A SMART app link asking the questions that would settle the rating (no PHI in the
+        app context: the order's reference, the study and the questions' linkIds)."""
+        if not self.settings.smart_app_enabled or kind not in ASKING_KINDS:
+            return []
+        ask = self.questions_to_ask(rated)
+        if not ask:
+            return []
+        count = f"{len(ask)} question" + ("s" if len(ask) != 1 else "")
+        context = {"order": f"ServiceRequest/{rated.order.get('id')}",
+                   "procedure": rated.procedure.id, "ask": ask}
+        # a missing-data card's order is not rated yet; a not-appropriate one is, in every
+        # scenario left open: the answers settle which study fits, not the rating
+        phrase = "smart-link" if kind == "missing-data" else "smart-link-scenario"
+        return [Link(label=self.templates.phrase(phrase, questions=count),
+                     url=f"{self.settings.app_base_url}/app/launch", type="smart",
+                     appContext=orjson.dumps(context).decode())]

@@ -1,0 +1,110 @@
+"""The types of the clinical core: a fact (yes / no / unknown, with its evidence), the facts of
+one order, and the tunable thresholds of the rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from cds_service.clinical.registry import RED_FLAGS
+
+# An onset known only to lie before a date (a condition's recordedDate): the earliest instant.
+MIN_TIME = datetime.min.replace(tzinfo=UTC)
+Span = tuple[datetime, datetime]
+
+
+class Tri(StrEnum):
+    YES = "yes"
+    NO = "no"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ClinicalParams:
+    """Tunable thresholds of the clinical rules (from settings)."""
+
+    conservative_care_weeks: int = 6
+    elderly_over_age: int = 70
+    episode_grace_days: int = 14
+    recent_mri_months: int = 12
+    recent_trauma_days: int = 90
+    recent_red_flag_days: int = 90
+    assume_candidate_after_failed_care: bool = True
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One resource that supports a fact."""
+
+    resource: str
+    system: str
+    code: str
+    display: str | None
+    date: str | None
+    role: str
+
+
+@dataclass
+class Fact:
+    name: str
+    value: Tri
+    evidence: list[Evidence] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def possible(self) -> tuple[bool, ...]:
+        """The truth values this fact can take."""
+        if self.value is Tri.YES:
+            return (True,)
+        if self.value is Tri.NO:
+            return (False,)
+        return (False, True)
+
+
+@dataclass
+class Facts:
+    """Everything the scenario needs for one order.
+
+    One attribute per fact of the registry (:mod:`cds_service.clinical.registry`), named as the
+    registry names it, plus what the facts carry besides yes / no / unknown.
+    """
+
+    indication: Fact
+    radiculopathy: Fact
+    duration: Fact
+    conservative_care: Fact
+    intervention_candidate: Fact
+    cauda_equina: Fact
+    neuro_deficit: Fact
+    cancer: Fact
+    infection: Fact
+    immunosuppression: Fact
+    prior_surgery: Fact
+    trauma: Fact
+    osteoporosis: Fact
+    elderly: Fact
+    steroids: Fact
+    mri_safety: Fact
+    recent_mri: Fact
+    # the categories the pain duration may fall in ("acute", "subacute", "chronic")
+    duration_categories: frozenset[str] = frozenset({"acute", "subacute", "chronic"})
+    duration_dated: bool = False  # the duration comes from a dated onset, not a bound
+    care_weeks: float | None = None
+    # "none", "under-way" (fewer weeks than the threshold), "done": the states care may be in
+    care_states: tuple[str, ...] = ("none",)
+    candidate_assumed: bool = False
+    age: tuple[int, int] | None = None
+    other_indication: bool = False  # the order's reasons name an indication that is not LBP
+    urgent: bool = False  # priority stat, asap or urgent
+    # (code, parameters); the wording is in cards/common.yaml "assumptions"
+    assumptions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    assume_candidate: bool = True  # candidate assumed after failed care (ClinicalParams)
+
+    def fact(self, name: str) -> Fact:
+        """The fact of that registry name."""
+        found: Fact = getattr(self, name)
+        return found
+
+    def red_flags(self) -> list[Fact]:
+        return [getattr(self, n) for n in RED_FLAGS]

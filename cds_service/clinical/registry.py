@@ -1,0 +1,119 @@
+"""The facts, declared once: what each is called, whether it is a red flag, which scenario group
+it folds into, whether the decision reads it, how an answer settles it, and the value sets its
+coded rule reads. Every other list of facts (the red flags a card names as checked, the order of
+the evidence rows, the groups of the scenario, the facts a question may settle) derives from
+this table.
+
+A fact's name is the one the cards use (``cards/common.yaml`` ``facts.<name>``), the questions use
+(``knowledge/questions.yaml`` ``fact: <name>``) and :class:`~cds_service.clinical.model.Facts`
+holds it under.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Scope(StrEnum):
+    """When a diagnosis on the problem list counts for a fact (reasons on the order always do)."""
+
+    HISTORY = "history"  # active or resolved, any date (cancer history)
+    ACTIVE = "active"  # active, any date (immunosuppression, osteoporosis, devices)
+    CURRENT = "current"  # active and of this episode or recent, or undated (red-flag symptoms)
+    RECENT = "recent"  # active and within the recent-trauma window
+
+
+# How a rule reads a fact (each rule is one function of cds_service.clinical.rules).
+CODED = "coded"  # the value sets below, each in its scope, on the order and the problem list
+
+# How a clinician's answer settles a fact (cds_service.clinical.answers).
+FINDING = "finding"  # yes or no; a coded yes is never undone by an answer
+DURATION = "duration"  # the pain duration category, when the record has no dated onset
+CARE = "care"  # tried or not, and for how many weeks
+CANDIDATE = "candidate"  # a surgery or injection candidate, when nothing is planned on record
+
+
+@dataclass(frozen=True)
+class FactSpec:
+    """One fact of the clinical core."""
+
+    name: str
+    rule: str  # CODED, or the name of the fact's own rule
+    red_flag: bool = False  # named among the red flags every card says were checked
+    group: str | None = None  # the scenario's group of red flags it belongs to (v6, v7)
+    decides: bool = False  # its value is read by the decision (else only shown, or derived)
+    answer: str | None = None  # how a clinician's answer settles it (None: never asked)
+    sets: tuple[tuple[str, Scope], ...] = ()  # value sets of a CODED rule, each in its scope
+
+
+# In the order of the evidence rows on a card.
+FACTS: tuple[FactSpec, ...] = (
+    FactSpec("indication", "indication", decides=True,
+             sets=(("low_back_pain", Scope.ACTIVE), ("lumbar_degenerative", Scope.ACTIVE),
+                   ("radiculopathy", Scope.ACTIVE))),
+    FactSpec("radiculopathy", CODED, sets=(("radiculopathy", Scope.ACTIVE),)),
+    FactSpec("duration", "duration", answer=DURATION),
+    FactSpec("conservative_care", "care", answer=CARE),
+    FactSpec("intervention_candidate", "candidate", decides=True, answer=CANDIDATE),
+    FactSpec("cauda_equina", CODED, red_flag=True, decides=True, answer=FINDING,
+             sets=(("cauda_equina", Scope.CURRENT), ("ces_bladder_bowel", Scope.CURRENT),
+                   ("ces_sensory", Scope.CURRENT))),
+    FactSpec("neuro_deficit", CODED, red_flag=True, decides=True, answer=FINDING,
+             sets=(("neuro_deficit", Scope.CURRENT),)),
+    FactSpec("cancer", CODED, red_flag=True, group="v7", decides=True, answer=FINDING,
+             sets=(("cancer", Scope.HISTORY), ("weight_loss", Scope.CURRENT))),
+    FactSpec("infection", CODED, red_flag=True, group="v7", decides=True, answer=FINDING,
+             sets=(("spinal_infection", Scope.CURRENT), ("systemic_infection", Scope.CURRENT),
+                   ("drug_use", Scope.ACTIVE))),
+    FactSpec("immunosuppression", CODED, red_flag=True, group="v7", decides=True,
+             answer=FINDING, sets=(("immunosuppression", Scope.ACTIVE),)),
+    FactSpec("prior_surgery", "prior_surgery", red_flag=True, decides=True, answer=FINDING,
+             sets=(("prior_lumbar_surgery", Scope.HISTORY),)),
+    FactSpec("trauma", CODED, red_flag=True, group="v6", decides=True, answer=FINDING,
+             sets=(("recent_trauma", Scope.RECENT),)),
+    FactSpec("osteoporosis", CODED, red_flag=True, group="v6", decides=True, answer=FINDING,
+             sets=(("osteoporosis", Scope.ACTIVE),)),
+    FactSpec("elderly", "age", red_flag=True, group="v6", decides=True),
+    FactSpec("steroids", CODED, red_flag=True, group="v6", decides=True, answer=FINDING,
+             sets=(("chronic_steroids", Scope.ACTIVE),)),
+    FactSpec("mri_safety", CODED, decides=True, answer=FINDING,
+             sets=(("mri_safety", Scope.ACTIVE),)),
+    FactSpec("recent_mri", "recent_mri"),
+)
+
+BY_NAME = {spec.name: spec for spec in FACTS}
+NAMES = tuple(spec.name for spec in FACTS)
+CODED_FACTS = tuple(spec for spec in FACTS if spec.rule == CODED)
+RED_FLAGS = tuple(spec.name for spec in FACTS if spec.red_flag)
+# The red flags the scenario reads as one: any of them puts the patient in the group's variant.
+GROUPS = {group: tuple(s.name for s in FACTS if s.group == group)
+          for group in dict.fromkeys(s.group for s in FACTS if s.group)}
+# The facts whose value the decision reads one by one (red flags too: the facts that decide a
+# rating name the unknown members of a group).
+DECISION_FACTS = tuple(spec.name for spec in FACTS if spec.decides)
+FINDINGS = tuple(spec.name for spec in FACTS if spec.answer == FINDING)
+ASKED = frozenset(spec.name for spec in FACTS if spec.answer)  # a question may settle these
+# Every value set a fact's row names (the rules read more: cds_service.clinical.rules).
+ROW_VALUESETS = frozenset(vs for spec in FACTS for vs, _ in spec.sets)
+
+
+def spec(name: str) -> FactSpec:
+    """The registry row of a fact."""
+    return BY_NAME[name]
+
+
+# Value sets the rules read besides the rows' own.
+LBP_SETS = frozenset({"low_back_pain", "radiculopathy", "lumbar_degenerative"})  # the indication
+# Reasons that by themselves put a lumbar order on the low back pain pathway (V4 or outside V1-V3).
+SPINAL_SETS = frozenset({"cauda_equina", "ces_bladder_bowel", "ces_sensory", "neuro_deficit"})
+THERAPY_SETS = frozenset({"physical_therapy", "chiropractic"})  # conservative care
+INTERVENTION_SETS = frozenset({"spine_injection", "lumbar_surgery_procedure", "spine_referral"})
+SURGERY_SETS = frozenset({"prior_lumbar_surgery", "fusion_any_site", "lumbar_surgery_procedure"})
+# Every value set the rules read by name: a knowledge copy must define each (a renamed set would
+# otherwise match nothing, and a red flag would silently never count).
+VALUESETS_READ = (ROW_VALUESETS | LBP_SETS | SPINAL_SETS | THERAPY_SETS | INTERVENTION_SETS
+                  | SURGERY_SETS)
+# An order whose coded reasons fall in none of these names another indication.
+REASON_SETS = LBP_SETS | SPINAL_SETS | frozenset(
+    vs for spec in FACTS if spec.red_flag for vs, _ in spec.sets) | {"fusion_any_site"}

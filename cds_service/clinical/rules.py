@@ -1,0 +1,384 @@
+"""The rules that read the facts of one order from the scanned record: one small function per
+rule of the registry (:mod:`cds_service.clinical.registry`), over a shared :class:`RuleContext`.
+
+A fact is *no* only when every source it depends on was received whole (closed world); it is
+*unknown* when a source is missing or partial, when a matching resource could not be read, or where
+silence is not evidence (the conservative care of an intervention candidate, a fusion code that
+names no site).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from cds_service.clinical.dates import age_years
+from cds_service.clinical.model import MIN_TIME, ClinicalParams, Evidence, Fact, Tri
+from cds_service.clinical.registry import (
+    CODED,
+    INTERVENTION_SETS,
+    LBP_SETS,
+    REASON_SETS,
+    SPINAL_SETS,
+    THERAPY_SETS,
+    FactSpec,
+    Scope,
+    spec,
+)
+from cds_service.clinical.scan import (
+    DraftScan,
+    Hit,
+    RecordScan,
+    codings_of,
+    codings_of_all,
+    str_field,
+    text_of,
+)
+from cds_service.knowledge import Knowledge
+from cds_service.record.prefetch import Source, SourceState, as_list
+
+CARE_STATES = ("none", "under-way", "done")
+ALL_DURATIONS = frozenset({"acute", "subacute", "chronic"})
+ACUTE = timedelta(weeks=4)
+CHRONIC = timedelta(weeks=12)
+LUMBAR_MRI = frozenset({"mri-wo", "mri-w", "mri-wwo"})
+# A fusion code that names no site: prior lumbar surgery stays unknown beside it.
+FUSION = FactSpec("fusion", CODED, sets=(("fusion_any_site", Scope.HISTORY),))
+
+
+@dataclass(frozen=True)
+class Episode:
+    """The dated active low back pain conditions of the current episode, and its onset bounds."""
+
+    dated: list[Hit] = field(default_factory=list)
+    onset_lo: datetime | None = None  # MIN_TIME: known only to lie before onset_hi
+    onset_hi: datetime | None = None
+
+    @property
+    def since(self) -> datetime | None:
+        """When the episode began, as well as the record tells."""
+        return self.onset_lo if self.onset_lo not in (None, MIN_TIME) else self.onset_hi
+
+
+@dataclass
+class RuleContext:
+    """What the rules for one order share: the record scan, the order's reasons, the clock."""
+
+    scan: RecordScan
+    knowledge: Knowledge
+    order: Mapping[str, Any]
+    reasons: list[Hit]  # the order's reasons that match a value set
+    coded_reason: bool  # the order has a coded reason at all
+    drafts: DraftScan
+    now: datetime
+    params: ClinicalParams
+    episode: Episode
+    current_since: datetime  # red-flag symptoms dated on or after this are current
+    orders: list[Hit] = field(default_factory=list)  # procedures and service requests
+
+    @property
+    def order_id(self) -> str:
+        return str(self.order.get("id", "?"))
+
+    def in_scope(self, hit: Hit, scope: Scope) -> bool:
+        if scope is Scope.HISTORY:
+            return True
+        if not hit.active:
+            return False
+        latest = hit.latest
+        if scope is Scope.CURRENT:
+            return latest is None or latest >= self.current_since
+        if scope is Scope.RECENT:
+            since = self.now - timedelta(days=self.params.recent_trauma_days)
+            return latest is not None and latest >= since
+        return True
+
+    def reason_evidence(self, hit: Hit, display: str | None) -> Evidence:
+        if hit.rtype == "ServiceRequest":
+            return Evidence(f"ServiceRequest/{self.order_id}", str(hit.coding.get("system", "")),
+                            str(hit.coding.get("code", "")),
+                            hit.coding.get("display") or hit.text or display, None,
+                            "reason for this order")
+        return hit.evidence("reason for this order", display)
+
+    def unreadable(self, sets: frozenset[str]) -> bool:
+        """A procedure or order of these value sets failed validation."""
+        return any(h.sets & sets and not h.readable for h in self.orders)
+
+
+def rule_context(scan: RecordScan, order: Mapping[str, Any], drafts: DraftScan,
+                 knowledge: Knowledge, now: datetime, params: ClinicalParams) -> RuleContext:
+    """The context of one order: its reasons, the episode and when symptoms count as current."""
+    reasons, coded_reason = order_reasons(scan, order, knowledge)
+    episode = episode_of(scan)
+    current_since = now - timedelta(days=params.recent_red_flag_days)
+    if episode.since is not None:
+        current_since = min(current_since,
+                            episode.since - timedelta(days=params.episode_grace_days))
+    return RuleContext(scan, knowledge, order, reasons, coded_reason, drafts, now, params,
+                       episode, current_since, scan.procedures + scan.service_requests)
+
+
+def not_sent(sources: Iterable[Source]) -> list[str]:
+    """Names of the sources that leave a negative answer open."""
+    return [s.note or "missing" for s in sources if s.state is not SourceState.COMPLETE]
+
+
+def settle(name: str, evidence: list[Evidence], sources: dict[str, Source],
+           unreadable: bool = False) -> Fact:
+    """Yes with evidence; unknown when a source is not whole or a match could not be read; else
+    no (closed world)."""
+    if evidence:
+        return Fact(name, Tri.YES, evidence)
+    missing = [k for k, s in sources.items() if s.state is not SourceState.COMPLETE]
+    if missing or unreadable:
+        return Fact(name, Tri.UNKNOWN, [], missing or ["unreadable resource"])
+    return Fact(name, Tri.NO)
+
+
+# ------------------------------------------------------------------ coded facts
+
+
+def _set_hits(ctx: RuleContext, vs: str, scope: Scope) -> tuple[list[tuple[Hit, bool]], bool]:
+    """(hit, on the order) pairs for one value set in its scope; and whether one was unreadable."""
+    found: list[tuple[Hit, bool]] = []
+    unreadable = False
+    reason_ids = {id(h) for h in ctx.reasons}
+    for h in ctx.reasons:
+        if vs in h.sets:
+            found.append((h, True))
+    for h in ctx.scan.conditions_in(vs):
+        if id(h) in reason_ids or not ctx.in_scope(h, scope):
+            continue
+        if not h.readable:
+            unreadable = True
+            continue
+        found.append((h, False))
+    return found, unreadable
+
+
+def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
+    """One fact from its value sets: hits in scope, then the companion and text rules."""
+    conditions = {"conditions": ctx.scan.record.conditions}
+    if not ctx.reasons and not ctx.scan.conditions:  # nothing coded to look at
+        return settle(row.name, [], conditions)
+    per_set: dict[str, list[tuple[Hit, bool]]] = {}
+    unreadable = False
+    for vs, scope in row.sets:
+        per_set[vs], bad = _set_hits(ctx, vs, scope)
+        unreadable = unreadable or bad
+    evidence: list[Evidence] = []
+    for vs, hits in per_set.items():
+        rule = ctx.knowledge.rules.get(vs)
+        if rule is not None:
+            companion = any(per_set.get(c) for c in rule.needs_companion)
+            hits = [(h, on_order) for h, on_order in hits if companion or any(
+                term in h.text.lower() for term in rule.text_terms)]
+        for h, on_order in hits:
+            display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
+            ev = (ctx.reason_evidence(h, display) if on_order
+                  else h.evidence("condition" if h.active else "condition (history)", display))
+            if ev not in evidence:
+                evidence.append(ev)
+    return settle(row.name, evidence, conditions, unreadable)
+
+
+def order_reasons(scan: RecordScan, order: Mapping[str, Any],
+                  knowledge: Knowledge) -> tuple[list[Hit], bool]:
+    """The order's reasons that match a value set, and whether it has any coded reason."""
+    oid = str(order.get("id", "?"))
+    hits: list[Hit] = []
+    for concept in as_list(order.get("reasonCode")):
+        text = text_of(concept)
+        for c in codings_of(concept):
+            sets = knowledge.valuesets_of(c.get("system"), c.get("code"))
+            if sets:
+                hits.append(Hit("ServiceRequest", oid, sets, dict(c), True, True, None, None,
+                                text=text))
+    coded = bool(hits) or any(c.get("code") for c in codings_of_all(order.get("reasonCode")))
+    by_id = {h.rid: h for h in scan.conditions}
+    for ref in as_list(order.get("reasonReference")):
+        if isinstance(ref, Mapping) and isinstance(ref.get("reference"), str):
+            rtype, _, rid = ref["reference"].rpartition("/")
+            if rtype.endswith("Condition") and rid in by_id:
+                hits.append(by_id[rid])
+                coded = True
+    return hits, coded
+
+
+def indication_fact(ctx: RuleContext, lumbar: bool) -> tuple[Fact, bool]:
+    """Is this an order for low back pain? (fact, the reasons name another indication)."""
+    lbp = coded_fact(spec("indication"), ctx)
+    if not ctx.coded_reason:
+        return lbp, False
+    reason_sets = frozenset().union(*(h.sets for h in ctx.reasons))
+    on_order = [e for e in lbp.evidence if e.role == "reason for this order"]
+    if reason_sets & LBP_SETS:
+        return Fact("indication", Tri.YES, on_order), False
+    if lumbar and reason_sets & SPINAL_SETS:
+        return Fact("indication", Tri.YES, lbp.evidence), False
+    if lumbar and reason_sets & REASON_SETS:
+        # A red flag on a lumbar study: LBP with that red flag, when LBP is on the record.
+        return lbp, lbp.value is Tri.NO
+    return Fact("indication", Tri.NO), True
+
+
+# ------------------------------------------------------------------ the episode and its care
+
+
+def episode_of(scan: RecordScan) -> Episode:
+    """The dated active LBP conditions of the current episode and its onset bounds."""
+    lbp = [h for h in scan.conditions if h.active and h.sets & LBP_SETS and h.readable]
+    dated = [h for h in lbp if h.start is not None]
+    if not dated:
+        return Episode()
+    lo = min(h.start for h in dated if h.start is not None)
+    hi = min(h.end for h in dated if h.end is not None)
+    return Episode(dated, lo, hi)
+
+
+def duration_fact(ctx: RuleContext) -> tuple[Fact, frozenset[str], bool, list[Any]]:
+    """The duration of the current episode (earliest onset of an active LBP condition): the
+    fact, the categories it may fall in, whether the onset is dated, and any assumption."""
+    ep = ctx.episode
+    if not ep.dated:
+        missing = not_sent([ctx.scan.record.conditions]) or ["onset not documented"]
+        return Fact("duration", Tri.UNKNOWN, [], missing), ALL_DURATIONS, False, []
+    assert ep.onset_lo is not None and ep.onset_hi is not None
+    assumptions = [("duration-from-recorded-date", {})] if ep.onset_lo == MIN_TIME else []
+    categories = duration_categories(ctx.now - ep.onset_hi, ctx.now - ep.onset_lo)
+    fact = Fact("duration", Tri.YES, [h.evidence("onset of low back pain") for h in ep.dated])
+    return fact, categories, ep.onset_lo != MIN_TIME, assumptions
+
+
+def duration_categories(shortest: timedelta, longest: timedelta) -> frozenset[str]:
+    """Categories a pain duration in [shortest, longest] can fall in."""
+    out = set()
+    if shortest < ACUTE:
+        out.add("acute")
+    if shortest <= CHRONIC and longest >= ACUTE:
+        out.add("subacute")
+    if longest > CHRONIC:
+        out.add("chronic")
+    return frozenset(out or {"acute"})
+
+
+def _first_care(scan: RecordScan, cutoff: datetime | None,
+                now: datetime) -> tuple[float | None, list[Evidence], bool]:
+    """Weeks since the first conservative care of this episode (therapy or medication)."""
+    care = [h for h in scan.procedures + scan.service_requests + scan.medications
+            if h.usable and (h.sets & THERAPY_SETS or h.rtype == "MedicationRequest")]
+    therapy = sorted((h for h in care if h.start and h.start <= now
+                      and (cutoff is None or (h.end or h.start) >= cutoff)),
+                     key=lambda h: h.start or now)
+    first = next((h for h in therapy if h.readable), None)  # validates only up to the first
+    if first is None or first.start is None:
+        return None, [], any(not h.readable for h in care)  # unreadable care: unknown
+    weeks = max(0.0, (now - first.start).total_seconds() / (7 * 86400))
+    return weeks, [first.evidence("first conservative care of this episode")], False
+
+
+def _care_cutoff(ctx: RuleContext) -> datetime | None:
+    """Care counts from the episode's onset less the grace period; with no dated episode, from
+    the end of the latest resolved one."""
+    if ctx.episode.since is not None:
+        return ctx.episode.since - timedelta(days=ctx.params.episode_grace_days)
+    ended = [h.end or h.start for h in ctx.scan.conditions
+             if not h.active and h.sets & LBP_SETS and (h.end or h.start)]
+    return max(ended) if ended else None  # type: ignore[type-var]
+
+
+def care_fact(ctx: RuleContext,
+              candidate: Fact) -> tuple[Fact, float | None, tuple[str, ...]]:
+    """Conservative care in this episode: the fact, its weeks, the states it may be in."""
+    rec, params, now = ctx.scan.record, ctx.params, ctx.now
+    weeks, evidence, unreadable = _first_care(ctx.scan, _care_cutoff(ctx), now)
+    sources = {"procedures": rec.procedures, "servicerequests": rec.service_requests,
+               "medications": rec.medications}
+    if weeks is not None and weeks >= params.conservative_care_weeks:
+        return Fact("conservative_care", Tri.YES, evidence), weeks, ("done",)
+    if weeks is not None:
+        sources_open = [k for k, s in sources.items() if s.state is not SourceState.COMPLETE]
+        states = ("under-way", "done") if sources_open else ("under-way",)
+        return Fact("conservative_care", Tri.NO, evidence, sources_open), weeks, states
+    care = settle("conservative_care", [], sources, unreadable)
+    onset = ctx.episode.onset_lo
+    long_enough = onset is None or now - onset >= timedelta(weeks=params.conservative_care_weeks)
+    if care.value is Tri.NO and candidate.value is Tri.YES and long_enough:
+        # An intervention candidate after weeks of pain with no care on record: the record is
+        # silent, not negative.
+        care = Fact("conservative_care", Tri.UNKNOWN, [], ["care of a candidate"])
+    return care, None, ("none",) if care.value is Tri.NO else CARE_STATES
+
+
+def candidate_fact(ctx: RuleContext) -> Fact:
+    """A referral or planned intervention, in history or among the drafts.
+
+    A referral or intervention order counts when active or completed; a procedure when it is
+    planned or under way (a completed surgery is prior surgery, V5).
+    """
+    scan = ctx.scan
+    ev = [h.evidence("planned intervention or referral")
+          for h in scan.service_requests + scan.procedures
+          if h.sets & INTERVENTION_SETS
+          and (h.usable if h.rtype == "ServiceRequest"
+               else str_field(h.raw, "status") in {"preparation", "in-progress"})
+          and h.readable]
+    ev += [e for i, e in ctx.drafts.candidates if i != id(ctx.order)]
+    return settle("intervention_candidate", ev,
+                  {"servicerequests": scan.record.service_requests},
+                  ctx.unreadable(INTERVENTION_SETS))
+
+
+# ------------------------------------------------------------------ history and the patient
+
+
+def prior_surgery_fact(ctx: RuleContext) -> Fact:
+    """Lumbar-specific codes (even resolved) or a completed lumbar surgery; a fusion code that
+    names no site leaves it unknown."""
+    rec, now = ctx.scan.record, ctx.now
+    fact = coded_fact(spec("prior_surgery"), ctx)
+    ev = list(fact.evidence) + [
+        h.evidence("completed surgery") for h in ctx.scan.procedures
+        if h.usable and "lumbar_surgery_procedure" in h.sets and h.readable
+        and (h.start is None or h.start <= now)]
+    bad = ("unreadable resource" in fact.missing
+           or ctx.unreadable(frozenset({"lumbar_surgery_procedure"})))
+    result = settle("prior_surgery", ev, {"conditions": rec.conditions,
+                                          "procedures": rec.procedures}, bad)
+    if result.value is Tri.NO:
+        unsure = coded_fact(FUSION, ctx)
+        if unsure.value is Tri.YES:
+            return Fact("prior_surgery", Tri.UNKNOWN, unsure.evidence, ["site of the fusion"])
+    return result
+
+
+def elderly_fact(ctx: RuleContext) -> tuple[Fact, tuple[int, int] | None]:
+    """Older than the threshold age (a fracture red flag), and the age range."""
+    scan, rec = ctx.scan, ctx.scan.record
+    age = age_years(scan.birth, ctx.now) if scan.birth else None
+    limit = ctx.params.elderly_over_age
+    if age is None:
+        missing = ["patient"] if rec.patient.state is not SourceState.COMPLETE else [
+            "date of birth"]
+        return Fact("elderly", Tri.UNKNOWN, [], missing), None
+    if age[0] > limit:
+        return Fact("elderly", Tri.YES, [Evidence(f"Patient/{rec.patient_id}", "", "",
+                                                  f"age {age[0]}", None, "age")]), age
+    if age[1] <= limit:
+        return Fact("elderly", Tri.NO), age
+    return Fact("elderly", Tri.UNKNOWN, [], ["exact date of birth"]), age
+
+
+def recent_mri_fact(ctx: RuleContext) -> Fact:
+    """A lumbar MRI done in the last months."""
+    now, rec = ctx.now, ctx.scan.record
+    since = now - timedelta(days=round(ctx.params.recent_mri_months * 30.44))
+    ev = [h.evidence("lumbar MRI already done") for h in ctx.orders
+          if h.procedure in LUMBAR_MRI and str_field(h.raw, "status") == "completed"
+          and h.start is not None and since <= h.start <= now and h.readable]
+    return settle("recent_mri", ev, {"procedures": rec.procedures,
+                                     "servicerequests": rec.service_requests},
+                  any(h.procedure in LUMBAR_MRI and not h.readable for h in ctx.orders))

@@ -1,0 +1,312 @@
+"""One pass over the patient record: every resource screened by code, the few that match a value
+set or a catalog procedure kept as hits (with their dates and status), validated with the FHIR R4B
+models only when a rule uses them.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.medicationrequest import MedicationRequest
+from fhir.resources.R4B.procedure import Procedure as FhirProcedure
+from fhir.resources.R4B.servicerequest import ServiceRequest
+from pydantic import ValidationError
+
+from cds_service.clinical.dates import add_age, parse_span, period_start
+from cds_service.clinical.model import MIN_TIME, Evidence, Span
+from cds_service.clinical.registry import INTERVENTION_SETS, LBP_SETS
+from cds_service.knowledge import Knowledge
+from cds_service.record import PatientRecord
+from cds_service.record.prefetch import as_list
+
+ACTIVE = {"active", "recurrence", "relapse"}
+EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
+MODELS = {"Condition": Condition, "Procedure": FhirProcedure, "ServiceRequest": ServiceRequest,
+          "MedicationRequest": MedicationRequest}
+
+
+@dataclass
+class Hit:
+    """A resource whose code matched at least one value set or catalog procedure."""
+
+    rtype: str
+    rid: str
+    sets: frozenset[str]
+    coding: dict[str, Any]
+    active: bool
+    usable: bool
+    start: datetime | None
+    end: datetime | None
+    procedure: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    text: str = ""
+    _readable: bool | None = field(default=None, repr=False)
+
+    @property
+    def readable(self) -> bool:
+        """Whether the resource passes FHIR R4B validation (checked once, only when used)."""
+        if self._readable is None:
+            self._readable = not self.raw or _validate(self.rtype, self.raw)
+        return self._readable
+
+    @property
+    def latest(self) -> datetime | None:
+        return self.end or (self.start if self.start != MIN_TIME else None)
+
+    def evidence(self, role: str, display: str | None = None) -> Evidence:
+        day = None
+        if self.start and self.start != MIN_TIME:
+            day = self.start.date().isoformat()
+        elif self.end:
+            day = self.end.date().isoformat()
+        return Evidence(resource=f"{self.rtype}/{self.rid}",
+                        system=str(self.coding.get("system", "")),
+                        code=str(self.coding.get("code", "")),
+                        display=self.coding.get("display") or self.text or display or None,
+                        date=day, role=role)
+
+
+@dataclass
+class RecordScan:
+    """The patient-level part of the facts: one pass over the record."""
+
+    record: PatientRecord
+    conditions: list[Hit]
+    procedures: list[Hit]
+    service_requests: list[Hit]
+    birth: Span | None
+    medications: list[Hit] = field(default_factory=list)
+    _by_set: dict[str, list[Hit]] | None = field(default=None, repr=False)
+
+    def conditions_in(self, vs: str) -> list[Hit]:
+        """The condition hits of one value set, in record order (indexed once per scan)."""
+        if self._by_set is None:
+            index: dict[str, list[Hit]] = {}
+            for h in self.conditions:
+                for name in h.sets:
+                    index.setdefault(name, []).append(h)
+            self._by_set = index
+        return self._by_set.get(vs, [])
+
+
+def codings_of(concept: Any) -> list[Mapping[str, Any]]:
+    if isinstance(concept, dict):
+        codings = concept.get("coding")
+        if isinstance(codings, list):
+            return [c for c in codings if isinstance(c, dict)]
+    return []
+
+
+def codings_of_all(concepts: Any) -> list[Mapping[str, Any]]:
+    out: list[Mapping[str, Any]] = []
+    for c in concepts if isinstance(concepts, list) else []:
+        out.extend(codings_of(c))
+    return out
+
+
+def text_of(*concepts: Any) -> str:
+    """The human text of codeable concepts (text and displays), for matching words."""
+    parts: list[str] = []
+    for concept in concepts:
+        if isinstance(concept, dict):
+            if isinstance(concept.get("text"), str):
+                parts.append(concept["text"])
+            parts += [c["display"] for c in codings_of(concept)
+                      if isinstance(c.get("display"), str)]
+    return " ".join(parts)
+
+
+def str_field(raw: Mapping[str, Any], key: str) -> str | None:
+    """A field that FHIR says is a string (a code); anything else there reads as absent."""
+    value = raw.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _status_code(concept: Any) -> str | None:
+    for c in codings_of(concept):
+        if isinstance(c.get("code"), str):
+            return c["code"]
+    return None
+
+
+def _first_matching(knowledge: Knowledge, codings: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    for c in codings:
+        if knowledge.valuesets_of(c.get("system"), c.get("code")):
+            return dict(c)
+    for c in codings:
+        if knowledge.procedure_of([c]):
+            return dict(c)
+    return {}
+
+
+_VALID: dict[bytes, bool] = {}
+
+
+def _validate(rtype: str, raw: Mapping[str, Any]) -> bool:
+    """Whether the resource is valid FHIR R4B (memoised by content: same bytes, same answer)."""
+    try:
+        key = hashlib.blake2b(rtype.encode() + orjson.dumps(raw, option=orjson.OPT_SORT_KEYS),
+                              digest_size=16).digest()
+    except TypeError:
+        return False
+    known = _VALID.get(key)
+    if known is not None:
+        return known
+    try:
+        MODELS[rtype].model_validate(raw)
+        valid = True
+    except (ValidationError, ValueError, TypeError):
+        valid = False
+    if len(_VALID) > 20_000:
+        _VALID.clear()
+    _VALID[key] = valid
+    return valid
+
+
+def _birth(record: PatientRecord) -> Span | None:
+    for patient in record.patient.resources:
+        return parse_span(patient.get("birthDate"))
+    return None
+
+
+def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
+    """Screen every resource by code and keep (validated) hits."""
+    birth = _birth(record)
+    conditions: list[Hit] = []
+    for raw in record.conditions.resources:
+        sets = knowledge.screen(raw.get("code"))[0]
+        if not sets:
+            continue
+        codings = codings_of(raw.get("code"))
+        if _status_code(raw.get("verificationStatus")) in EXCLUDED_VERIFICATION:
+            continue
+        clinical = _status_code(raw.get("clinicalStatus"))
+        has_abatement = any(k.startswith("abatement") for k in raw)
+        active = clinical in ACTIVE if clinical else not has_abatement
+        lo, hi = _condition_onset(raw, birth)
+        conditions.append(Hit("Condition", str(raw.get("id", "?")), sets,
+                              _first_matching(knowledge, codings), active, True, lo, hi,
+                              raw=raw, text=text_of(raw.get("code"))))
+    procedures = [h for h in (_order_like_hit(raw, "Procedure", knowledge)
+                              for raw in record.procedures.resources) if h]
+    service_requests = [h for h in (_order_like_hit(raw, "ServiceRequest", knowledge)
+                                    for raw in record.service_requests.resources) if h]
+    medications = [h for h in (_medication_hit(raw, knowledge)
+                               for raw in record.medications.resources) if h]
+    return RecordScan(record, conditions, procedures, service_requests, birth, medications)
+
+
+def _condition_onset(raw: Mapping[str, Any],
+                     birth: Span | None) -> tuple[datetime | None, datetime | None]:
+    """(earliest, latest) onset. recordedDate only bounds the onset from above."""
+    span = parse_span(raw.get("onsetDateTime")) or period_start(raw.get("onsetPeriod"))
+    if span is None and birth is not None and "onsetAge" in raw:
+        span = add_age(birth, raw.get("onsetAge"))
+    if span:
+        return span
+    recorded = parse_span(raw.get("recordedDate"))
+    if recorded:
+        return MIN_TIME, recorded[1]
+    return None, None
+
+
+def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) -> Hit | None:
+    sets, proc = knowledge.screen(raw.get("code"))
+    if not sets and proc is None and rtype != "ServiceRequest":
+        return None  # most of a chart (visits, labs): one cached lookup per coding, no more
+    codings = codings_of(raw.get("code"))
+    if rtype == "ServiceRequest" and _is_referral(raw):
+        reasons = knowledge.valuesets_of_codings(codings_of_all(raw.get("reasonCode")))
+        if reasons & LBP_SETS:
+            sets = sets | {"spine_referral"}
+    if not sets and proc is None:
+        return None
+    status = str_field(raw, "status")
+    if rtype == "Procedure":
+        usable = status in {"completed", "in-progress"}
+        planned = status == "preparation"
+        span = parse_span(raw.get("performedDateTime")) or period_start(raw.get("performedPeriod"))
+    else:
+        usable = status in {"active", "completed"}
+        planned = status in {"active", "draft", "on-hold"}
+        span = (parse_span(raw.get("occurrenceDateTime"))
+                or period_start(raw.get("occurrencePeriod"))
+                or parse_span(raw.get("authoredOn")))
+    if not usable and not planned:
+        return None
+    lo, hi = span if span else (None, None)
+    return Hit(rtype, str(raw.get("id", "?")), sets, _first_matching(knowledge, codings),
+               active=planned, usable=usable, start=lo, end=hi,
+               procedure=proc.id if proc else None, raw=raw, text=text_of(raw.get("code")))
+
+
+def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
+    """A medication order for back pain: its reason is LBP, or it names a back-pain drug."""
+    if str_field(raw, "status") not in {"active", "completed"}:
+        return None
+    concept = raw.get("medicationCodeableConcept")
+    reference = raw.get("medicationReference")
+    text = text_of(concept)
+    if isinstance(reference, dict) and isinstance(reference.get("display"), str):
+        text = f"{text} {reference['display']}"
+    reason_codings = codings_of_all(raw.get("reasonCode"))
+    reasons = knowledge.valuesets_of_codings(reason_codings)
+    lowered = text.lower()
+    named = any(term in lowered for term in knowledge.medication_terms)
+    other_reason = bool(reason_codings) and not reasons & LBP_SETS
+    if not (reasons & LBP_SETS or (named and not other_reason)):
+        return None
+    span = parse_span(raw.get("authoredOn"))
+    if span is None:
+        validity = raw.get("dispenseRequest")
+        span = period_start(validity.get("validityPeriod")) if isinstance(validity, dict) else None
+    lo, hi = span if span else (None, None)
+    coding = next((dict(c) for c in codings_of(concept)), {})
+    return Hit("MedicationRequest", str(raw.get("id", "?")), frozenset({"back_pain_medication"}),
+               coding, active=str_field(raw, "status") == "active", usable=True, start=lo, end=hi,
+               raw=raw, text=text.strip() or "medication for back pain")
+
+
+def _is_referral(raw: Mapping[str, Any]) -> bool:
+    for cat in as_list(raw.get("category")):
+        if not isinstance(cat, Mapping):
+            continue
+        if str(cat.get("text", "")).strip().lower() == "referral":
+            return True
+        for c in codings_of(cat):
+            if str(c.get("code", "")).lower() == "referral":
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class DraftScan:
+    """The draft orders of one request that make the patient an intervention candidate
+    (screened once per request: evaluating many orders stays linear in the drafts)."""
+
+    candidates: tuple[tuple[int, Evidence], ...] = ()  # (id() of the draft, evidence)
+
+
+def scan_drafts(drafts: Iterable[Mapping[str, Any]], knowledge: Knowledge,
+                keep: int = 8) -> DraftScan:
+    """Screen the drafts once; keep the first few that are planned interventions."""
+    found: list[tuple[int, Evidence]] = []
+    for d in drafts:
+        if d.get("resourceType") != "ServiceRequest":
+            continue
+        hit = _order_like_hit(d, "ServiceRequest", knowledge)
+        if hit and hit.sets & INTERVENTION_SETS:
+            found.append((id(d), hit.evidence("draft order in this session")))
+            if len(found) >= keep:
+                break
+    return DraftScan(tuple(found))
+
+
