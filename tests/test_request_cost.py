@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cds_service.clinical.facts as facts_module
+import cds_service.clinical.scan as scan_module
 from cds_service.app import create_app
 from cds_service.knowledge import load_knowledge
 from tests.builders import hook_request, order, seed_prefetch
@@ -50,13 +50,13 @@ def outcome_of(r: httpx.Response) -> dict[str, Any]:
 
 def test_order_sign_screens_each_draft_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = facts_module._order_like_hit
+    real = scan_module._order_like_hit
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(facts_module, "_order_like_hit", counted)
+    monkeypatch.setattr(scan_module, "_order_like_hit", counted)
     with ValidatingClient(create_app(dev_settings(), clock=lambda: FIXTURE_NOW)) as c:
         for n in (50, 200):
             calls["n"] = 0
