@@ -89,14 +89,14 @@ def test_code_without_source_is_refused(tmp_path: Path) -> None:
     ("valuesets.yaml", "{system: icd10cm, code: R33.9, display: Retention of urine, source: "
      "ICD-10-CM FY2026, verified: yes}", "{system: icd10cm, code: R33.9, verified: yes}",
      "source"),
-    ("valuesets.yaml", "prefix: C44, source: ICD-10-CM FY2026 (other malignant neoplasm of "
-     "skin, non-melanoma), verified: yes", "prefix: C44, verified: yes", "source"),
+    ("valuesets.yaml", "prefix: C44, source: \"ICD-10-CM FY2026 (other malignant neoplasm of "
+     "skin, non-melanoma)\", verified: yes", "prefix: C44, verified: yes", "source"),
     ("valuesets.yaml", "needs_companion: [ces_bladder_bowel]", "needs_companion: [bladder]",
      "unknown value set"),
     ("valuesets.yaml", "  source: WHO ATC classes", "  origin: WHO ATC classes",
      "medication_terms"),
-    ("procedures.yaml", '{system: cpt, code: "62284", source: CPT 2026 (injection for '
-     'myelography and/or CT, lumbar)}', '{system: cpt, code: "62284"}', "source"),
+    ("procedures.yaml", '{system: cpt, code: "62284", source: "CPT 2026 (injection for '
+     'myelography and/or CT, lumbar)"}', '{system: cpt, code: "62284"}', "source"),
     ("procedures.yaml", "becomes: ct-myelo", "becomes: ct-myelogram", "procedures"),
 ])
 def test_new_knowledge_fields_are_checked(tmp_path: Path, filename: str, old: str, new: str,
