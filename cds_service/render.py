@@ -254,7 +254,8 @@ class KindFile(FileModel):
     """``cards/<kind>.yaml``: the wording of one card kind (Jinja2 templates)."""
 
     indicator: Literal["info", "warning", "critical"] = Field(description="the card's urgency")
-    summary: Name = Field(description=f"the headline (at most {SUMMARY_LIMIT} characters)")
+    summary: Name = Field(description=f"the headline; rendered with the start-up sample it must "
+                                      f"fit in {SUMMARY_LIMIT} characters")
     detail: Text | None = Field(None, description="the body, markdown")
     suggestion_label: Text | None = Field(None, description="the label of a suggested study")
     action_description: Text | None = Field(None, description="the action of a suggestion")
