@@ -23,7 +23,7 @@ from pydantic_core import PydanticUndefined
 
 from cds_service.knowledge.checks import KNOWLEDGE_CHECKS, Check
 from cds_service.knowledge.models import ProceduresFile, QuestionsFile, RatingsFile, ValueSetsFile
-from cds_service.knowledge.yaml import _unwrap
+from cds_service.knowledge.yaml import unwrap
 from cds_service.render import ASSUMPTIONS, CARD_CHECKS, KINDS, PHRASES, CommonFile, KindFile
 from cds_service.settings import PROJECT_DIR
 
@@ -58,7 +58,7 @@ of the wrong type or outside the values listed is refused, naming the entry.
 
 def type_text(annotation: Any) -> str:
     """A field's value in words: text, whole number, one of ..., list of ..."""
-    annotation = _unwrap(annotation)
+    annotation = unwrap(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return "one of " + ", ".join(f"`{a}`" for a in args)
@@ -83,7 +83,7 @@ def need_text(info: FieldInfo) -> str:
 
 def _nested(annotation: Any) -> tuple[str, type[BaseModel]] | None:
     """(path suffix, model) when the field holds mappings of keys of their own."""
-    annotation = _unwrap(annotation)
+    annotation = unwrap(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "", annotation

@@ -19,8 +19,8 @@ from pydantic import (
     StrictBool,
     StringConstraints,
     field_validator,
+    model_validator,
 )
-from pydantic import model_validator as _model_validator
 
 from cds_service.knowledge.checks import ENTRY_CODE, ENTRY_VERIFIED
 from cds_service.knowledge.vocabulary import (
@@ -32,7 +32,8 @@ from cds_service.knowledge.vocabulary import (
     REGIONS,
 )
 
-# (built from the vocabularies: one list of values each)
+# Built from the vocabularies, so each list of values is written once (a type checker cannot
+# read a Literal of a variable: hence the ignores).
 Category = Literal[CATEGORIES]  # type: ignore[valid-type]
 Modality = Literal[tuple(sorted(MODALITIES))]  # type: ignore[valid-type]
 Region = Literal[tuple(sorted(REGIONS))]  # type: ignore[valid-type]
@@ -43,7 +44,7 @@ VERIFIED = {"yes", "partial", "true"}
 
 
 def _number_as_text(value: Any) -> Any:
-    """A number written without quotes (a CPT code, a version) is read as its text."""
+    """A number written without quotes (a CPT code) is read as its text."""
     return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
@@ -82,7 +83,7 @@ class ValueSetCode(FileModel):
             raise ValueError(ENTRY_VERIFIED.text(value="no" if value is False else value))
         return value
 
-    @_model_validator(mode="after")
+    @model_validator(mode="after")
     def _one_code(self) -> ValueSetCode:
         given = [v for v in (self.code, self.prefix) if v is not None]
         if len(given) != 1 or not given[0].strip():

@@ -134,7 +134,7 @@ def _item_id(node: Any) -> str | None:
     return None
 
 
-def _unwrap(annotation: Any) -> Any:
+def unwrap(annotation: Any) -> Any:
     """X from ``X | None`` and ``Annotated[X, ...]``."""
     while True:
         origin = typing.get_origin(annotation)
@@ -153,7 +153,7 @@ def annotation_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
     """The type of the value at ``loc`` in ``model`` (None when it cannot be told)."""
     annotation: Any = model
     for part in loc:
-        annotation = _unwrap(annotation)
+        annotation = unwrap(annotation)
         origin = typing.get_origin(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             info = _field(annotation, part)
@@ -166,7 +166,7 @@ def annotation_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
             annotation = typing.get_args(annotation)[1]
         else:
             return None
-    return _unwrap(annotation)
+    return unwrap(annotation)
 
 
 def model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
