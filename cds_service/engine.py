@@ -21,7 +21,7 @@ from cds_service.answer.rating import Rated, Rater, Target
 from cds_service.clinical.facts import VALUESETS_READ, ClinicalParams, Facts
 from cds_service.clinical.scenario import Decision
 from cds_service.codesystems import SystemUrls
-from cds_service.knowledge import Knowledge, KnowledgeError, Procedure
+from cds_service.knowledge import Knowledge, Procedure, require_valuesets
 from cds_service.protocol import Action, Card, HookRequest
 from cds_service.questionnaire import load_questions
 from cds_service.record import PatientRecord
@@ -99,10 +99,8 @@ class Engine:
     """Holds the loaded knowledge, questions and templates; rates orders and answers."""
 
     def __init__(self, knowledge: Knowledge, templates: CardTemplates, settings: Settings):
-        unknown = VALUESETS_READ - set(knowledge.valueset_descriptions)
-        if unknown:
-            raise KnowledgeError(f"valuesets.yaml lacks value sets the rules read: "
-                                 f"{', '.join(sorted(unknown))} (renamed or removed?)")
+        require_valuesets(knowledge, VALUESETS_READ,
+                          reader="cds_service/clinical/registry.py (VALUESETS_READ)")
         self.knowledge = knowledge
         self.templates = templates
         self.settings = settings

@@ -14,15 +14,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cds_service.clinical.registry import ASKED
 from cds_service.codesystems import PATH as CODESYSTEM_PATH
 from cds_service.codesystems import code_system
-from cds_service.knowledge import KNOWLEDGE_DIR, KnowledgeError, read_yaml_mapping
+from cds_service.knowledge import KNOWLEDGE_DIR, KnowledgeError
+from cds_service.knowledge.checks import (
+    QUESTION_ANSWERS,
+    QUESTION_ENABLE,
+    QUESTION_LINK_ID,
+    fix_for,
+)
+from cds_service.knowledge.models import Question as QuestionEntry
+from cds_service.knowledge.models import QuestionsFile
+from cds_service.knowledge.vocabulary import QUESTION_FACTS, QUESTION_TYPES
+from cds_service.knowledge.yaml import entry_name, read_model
 
 QUESTIONNAIRE_PATH = "/fhir/Questionnaire"
-TYPES = {"boolean", "integer", "choice"}
+TYPES = set(QUESTION_TYPES)
 # The facts a question may settle (the registry's names)
-FACTS = ASKED
+FACTS = set(QUESTION_FACTS)
 
 Answer = bool | int | str  # boolean, integer, or the code of a choice
 
@@ -67,49 +76,35 @@ class Questions:
 
 
 def load_questions(directory: Path | None = None) -> Questions:
-    """Read and check ``questions.yaml``; raise KnowledgeError naming any problem."""
+    """Read and check ``questions.yaml``; raise KnowledgeError naming the file, the question
+    and the fix."""
     path = (directory or KNOWLEDGE_DIR) / "questions.yaml"
-    doc = read_yaml_mapping(path, KnowledgeError)
-    head = doc.get("questionnaire") or {}
-    for key in ("id", "name", "title", "version", "source", "answers_system_id"):
-        if not isinstance(head.get(key), str) or not head[key]:
-            raise KnowledgeError(f"{path}: questionnaire.{key} is required (a string)")
+    doc, raw = read_model(QuestionsFile, path, KnowledgeError)
     items: list[Question] = []
-    for i, raw in enumerate(doc.get("questions") or []):
-        items.append(_question(raw, f"{path}: questions[{i}]", items))
-    if not items:
-        raise KnowledgeError(f"{path}: no questions")
-    return Questions(head["id"], head["name"], head["title"], head["version"], head["source"],
-                     head["answers_system_id"], tuple(items),
-                     {q.link_id: q for q in items})
+    for i, entry in enumerate(doc.questions):
+        items.append(_question(entry, path, entry_name(("questions", i), raw), items))
+    head = doc.questionnaire
+    return Questions(head.id, head.name, head.title, head.version, head.source,
+                     head.answers_system_id, tuple(items), {q.link_id: q for q in items})
 
 
-def _question(raw: Any, where: str, earlier: list[Question]) -> Question:
-    if not isinstance(raw, dict):
-        raise KnowledgeError(f"{where}: must be a mapping")
-    link_id, fact, text, kind = (raw.get(k) for k in ("linkId", "fact", "text", "type"))
-    if not isinstance(link_id, str) or not link_id or any(q.link_id == link_id for q in earlier):
-        raise KnowledgeError(f"{where}: linkId must be a unique non-empty string")
-    if fact not in FACTS:
-        raise KnowledgeError(f"{where}: fact must be one of {sorted(FACTS)}")
-    if not isinstance(text, str) or not text.strip():
-        raise KnowledgeError(f"{where}: text is required")
-    if kind not in TYPES:
-        raise KnowledgeError(f"{where}: type must be one of {sorted(TYPES)}")
-    answers = tuple((str(a["code"]), str(a["display"])) for a in raw.get("answers") or []
-                    if isinstance(a, dict) and a.get("code") and a.get("display"))
-    if (kind == "choice") != bool(answers):
-        raise KnowledgeError(f"{where}: a choice lists its answers (code, display); "
-                             "other types list none")
-    enable = raw.get("enable_when")
+def _question(entry: QuestionEntry, path: Path, where: str, earlier: list[Question]) -> Question:
+    if any(q.link_id == entry.link_id for q in earlier):
+        raise QUESTION_LINK_ID.fail(path, where, link_id=entry.link_id)
+    if (entry.type == "choice") != bool(entry.answers):
+        raise QUESTION_ANSWERS.fail(path, where, type=entry.type, has="lists answers"
+                                    if entry.answers else "lists no answers")
     when: tuple[str, Answer] | None = None
-    if enable is not None:
-        target = next((q for q in earlier if q.link_id == (enable or {}).get("question")), None)
-        if target is None or target.type != "boolean" or not isinstance(enable.get("answer"), bool):
-            raise KnowledgeError(f"{where}: enable_when names an earlier boolean question and "
-                                 "an answer true or false")
-        when = (target.link_id, enable["answer"])
-    return Question(link_id, fact, text.strip(), kind, answers, raw.get("unit"), when)
+    if entry.enable_when is not None:
+        name = entry.enable_when.question
+        target = next((q for q in earlier if q.link_id == name and q.type == "boolean"), None)
+        if target is None:
+            booleans = [q.link_id for q in earlier if q.type == "boolean"]
+            raise QUESTION_ENABLE.fail(path, f"{where}.enable_when", name=name,
+                                       fix=fix_for(name, booleans, listed="name one of"))
+        when = (target.link_id, entry.enable_when.answer)
+    return Question(entry.link_id, entry.fact, entry.text.strip(), entry.type,
+                    tuple((a.code, a.display) for a in entry.answers), entry.unit, when)
 
 
 # ------------------------------------------------------------------ FHIR resources

@@ -12,16 +12,22 @@ reused; the memo is bounded and lives in the process only.
 
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from jinja2 import DictLoader, StrictUndefined, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
+from pydantic import Field
 
 from cds_service.errors import StartupError
-from cds_service.knowledge import read_yaml_mapping
+from cds_service.knowledge.checks import Check, closest, fix_for
+from cds_service.knowledge.models import FileModel, Name, Text
+from cds_service.knowledge.vocabulary import CATEGORIES
+from cds_service.knowledge.yaml import read_model
 
 KINDS = ("not-appropriate", "better-alternative", "cauda-equina", "mri-safety", "recent-mri",
          "missing-data", "urgent-order")
@@ -30,11 +36,18 @@ TEXT_FIELDS = ("summary", "detail", "suggestion_label", "action_description", "c
                "cancel_description")
 SUMMARY_LIMIT = 139
 RENDER_MEMO_SIZE = 4096  # rendered texts kept (cleared when full)
-# The phrases the engine composes the first line of a card from (common.yaml "phrases").
-PHRASES = ("duration", "duration-bound", "duration-unknown", "duration-attested", "red-flags",
-           "red-flags-unknown", "no-red-flags", "urgent", "care-none", "care-done",
-           "care-under-way", "if-candidate", "suggest-if-candidate", "smart-link",
-           "smart-link-scenario")
+# The phrases the engine composes the first line of a card from (common.yaml "phrases"), each
+# with the placeholders the engine fills in for it (cds_service/engine.py).
+PHRASES: dict[str, tuple[str, ...]] = {
+    "duration": ("span",), "duration-bound": ("span",), "duration-unknown": (),
+    "duration-attested": ("span", "day"), "red-flags": ("found",),
+    "red-flags-unknown": ("unknown",), "no-red-flags": ("checked",), "urgent": (),
+    "care-none": (), "care-done": ("weeks",), "care-under-way": ("weeks", "needed"),
+    "if-candidate": (), "suggest-if-candidate": (), "smart-link": ("questions",),
+    "smart-link-scenario": ("questions",)}
+# The assumptions the clinical rules make (common.yaml "assumptions"), with their placeholders.
+ASSUMPTIONS: dict[str, tuple[str, ...]] = {
+    "candidate-after-failed-care": ("weeks",), "duration-from-recorded-date": ()}
 PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer",
                  "checked": "cancer", "weeks": 3, "needed": 6, "questions": "2 questions",
                  "day": "2026-01-01"}
@@ -104,8 +117,8 @@ class CardTemplates:
     def _render(template: Any, field_name: str, context: dict[str, Any]) -> str:
         text: str = template.render(**context).strip()
         if field_name == "summary":
-            text = " ".join(text.split())
-            if len(text) > SUMMARY_LIMIT:
+            text = one_line(text)
+            if len(text) > SUMMARY_LIMIT:  # a last resort: the start-up sample must fit
                 text = text[: SUMMARY_LIMIT - 1].rstrip() + "…"
         elif field_name == "detail":
             text = _tidy_markdown(text)
@@ -150,6 +163,11 @@ def _reads(env: Any, source: str, included: dict[str, str]) -> tuple[str, ...]:
     return tuple(sorted(names - set(env.globals)))
 
 
+def one_line(text: str) -> str:
+    """A summary's text: runs of spaces and line breaks collapsed to one space."""
+    return " ".join(text.split())
+
+
 def _tidy_markdown(text: str) -> str:
     """Strip template indentation and runs of blank lines; keep paragraph breaks."""
     out: list[str] = []
@@ -163,13 +181,94 @@ def _tidy_markdown(text: str) -> str:
     return "\n".join(out).strip()
 
 
-def _read(path: Path) -> dict[str, Any]:
-    return read_yaml_mapping(path, TemplateProblem)
+# ------------------------------------------------------------------ loading and checking
+
+CARD_KIND_FILE = "cards/<kind>.yaml"
+COMMON_FILE = "cards/common.yaml"
+CATEGORY_MISSING = Check(
+    COMMON_FILE, "`categories` lacks the name of an ACR category",
+    "no name for the category {name!r}: name each of {all}", TemplateProblem)
+CATEGORY_UNKNOWN = Check(
+    COMMON_FILE, "`categories` names something that is not an ACR category",
+    "{name!r} is not an ACR category: {fix}", TemplateProblem)
+WORDING_MISSING = Check(
+    COMMON_FILE, "a phrase or an assumption the engine uses is missing",
+    "{section}.{code} is required: the engine uses it", TemplateProblem)
+WORDING_UNKNOWN = Check(
+    COMMON_FILE, "a phrase or an assumption is one the engine does not use (misspelled?)",
+    "{code!r} is not one of the engine's {section}: {fix}", TemplateProblem)
+WORDING_PLACEHOLDER = Check(
+    COMMON_FILE, "a phrase or an assumption uses a placeholder the engine does not fill in for "
+    "it (the card would show the code instead of the sentence)",
+    "the engine fills in no placeholder {{{name}}} here: {fix}", TemplateProblem)
+WORDING_BROKEN = Check(
+    COMMON_FILE, "a phrase or an assumption cannot be filled in (a lone brace, `{}`)",
+    "cannot be filled in ({error}): name each placeholder, write {{{{ and }}}} for a brace",
+    TemplateProblem)
+TEMPLATE_COMPILE = Check(
+    CARD_KIND_FILE, "a template does not compile (Jinja2 syntax)",
+    "{error}", TemplateProblem)
+TEMPLATE_RENDER = Check(
+    CARD_KIND_FILE, "a template fails when rendered with a sample of every variable (an "
+    "unknown variable, a typo in a field name)",
+    "{error} (the variables a card can use are listed in docs/editing-knowledge.md)",
+    TemplateProblem)
+SUMMARY_TOO_LONG = Check(
+    CARD_KIND_FILE, f"a summary rendered with the start-up sample is over {SUMMARY_LIMIT} "
+    "characters (CDS Hooks allows under 140; at run time a longer one is cut with …)",
+    "renders to {length} characters with the start-up sample, over the {limit} allowed: "
+    "shorten the wording ({text!r})", TemplateProblem)
+CARD_CHECKS = (CATEGORY_MISSING, CATEGORY_UNKNOWN, WORDING_MISSING, WORDING_UNKNOWN,
+               WORDING_PLACEHOLDER, WORDING_BROKEN, TEMPLATE_COMPILE, TEMPLATE_RENDER,
+               SUMMARY_TOO_LONG)
+
+
+class CardSourceFile(FileModel):
+    label: Name = Field(description="the source named on every card")
+    url: Text | None = Field(None, description="a link to the source")
+
+
+class CommonFile(FileModel):
+    """``cards/common.yaml``: the wording every card shares."""
+
+    source: CardSourceFile = Field(description="the card's source")
+    override_reason_system: Text | None = Field(
+        None, description="a site's own code system of override reasons")
+    categories: dict[str, Text] = Field(default_factory=dict,
+                                        description="the name of each ACR category")
+    facts: dict[str, dict[str, Text]] = Field(
+        default_factory=dict, description="per fact: its `label`, `short` name and what to "
+                                          "`document` when it is unknown")
+    phrases: dict[str, Text] = Field(default_factory=dict,
+                                     description="parts of the first line of every card")
+    assumptions: dict[str, Text] = Field(default_factory=dict,
+                                         description="the wording of each assumption")
+
+
+class OverrideReason(FileModel):
+    code: Name = Field(description="the reason's code (EHRs send it back: keep it)")
+    display: Name = Field(description="the reason as shown")
+
+
+class KindFile(FileModel):
+    """``cards/<kind>.yaml``: the wording of one card kind (Jinja2 templates)."""
+
+    indicator: Literal["info", "warning", "critical"] = Field(description="the card's urgency")
+    summary: Name = Field(description=f"the headline; rendered with the start-up sample it must "
+                                      f"fit in {SUMMARY_LIMIT} characters")
+    detail: Text | None = Field(None, description="the body, markdown")
+    suggestion_label: Text | None = Field(None, description="the label of a suggested study")
+    action_description: Text | None = Field(None, description="the action of a suggestion")
+    cancel_label: Text | None = Field(None, description="the label of a cancel")
+    cancel_description: Text | None = Field(None, description="the action of a cancel")
+    override_reasons: list[OverrideReason] = Field(
+        default_factory=list, description="the reasons offered for an override")
 
 
 def load_templates(directory: Path) -> CardTemplates:
     """Load, compile and test-render every card template; raise TemplateProblem on any fault."""
-    common = _read(directory / "common.yaml")
+    common_path = directory / "common.yaml"
+    common, _ = read_model(CommonFile, common_path, TemplateProblem)
     try:
         evidence = (directory / "evidence.j2").read_text(encoding="utf-8")
     except OSError as exc:
@@ -178,49 +277,77 @@ def load_templates(directory: Path) -> CardTemplates:
                                undefined=StrictUndefined, autoescape=False,
                                trim_blocks=False, lstrip_blocks=True,
                                auto_reload=False)  # compiled once: never re-checked per render
-    source = common.get("source") or {}
-    if not source.get("label"):
-        raise TemplateProblem("common.yaml: source.label is required")
-    kinds: dict[str, CardKind] = {}
-    for kind in KINDS:
-        path = directory / f"{kind}.yaml"
-        data = _read(path)
-        if data.get("indicator") not in INDICATORS:
-            raise TemplateProblem(f"{path}: indicator must be one of {sorted(INDICATORS)}")
-        if not data.get("summary"):
-            raise TemplateProblem(f"{path}: summary is required")
-        compiled, reads = {}, {}
-        for name in TEXT_FIELDS:
-            if data.get(name):
-                try:
-                    compiled[name] = env.from_string(str(data[name]))
-                    reads[name] = _reads(env, str(data[name]), {"evidence": evidence})
-                except TemplateError as exc:
-                    raise TemplateProblem(f"{path}: {name}: {exc}") from exc
-        reasons = []
-        for r in data.get("override_reasons") or []:
-            if not isinstance(r, dict) or not r.get("code") or not r.get("display"):
-                raise TemplateProblem(f"{path}: each override reason needs code and display")
-            reasons.append({"code": str(r["code"]), "display": str(r["display"])})
-        kinds[kind] = CardKind(kind, data["indicator"], compiled, reasons, reads)
+    kinds = {kind: _card_kind(env, kind, directory / f"{kind}.yaml", evidence)
+             for kind in KINDS}
+    _check_categories(common.categories, common_path)
+    _check_wording(common.phrases, PHRASES, "phrases", common_path)
+    _check_wording(common.assumptions, ASSUMPTIONS, "assumptions", common_path)
     templates = CardTemplates(
-        source={k: str(v) for k, v in source.items()},
-        override_system=str(common.get("override_reason_system") or ""),
-        categories={k: str(v) for k, v in (common.get("categories") or {}).items()},
-        facts=common.get("facts") or {}, kinds=kinds,
-        assumptions={str(k): str(v) for k, v in (common.get("assumptions") or {}).items()},
-        phrases={str(k): str(v) for k, v in (common.get("phrases") or {}).items()})
-    for code in templates.assumptions:
-        if templates.assumption(code, {"weeks": 8}) == code:
-            raise TemplateProblem(f"common.yaml: assumptions.{code}: only {{weeks}} may be used")
-    for code in PHRASES:
-        if code not in templates.phrases:
-            raise TemplateProblem(f"common.yaml: phrases.{code} is required")
-        if templates.phrase(code, **PHRASE_SAMPLE) == code:
-            raise TemplateProblem(f"common.yaml: phrases.{code}: unknown placeholder (use "
-                                  f"{', '.join('{' + k + '}' for k in PHRASE_SAMPLE)})")
-    _test_render(templates)
+        source=common.source.model_dump(exclude_none=True),
+        override_system=common.override_reason_system or "",
+        categories=dict(common.categories), kinds=kinds,
+        facts={name: dict(wording) for name, wording in common.facts.items()},
+        assumptions=dict(common.assumptions), phrases=dict(common.phrases))
+    _test_render(templates, directory)
     return templates
+
+
+def _card_kind(env: Any, kind: str, path: Path, evidence: str) -> CardKind:
+    data, _ = read_model(KindFile, path, TemplateProblem)
+    compiled, reads = {}, {}
+    for name in TEXT_FIELDS:
+        text = getattr(data, name)
+        if text:
+            try:
+                compiled[name] = env.from_string(text)
+                reads[name] = _reads(env, text, {"evidence": evidence})
+            except TemplateError as exc:
+                raise TEMPLATE_COMPILE.fail(path, name, error=exc) from exc
+    reasons = [r.model_dump() for r in data.override_reasons]
+    return CardKind(kind, data.indicator, compiled, reasons, reads)
+
+
+def _check_categories(categories: dict[str, str], path: Path) -> None:
+    for name in categories:
+        if name not in CATEGORIES:
+            raise CATEGORY_UNKNOWN.fail(path, "categories", name=name,
+                                        fix=fix_for(name, set(CATEGORIES) - set(categories)))
+    for name in CATEGORIES:
+        if name not in categories:
+            raise CATEGORY_MISSING.fail(path, "categories", name=name, all=", ".join(CATEGORIES))
+
+
+def _check_wording(texts: dict[str, str], used: dict[str, tuple[str, ...]], section: str,
+                   path: Path) -> None:
+    """Each text the engine uses is there, and uses only the placeholders it is given."""
+    for code in texts:
+        if code not in used:
+            raise WORDING_UNKNOWN.fail(path, section, code=code, section=section,
+                                       fix=fix_for(code, set(used) - set(texts)))
+    for code, allowed in used.items():
+        if code not in texts:
+            raise WORDING_MISSING.fail(path, section, code=code, section=section)
+        _check_placeholders(texts[code], allowed, path, f"{section}.{code}")
+
+
+def _check_placeholders(text: str, allowed: tuple[str, ...], path: Path, where: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as exc:
+        raise WORDING_BROKEN.fail(path, where, error=exc) from exc
+    for name in (re.split(r"[.\[!:]", f, maxsplit=1)[0] for f in fields):
+        if not name.isidentifier():
+            raise WORDING_BROKEN.fail(path, where, error=f"a placeholder {{{name}}}")
+        if name not in allowed:
+            near = closest(name, allowed)
+            fix = (f"did you mean {{{near}}}?" if near else
+                   "this one may use " + ", ".join("{" + a + "}" for a in allowed)
+                   if allowed else "this one takes no placeholder")
+            raise WORDING_PLACEHOLDER.fail(path, where, name=name, fix=fix)
+    try:
+        text.format(**{k: PHRASE_SAMPLE[k] for k in allowed})
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise WORDING_BROKEN.fail(path, where, error=exc) from exc
 
 
 def sample_context() -> dict[str, Any]:
@@ -248,10 +375,11 @@ def sample_context() -> dict[str, Any]:
     }
 
 
-def _test_render(templates: CardTemplates) -> None:
+def _test_render(templates: CardTemplates, directory: Path) -> None:
     variants = [sample_context(), {**sample_context(), "suggestion": None, "cancel": True,
                                    "scenario": None, "alternatives": [], "evidence": []}]
     for kind in templates.kinds.values():
+        path = directory / f"{kind.name}.yaml"
         for name in kind.templates:
             for ctx in variants:
                 if ctx["suggestion"] is None and name in ("suggestion_label",
@@ -262,4 +390,14 @@ def _test_render(templates: CardTemplates) -> None:
                 try:
                     templates.render(kind.name, name, ctx)
                 except Exception as exc:  # noqa: BLE001 - any template fault stops the start
-                    raise TemplateProblem(f"cards/{kind.name}.yaml: {name}: {exc}") from exc
+                    raise TEMPLATE_RENDER.fail(path, name, error=exc) from exc
+                if name == "summary":
+                    _check_summary(kind, ctx, path)
+
+
+def _check_summary(kind: CardKind, ctx: dict[str, Any], path: Path) -> None:
+    """A summary the sample already fills past the limit would be cut on most cards."""
+    text = one_line(kind.templates["summary"].render(**ctx))
+    if len(text) > SUMMARY_LIMIT:
+        raise SUMMARY_TOO_LONG.fail(path, "summary", length=len(text), limit=SUMMARY_LIMIT,
+                                    text=text)

@@ -89,14 +89,14 @@ def test_code_without_source_is_refused(tmp_path: Path) -> None:
     ("valuesets.yaml", "{system: icd10cm, code: R33.9, display: Retention of urine, source: "
      "ICD-10-CM FY2026, verified: yes}", "{system: icd10cm, code: R33.9, verified: yes}",
      "source"),
-    ("valuesets.yaml", "prefix: C44, source: ICD-10-CM FY2026 (other malignant neoplasm of "
-     "skin, non-melanoma), verified: yes", "prefix: C44, verified: yes", "source"),
+    ("valuesets.yaml", "prefix: C44, source: \"ICD-10-CM FY2026 (other malignant neoplasm of "
+     "skin, non-melanoma)\", verified: yes", "prefix: C44, verified: yes", "source"),
     ("valuesets.yaml", "needs_companion: [ces_bladder_bowel]", "needs_companion: [bladder]",
      "unknown value set"),
     ("valuesets.yaml", "  source: WHO ATC classes", "  origin: WHO ATC classes",
      "medication_terms"),
-    ("procedures.yaml", '{system: cpt, code: "62284", source: CPT 2026 (injection for '
-     'myelography and/or CT, lumbar)}', '{system: cpt, code: "62284"}', "source"),
+    ("procedures.yaml", '{system: cpt, code: "62284", source: "CPT 2026 (injection for '
+     'myelography and/or CT, lumbar)"}', '{system: cpt, code: "62284"}', "source"),
     ("procedures.yaml", "becomes: ct-myelo", "becomes: ct-myelogram", "procedures"),
 ])
 def test_new_knowledge_fields_are_checked(tmp_path: Path, filename: str, old: str, new: str,
@@ -167,5 +167,5 @@ def test_a_value_set_the_rules_read_cannot_be_renamed_away(tmp_path: Path) -> No
     shutil.copytree(KNOWLEDGE_DIR, knowledge, ignore=shutil.ignore_patterns("*.py"))
     path = knowledge / "valuesets.yaml"
     path.write_text(path.read_text().replace("\n  cauda_equina:\n", "\n  cauda_equina_x:\n", 1))
-    with pytest.raises(KnowledgeError, match="cauda_equina"):
+    with pytest.raises(KnowledgeError, match="is .cauda_equina_x. a misspelling of it"):
         create_app(dev_settings(knowledge_dir=knowledge))

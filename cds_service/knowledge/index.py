@@ -1,0 +1,231 @@
+"""The loaded knowledge and its code lookup indexes (built once by the loader).
+
+:class:`Knowledge` answers the per-resource questions of a request: which value sets a coding
+belongs to, which catalog procedure it orders. The lookups are cached, bounded by the lengths of
+the known codes, so a request cannot grow the caches with codes that cannot match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cds_service.knowledge.vocabulary import CATEGORY_RANK, ICD10CM
+
+
+@dataclass(frozen=True, eq=False)  # one object per procedure: identity is equality
+class Procedure:
+    """One of the procedures the ACR criteria rate, with the codes that order it."""
+
+    id: str
+    name: str
+    modality: str
+    contrast: str
+    region: str
+    rrl: str
+    rrl_rank: int
+    preference: int
+    order_codes: tuple[dict[str, str], ...]
+    codes: tuple[dict[str, str], ...]
+    short_name: str = ""
+
+    @property
+    def has_contrast(self) -> bool:
+        return self.contrast != "none"
+
+
+@dataclass(frozen=True)
+class ValueSetRule:
+    """When a value set's codes count: only beside a finding of another set, or by their text."""
+
+    needs_companion: frozenset[str] = frozenset()
+    text_terms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Combination:
+    """An order coded ``when`` plus any of ``with_any`` (same order or a companion draft)."""
+
+    when: str
+    becomes: str
+    with_any: frozenset[tuple[str, str]]
+
+
+@dataclass
+class Knowledge:
+    """The loaded knowledge with its lookup indexes (built once)."""
+
+    source: dict[str, str]
+    variants: dict[str, str]
+    procedures: dict[str, Procedure]
+    ratings: dict[str, dict[str, str]]
+    valueset_descriptions: dict[str, str]
+    aliases: dict[str, str]
+    rules: dict[str, ValueSetRule] = field(default_factory=dict)
+    medication_terms: tuple[str, ...] = ()
+    combinations: tuple[Combination, ...] = ()
+    directory: Path | None = None  # where the files were read (named in messages)
+    _displays: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    # Results of pure functions of the knowledge (the clinical core's outcomes per scenario):
+    # bounded by procedures x variant sets x a few flags.
+    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    # (system, code) lengths past which no coding can match (set by the loader)
+    _longest: tuple[int, int] = field(default=(1024, 1024), repr=False)
+    _excluded: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict, repr=False)
+    _exact: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
+    _prefix: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
+    _prefix_lengths: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    _procedure_codes: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    # (system, code) -> value sets, and ("procedure", system, code) -> procedure: bounded
+    _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    _screened: dict[tuple[str, str], tuple[frozenset[str], Any]] = field(
+        default_factory=dict, repr=False)
+
+    def normalize(self, system: str | None, code: str | None) -> tuple[str, str] | None:
+        """The (system, code) pair used for comparisons, or None for an empty coding."""
+        if not system or not code or not isinstance(system, str) or not isinstance(code, str):
+            return None
+        system = self.aliases.get(system.strip(), system.strip())
+        code = code.strip()
+        if system == ICD10CM:
+            code = code.replace(".", "").upper()
+        return system, code
+
+    def valuesets_of(self, system: str | None, code: str | None) -> frozenset[str]:
+        """Ids of every value set the coding belongs to (empty for most codes: a cheap check).
+
+        Only codes that could be in the knowledge are looked up and cached: one longer than any
+        known code (plus slack for padding) cannot match, so the cache stays small whatever a
+        request sends.
+        """
+        if not isinstance(system, str) or not isinstance(code, str):
+            return frozenset()
+        if len(code) > self._longest[1] or len(system) > self._longest[0]:
+            return frozenset()
+        cached = self._cache.get((system, code))
+        if cached is not None:
+            return cached
+        found = self._lookup(system, code)
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[(system, code)] = found
+        return found
+
+    def _lookup(self, system: str | None, code: str | None) -> frozenset[str]:
+        key = self.normalize(system, code)
+        if key is None:
+            return frozenset()
+        found = self._exact.get(key, frozenset())
+        for n in self._prefix_lengths.get(key[0], ()):
+            if n <= len(key[1]):
+                hit = self._prefix.get((key[0], key[1][:n]))
+                if hit:
+                    found = found | hit
+        if found and self._excluded:
+            found = frozenset(vs for vs in found if not any(
+                key[0] == system and key[1].startswith(code)
+                for system, code in self._excluded.get(vs, ())))
+        return found
+
+    def display_of(self, system: Any, code: Any) -> str | None:
+        """Our display for a code: its own entry's, else that of the longest matching prefix."""
+        key = self.normalize(system, code) if isinstance(system, str) else None
+        if key is None:
+            return None
+        for n in range(len(key[1]), 0, -1):
+            found = self._displays.get((key[0], key[1][:n]))
+            if found:
+                return found
+        return None
+
+    def combined_procedure(self, proc: Procedure, codings: Iterable[Any]) -> Procedure:
+        """The procedure an order really is, given every code of it and its companion drafts."""
+        return self.combined_with_keys(proc, self.coding_keys(codings))
+
+    def coding_keys(self, codings: Iterable[Any]) -> set[tuple[str, str]]:
+        """The normalised (system, code) pairs of codings (for combined_with_keys)."""
+        keys = {self.normalize(c.get("system"), c.get("code"))
+                for c in codings if isinstance(c, dict)}
+        keys.discard(None)
+        return keys  # type: ignore[return-value]
+
+    def combined_with_keys(self, proc: Procedure, keys: set[tuple[str, str]]) -> Procedure:
+        for combo in self.combinations:
+            if combo.when == proc.id and keys & combo.with_any:
+                return self.procedures[combo.becomes]
+        return proc
+
+    def valuesets_of_codings(self, codings: Iterable[Any]) -> frozenset[str]:
+        found: frozenset[str] = frozenset()
+        for c in codings:
+            if isinstance(c, dict):
+                hit = self.valuesets_of(c.get("system"), c.get("code"))
+                if hit:
+                    found = found | hit
+        return found
+
+    def screen(self, concept: Any) -> tuple[frozenset[str], Procedure | None]:
+        """Value sets and catalog procedure of a CodeableConcept's codings, in one pass.
+
+        The per-resource screen of a chart: one cached lookup per coding, nothing else for
+        the visits and labs that make most of a record.
+        """
+        sets: frozenset[str] = frozenset()
+        proc: Procedure | None = None
+        codings = concept.get("coding") if type(concept) is dict else None
+        if type(codings) is not list:
+            return sets, proc
+        for c in codings:
+            if type(c) is not dict:
+                continue
+            system, code = c.get("system"), c.get("code")
+            if type(system) is not str or type(code) is not str:
+                continue
+            found = self._screened.get((system, code))
+            if found is None:
+                found = self._screen_one(system, code)
+            if found[0]:
+                sets = sets | found[0]
+            if proc is None:
+                proc = found[1]
+        return sets, proc
+
+    def _screen_one(self, system: str, code: str) -> tuple[frozenset[str], Procedure | None]:
+        found = (self.valuesets_of(system, code), self._procedure_of(system, code))
+        if len(code) <= self._longest[1] and len(system) <= self._longest[0]:
+            if len(self._screened) > 50_000:
+                self._screened.clear()
+            self._screened[(system, code)] = found
+        return found
+
+    def procedure_of(self, codings: Iterable[Any]) -> Procedure | None:
+        """The catalog procedure ordered by any of the codings, or None."""
+        for c in codings:
+            if isinstance(c, dict):
+                found = self._procedure_of(c.get("system"), c.get("code"))
+                if found is not None:
+                    return found
+        return None
+
+    def _procedure_of(self, system: Any, code: Any) -> Procedure | None:
+        if not isinstance(system, str) or not isinstance(code, str):
+            return None
+        if len(code) > self._longest[1] or len(system) > self._longest[0]:
+            return None  # longer than any catalog code: no lookup, nothing cached
+        key = ("procedure", system, code)
+        if key in self._cache:
+            return self._cache[key]  # type: ignore[return-value]
+        normal = self.normalize(system, code)
+        pid = self._procedure_codes.get(normal) if normal else None
+        found = self.procedures[pid] if pid else None
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[key] = found  # type: ignore[assignment]
+        return found
+
+    def category(self, procedure_id: str, variants: Iterable[str]) -> str:
+        """The best category of the procedure over the applicable variants."""
+        row = self.ratings[procedure_id]
+        return max((row[v] for v in variants), key=CATEGORY_RANK.__getitem__)
