@@ -69,11 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cds_service.app import audit_hash_key, build_verifier, check_production
     from cds_service.engine import Engine
     from cds_service.errors import StartupError
     from cds_service.knowledge import load_knowledge
     from cds_service.render import load_templates
+    from cds_service.services import audit_hash_key, build_verifier, check_production
     from cds_service.settings import get_settings
 
     settings = get_settings()
@@ -153,7 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _store() -> Any:
-    from cds_service.app import audit_hash_key
+    from cds_service.services import audit_hash_key
     from cds_service.settings import get_settings
     from cds_service.store import Store
 
