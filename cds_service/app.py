@@ -107,8 +107,11 @@ class AppState(State):
     _parts = frozenset(f.name for f in fields(Services))
 
     def __getattr__(self, key: Any) -> Any:
-        if key in self._parts and key not in self._state and "services" in self._state:
-            return getattr(self._state["services"], key)
+        try:
+            return self._state[key]
+        except KeyError:
+            if key in self._parts and "services" in self._state:
+                return getattr(self._state["services"], key)
         return super().__getattr__(key)
 
 

@@ -243,7 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--html", metavar="FILE", help="write the HTML page to FILE")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        return closed_stdout()
+    return code
+
+
+def closed_stdout() -> int:
+    """The reader of our output went away (``cds-service evaluate FILE | head -1``): stop
+    quietly, as Python's documentation advises ("Note on SIGPIPE"): what is still buffered goes
+    to the null device, so that no traceback follows at exit; the exit status is 1."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":
