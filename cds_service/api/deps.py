@@ -39,7 +39,6 @@ def check_bearer(request: Request, token: str) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-
 def require_admin(request: Request, s: Services) -> None:
     """The admin token (CDS_ADMIN_TOKEN); without one configured the endpoint does not exist."""
     if not s.settings.admin_token:

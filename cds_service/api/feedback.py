@@ -27,7 +27,6 @@ FEEDBACK_FIELDS = {"card": "card", "outcome_timestamp": "outcomeTimestamp",
                    "override_display": "overrideReason.reason.display"}
 
 
-
 async def feedback(request: Request) -> Response:
     service_id: str = request.path_params["service_id"]
     s = get_services(request)

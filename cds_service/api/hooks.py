@@ -23,8 +23,13 @@ from cds_service.engine import OrderResult
 from cds_service.errors import ProtocolError, issue, outcome_response, validation_issues
 from cds_service.limits import Limits, check_request, check_resources
 from cds_service.protocol import Discovery, HookRequest, ServiceDescription, ServiceResponse
-from cds_service.record import PREFETCH_TEMPLATES, PatientRecord, record_from_prefetch
-from cds_service.record.prefetch import Source, SourceState
+from cds_service.record import (
+    PREFETCH_TEMPLATES,
+    PatientRecord,
+    Source,
+    SourceState,
+    record_from_prefetch,
+)
 from cds_service.services import Services
 from cds_service.store import CallAudit, CardAudit
 
@@ -64,7 +69,7 @@ async def discovery(request: Request) -> Response:
 async def hook(request: Request) -> Response:
     service_id: str = request.path_params["service_id"]
     s = get_services(request)
-    described = known_service(service_id)
+    described = known_service(service_id)  # an unknown service is a 404, ahead of the 401
     await authenticate(request, s)
     started = time.perf_counter()
     call, size = await parse_hook(request, described, s.limits)
