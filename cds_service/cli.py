@@ -69,11 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cds_service.app import audit_hash_key, build_verifier, check_production
     from cds_service.engine import Engine
     from cds_service.errors import StartupError
     from cds_service.knowledge import load_knowledge
     from cds_service.render import load_templates
+    from cds_service.services import audit_hash_key, build_verifier, check_production
     from cds_service.settings import get_settings
 
     settings = get_settings()
@@ -150,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _store() -> Any:
-    from cds_service.app import audit_hash_key
+    from cds_service.services import audit_hash_key
     from cds_service.settings import get_settings
     from cds_service.store import Store
 
@@ -240,7 +240,21 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--html", metavar="FILE", help="write the HTML page to FILE")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        return closed_stdout()
+    return code
+
+
+def closed_stdout() -> int:
+    """The reader of our output went away (``cds-service evaluate FILE | head -1``): stop
+    quietly, as Python's documentation advises ("Note on SIGPIPE"): what is still buffered goes
+    to the null device, so that no traceback follows at exit; the exit status is 1."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
     Exception
      +-- StartupError          the service cannot start: one type for ``cds-service`` to catch
-     |    +-- ConfigurationError   (cds_service.app) settings that cannot run
+     |    +-- ConfigurationError   (cds_service.services) settings that cannot run
      |    +-- KnowledgeError       (cds_service.knowledge) a knowledge file is wrong
      |    +-- TemplateProblem      (cds_service.render) a card template is wrong
      +-- ProtocolError         a client error, answered with a 4xx OperationOutcome
+     +-- StoreUnavailable      the database cannot be reached or written now (raised by
+                               cds_service.store, caught by the routes and the JWT replay check)
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from pydantic import ValidationError
 class StartupError(Exception):
     """The service cannot start (configuration, knowledge or card templates): the message names
     the file or setting and the fix."""
+
+
+class StoreUnavailable(Exception):
+    """The database could not be reached or refused the write; retrying later can help."""
 
 
 class ProtocolError(Exception):

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from cds_service.store.models import FeedbackItem as _FeedbackRow
+from cds_service import lengths
 
 HOOKS = ("order-select", "order-sign")
 
@@ -166,11 +166,7 @@ class Discovery(_Out):
 
 # Feedback is stored as sent: a value no database row can hold is refused here with 400 (naming
 # the field), not accepted and then failed on with 503 (which the client would retry for ever).
-
-
-def _column_length(column: str) -> int | None:
-    """The length of a feedback column, from the table model (None: unbounded text)."""
-    return getattr(_FeedbackRow.__table__.c[column].type, "length", None)
+# The lengths are declared in cds_service.lengths, which the table models size their columns by.
 
 
 def _no_nul(value: str) -> str:
@@ -192,11 +188,9 @@ StoredText = Annotated[str, AfterValidator(_no_nul)]
 
 
 class FeedbackCoding(_Lenient):
-    system: StoredText | None = Field(default=None,
-                                      max_length=_column_length("override_system"))
-    code: StoredText = Field(min_length=1, max_length=_column_length("override_code"))
-    display: StoredText | None = Field(default=None,
-                                       max_length=_column_length("override_display"))
+    system: StoredText | None = Field(default=None, max_length=lengths.CODING_SYSTEM)
+    code: StoredText = Field(min_length=1, max_length=lengths.CODING_CODE)
+    display: StoredText | None = Field(default=None, max_length=lengths.CODING_DISPLAY)
 
 
 class OverrideReason(_Lenient):
@@ -209,7 +203,7 @@ class AcceptedSuggestion(_Lenient):
 
 
 class FeedbackItem(_Lenient):
-    card: StoredText = Field(min_length=1, max_length=_column_length("card_uuid"))
+    card: StoredText = Field(min_length=1, max_length=lengths.CARD_ID)
     outcome: Literal["accepted", "overridden"]
     acceptedSuggestions: list[AcceptedSuggestion] | None = None
     overrideReason: OverrideReason | None = None

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 
+from cds_service.errors import StoreUnavailable
 from cds_service.settings import Settings
-from cds_service.store import StoreUnavailable
 
 log = logging.getLogger("cds_service.security")
 

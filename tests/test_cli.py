@@ -40,3 +40,22 @@ def test_evaluate_reports_bad_files() -> None:
     assert out.returncode == 2 and "cannot read" in out.stderr
     out = run("evaluate", str(FIXTURES / "examples" / "spec" / "v2-jwt-payload.json"))
     assert out.returncode == 2 and "hook is required" in out.stderr
+
+
+def test_evaluate_into_a_pipe_closed_early_ends_quietly() -> None:
+    """`cds-service evaluate FILE | head -1`: the reader is gone before the output is written
+    (here: before the command starts); the command stops without a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first write fails with EPIPE
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "cds_service", "evaluate",
+             str(FIXTURES / "requests" / "v3-seed-mri-w.json"), "--now", "2026-11-01T12:00:00Z"],
+            cwd=ROOT, env={**os.environ, "CDS_ENV": "development"}, stdout=write_end,
+            stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in out.stderr
+    assert "BrokenPipeError" not in out.stderr
+    assert out.stderr == ""
+    assert out.returncode == 1

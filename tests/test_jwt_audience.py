@@ -12,7 +12,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cds_service.app import ConfigurationError, check_production, create_app
+from cds_service.app import ConfigurationError, create_app
+from cds_service.services import check_production
 from tests.builders import hook_request, order, seed_prefetch
 from tests.conftest import FIXTURE_NOW, SELECT, ValidatingClient
 from tests.test_auth_api import BASE, ISS, KID, production_settings

@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cds_service.app import ConfigurationError, check_production, create_app
+from cds_service.app import ConfigurationError, create_app
 from cds_service.security import AuthError, JwtVerifier, TrustedIssuer
+from cds_service.services import check_production
 from cds_service.settings import Settings
 from tests.builders import hook_request, order, seed_prefetch
 from tests.conftest import FIXTURE_NOW, SELECT, ValidatingClient

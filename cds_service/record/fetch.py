@@ -34,7 +34,6 @@ import orjson
 
 from cds_service.record.prefetch import (
     PREFETCH_TEMPLATES,
-    SOURCE_ATTRS,
     PatientRecord,
     Source,
     SourceState,
@@ -355,7 +354,7 @@ class FhirFetcher:
         for key, (source, outcome) in zip(keys, results, strict=True):
             report.outcomes[key] = outcome
             if source is not None:
-                _set_source(record, key, source)
+                record.replace_source(key, source)
         log.info("fhir fetch", extra={"outcomes": report.outcomes})
         return report
 
@@ -499,7 +498,3 @@ def _warn_once(seen: set[str], key: str, message: str) -> None:
     if len(seen) < 256:
         seen.add(key)
     log.warning(message, extra={"host_seen": len(seen)})
-
-
-def _set_source(record: PatientRecord, key: str, source: Source) -> None:
-    setattr(record, SOURCE_ATTRS[key], source)

@@ -69,6 +69,11 @@ class PatientRecord:
     def sources(self) -> dict[str, Source]:
         return {key: getattr(self, attr) for key, attr in SOURCE_ATTRS.items()}
 
+    def replace_source(self, key: str, source: Source) -> None:
+        """Put ``source`` in place of the source of prefetch key ``key`` (what a fetch from the
+        FHIR server read, or a fetched source that is not to be used)."""
+        setattr(self, SOURCE_ATTRS[key], source)
+
     def missing_keys(self) -> list[str]:
         """Prefetch keys whose data did not arrive (or arrived only in part), the optional
         ones (answers) aside."""

@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from cds_service import lengths
+
 
 class UtcDateTime(TypeDecorator[datetime]):
     """An instant, stored in UTC on every database and read back as an aware UTC datetime.
@@ -95,14 +97,17 @@ class FeedbackItem(Base):
                                        name="uq_feedback_item"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    card_uuid: Mapped[str] = mapped_column(String(100), index=True)
+    card_uuid: Mapped[str] = mapped_column(String(lengths.CARD_ID), index=True)
     known_card: Mapped[bool] = mapped_column(Boolean)
     service_id: Mapped[str] = mapped_column(String(100), index=True)
     outcome: Mapped[str] = mapped_column(String(20))
     accepted_suggestions: Mapped[list[str]] = mapped_column(JSON)
-    override_system: Mapped[str | None] = mapped_column(String(300), nullable=True)
-    override_code: Mapped[str | None] = mapped_column(String(100), nullable=True)
-    override_display: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    override_system: Mapped[str | None] = mapped_column(String(lengths.CODING_SYSTEM),
+                                                        nullable=True)
+    override_code: Mapped[str | None] = mapped_column(String(lengths.CODING_CODE),
+                                                      nullable=True)
+    override_display: Mapped[str | None] = mapped_column(String(lengths.CODING_DISPLAY),
+                                                         nullable=True)
     user_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
     outcome_timestamp: Mapped[datetime] = mapped_column(UtcDateTime)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
