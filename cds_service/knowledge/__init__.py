@@ -18,7 +18,13 @@ The YAML files beside this module are loaded and checked once at start-up by :fu
 from __future__ import annotations
 
 from cds_service.knowledge.checks import KnowledgeError
-from cds_service.knowledge.index import Combination, Knowledge, Procedure, ValueSetRule
+from cds_service.knowledge.index import (
+    Combination,
+    Knowledge,
+    MedicationClass,
+    Procedure,
+    ValueSetRule,
+)
 from cds_service.knowledge.loader import KNOWLEDGE_DIR, load_knowledge, require_valuesets
 from cds_service.knowledge.vocabulary import (
     CATEGORIES,
@@ -43,6 +49,7 @@ __all__ = [
     "Combination",
     "Knowledge",
     "KnowledgeError",
+    "MedicationClass",
     "Procedure",
     "ValueSetRule",
     "load_knowledge",

@@ -81,6 +81,11 @@ VALUESET_READ = Check(
     "is built",
     "no value set {name!r}, which {reader} reads by id: {fix} (a missing set matches nothing, "
     "so its fact would silently never count)")
+MEDICATION_TERM = Check(
+    "valuesets.yaml",
+    "a medication class's term or exclude term is not a word or words (letters, digits, spaces, "
+    "hyphens), or is both a term and an exclude term of the class",
+    "{which} {term!r} {problem}")
 PROCEDURE_SYSTEM = Check(
     "procedures.yaml",
     "a code's `system` is neither a key of `systems` nor a URL (`http...`, `urn:...`)",
@@ -135,6 +140,6 @@ QUESTION_ENABLE = Check(
     "enable_when names {name!r}, which is not an earlier boolean question: {fix}")
 
 KNOWLEDGE_CHECKS = (ENTRY_SYSTEM, ENTRY_VERIFIED, ENTRY_CODE, COMPANION, VALUESET_READ,
-                    PROCEDURE_SYSTEM, PROCEDURE_ID, CODE_TWICE, ORDER_CODE, COMBINATION,
-                    VARIANTS, RATING_ROW, RATING_LENGTH, RATING_MISSING, QUESTION_LINK_ID,
-                    QUESTION_ANSWERS, QUESTION_ENABLE)
+                    MEDICATION_TERM, PROCEDURE_SYSTEM, PROCEDURE_ID, CODE_TWICE, ORDER_CODE,
+                    COMBINATION, VARIANTS, RATING_ROW, RATING_LENGTH, RATING_MISSING,
+                    QUESTION_LINK_ID, QUESTION_ANSWERS, QUESTION_ENABLE)

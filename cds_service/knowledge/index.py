@@ -7,6 +7,7 @@ the known codes, so a request cannot grow the caches with codes that cannot matc
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,59 @@ class ValueSetRule:
 
 
 @dataclass(frozen=True)
+class MedicationClass:
+    """A class of drugs read from a medication's name: its terms (lower-case ingredient names,
+    each matched as a whole word) and the words (forms, routes) that exclude a medication."""
+
+    id: str
+    description: str
+    source: str
+    terms: tuple[str, ...]
+    exclude_terms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MedicationMatcher:
+    """Every class's terms and exclusions in one pattern: one scan of a medication's text."""
+
+    pattern: re.Pattern[str] | None = None
+    classes_of_term: dict[str, frozenset[str]] = field(default_factory=dict)
+    classes_excluded_by: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, classes: Iterable[MedicationClass]) -> MedicationMatcher:
+        of_term: dict[str, set[str]] = {}
+        excluded_by: dict[str, set[str]] = {}
+        for mc in classes:
+            for term in mc.terms:
+                of_term.setdefault(term, set()).add(mc.id)
+            for word in mc.exclude_terms:
+                excluded_by.setdefault(word, set()).add(mc.id)
+        words = sorted(set(of_term) | set(excluded_by), key=lambda w: (-len(w), w))
+        if not words:
+            return cls()
+        # whole words: not inside another word ("prednisolone" is not read in
+        # "methylprednisolone", which is a term of its own)
+        pattern = re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(w) for w in words)
+                             + r")(?![\w-])")
+        return cls(pattern, {k: frozenset(v) for k, v in of_term.items()},
+                   {k: frozenset(v) for k, v in excluded_by.items()})
+
+    def classes_of(self, text: str) -> frozenset[str]:
+        if self.pattern is None:
+            return frozenset()
+        found = set(self.pattern.findall(text.lower()))
+        if not found:
+            return frozenset()
+        hits: set[str] = set()
+        excluded: set[str] = set()
+        for word in found:
+            hits |= self.classes_of_term.get(word, frozenset())
+            excluded |= self.classes_excluded_by.get(word, frozenset())
+        return frozenset(hits - excluded)
+
+
+@dataclass(frozen=True)
 class Combination:
     """An order coded ``when`` plus any of ``with_any`` (same order or a companion draft)."""
 
@@ -65,6 +119,8 @@ class Knowledge:
     aliases: dict[str, str]
     rules: dict[str, ValueSetRule] = field(default_factory=dict)
     medication_terms: tuple[str, ...] = ()
+    # classes of drugs read as facts (systemic_corticosteroids, immunosuppressive_drugs), by id
+    medication_classes: dict[str, MedicationClass] = field(default_factory=dict)
     combinations: tuple[Combination, ...] = ()
     directory: Path | None = None  # where the files were read (named in messages)
     _displays: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
@@ -82,6 +138,9 @@ class Knowledge:
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
     _screened: dict[tuple[str, str], tuple[frozenset[str], Any]] = field(
         default_factory=dict, repr=False)
+    _medication_matcher: MedicationMatcher = field(default_factory=MedicationMatcher,
+                                                   repr=False)
+    _medication_cache: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     def normalize(self, system: str | None, code: str | None) -> tuple[str, str] | None:
         """The (system, code) pair used for comparisons, or None for an empty coding."""
@@ -127,6 +186,26 @@ class Knowledge:
             found = frozenset(vs for vs in found if not any(
                 key[0] == system and key[1].startswith(code)
                 for system, code in self._excluded.get(vs, ())))
+        return found
+
+    def medication_classes_of(self, text: str) -> frozenset[str]:
+        """Ids of the medication classes a medication's text or display names (empty for most).
+
+        A class matches when one of its terms is a whole word of the text (case ignored) and
+        none of its exclude terms is: "Prednisone 5 MG Oral Tablet" is in
+        ``systemic_corticosteroids``, "Hydrocortisone 1 % Topical Cream" is not. Called once per
+        MedicationRequest: one regular-expression scan, cached for short texts.
+        """
+        if not isinstance(text, str) or not text:
+            return frozenset()
+        cached = self._medication_cache.get(text)
+        if cached is not None:
+            return cached
+        found = self._medication_matcher.classes_of(text)
+        if len(text) <= 512:
+            if len(self._medication_cache) > 20_000:
+                self._medication_cache.clear()
+            self._medication_cache[text] = found
         return found
 
     def display_of(self, system: Any, code: Any) -> str | None:

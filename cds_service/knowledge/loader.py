@@ -8,6 +8,7 @@ engine calls with its list (the knowledge does not know the rules).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from cds_service.knowledge.checks import (
     COMBINATION,
     COMPANION,
     ENTRY_SYSTEM,
+    MEDICATION_TERM,
     ORDER_CODE,
     PROCEDURE_ID,
     PROCEDURE_SYSTEM,
@@ -30,7 +32,15 @@ from cds_service.knowledge.checks import (
     closest,
     fix_for,
 )
-from cds_service.knowledge.index import Combination, Knowledge, Procedure, ValueSetRule
+from cds_service.knowledge.index import (
+    Combination,
+    Knowledge,
+    MedicationClass,
+    MedicationMatcher,
+    Procedure,
+    ValueSetRule,
+)
+from cds_service.knowledge.models import MedicationClass as MedicationClassModel
 from cds_service.knowledge.models import (
     OrderCode,
     ProcedureEntry,
@@ -135,7 +145,36 @@ def _index_valuesets(knowledge: Knowledge, doc: ValueSetsFile, path: Path,
     knowledge._excluded = excluded
     meds = doc.medication_terms
     knowledge.medication_terms = tuple(t.lower() for t in meds.terms) if meds else ()
+    knowledge.medication_classes = {
+        class_id: _medication_class(class_id, mc, path)
+        for class_id, mc in doc.medication_classes.items()}
+    knowledge._medication_matcher = MedicationMatcher.build(
+        knowledge.medication_classes.values())
     return exact, prefix
+
+
+_WORDS = re.compile(r"[a-z0-9]+(?:[ -][a-z0-9]+)*")
+
+
+def _medication_class(class_id: str, mc: MedicationClassModel, path: Path) -> MedicationClass:
+    """A medication class with its terms in lower case, each a word or words."""
+    terms = tuple(t.strip().lower() for t in mc.terms)
+    excludes = tuple(t.strip().lower() for t in mc.exclude_terms)
+    for key, words in (("terms", terms), ("exclude_terms", excludes)):
+        for i, word in enumerate(words):
+            where = f"medication_classes.{class_id}.{key}[{i}]"
+            if not _WORDS.fullmatch(word):
+                raise MEDICATION_TERM.fail(
+                    path, where, which="term" if key == "terms" else "exclude term", term=word,
+                    problem="is not a word or words: write letters, digits, spaces or hyphens "
+                            "(it is matched as a whole word of the medication's name)")
+    for i, word in enumerate(terms):
+        if word in excludes:
+            raise MEDICATION_TERM.fail(
+                path, f"medication_classes.{class_id}.terms[{i}]", which="term", term=word,
+                problem="is also an exclude term of the class, so it could never match: keep it "
+                        "in one of the two lists")
+    return MedicationClass(class_id, mc.description, mc.source, terms, excludes)
 
 
 # ------------------------------------------------------------------ procedures.yaml

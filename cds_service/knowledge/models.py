@@ -116,6 +116,20 @@ class MedicationTerms(FileModel):
                               description="ingredients that make a medication back-pain care")
 
 
+class MedicationClass(FileModel):
+    """A class of drugs read from a medication's name (systemic corticosteroids, ...)."""
+
+    description: Name = Field(description="what the class holds and why, for the reader")
+    source: Name = Field(description="where the class comes from (a drug classification)")
+    terms: list[Name] = Field(
+        min_length=1, description="ingredient names, lower case, each matched as a whole word of "
+                                  "the medication's text or display (combination products too)")
+    exclude_terms: list[Name] = Field(
+        default_factory=list, description="words (forms, routes) that take a medication out of the "
+                                          "class even when a term matches: `topical`, `inhaler`, "
+                                          "...")
+
+
 class ValueSetsFile(FileModel):
     """``valuesets.yaml``: which codes count as evidence for each clinical fact."""
 
@@ -126,6 +140,10 @@ class ValueSetsFile(FileModel):
     valuesets: dict[str, ValueSet] = Field(description="the value sets, by id")
     medication_terms: MedicationTerms | None = Field(
         None, description="medication counted as conservative care by its ingredient's name")
+    medication_classes: dict[str, MedicationClass] = Field(
+        default_factory=dict, description="classes of drugs read as facts from the medication "
+                                          "list, by id (`systemic_corticosteroids`, "
+                                          "`immunosuppressive_drugs`)")
 
 
 # ------------------------------------------------------------------ procedures.yaml
