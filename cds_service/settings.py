@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     # unset: derived from the audit hash key
     smart_session_secret: str | None = None
     episode_grace_days: int = 14
+    # with no dated episode: care and candidacy count from this many days back, not all history
+    care_window_days: int = 180
     recent_mri_months: int = 12
     recent_trauma_days: int = 90
 

@@ -118,6 +118,11 @@ DESCRIPTIONS: dict[str, str] = {
     "smart_session_secret": "Signs the SMART app's session cookie and encrypts the access "
                             "token it keeps; at least 32 characters (checked outside "
                             "development).",
+    "care_window_days": "With no dated back-pain episode in the record, conservative care and "
+    "intervention-candidate evidence count only from this many days back (never the whole "
+    "history: a naproxen order from years ago is not care for today's pain). 6 months holds the "
+    "6 weeks of care the core scenario asks for in a chronic episode, and keeps out care from "
+    "an earlier episode.",
     "episode_grace_days": "Conservative care started up to this many days before the "
                           "episode's onset still counts for the episode (and red-flag symptoms "
                           "from then on are current).",

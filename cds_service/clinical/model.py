@@ -28,6 +28,7 @@ class ClinicalParams:
     conservative_care_weeks: int = 6
     elderly_over_age: int = 70
     episode_grace_days: int = 14
+    care_window_days: int = 180  # with no dated episode: how far back care and candidacy count
     recent_mri_months: int = 12
     recent_trauma_days: int = 90
     recent_red_flag_days: int = 90

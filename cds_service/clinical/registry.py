@@ -45,6 +45,9 @@ class FactSpec:
     decides: bool = False  # its value is read by the decision (else only shown, or derived)
     answer: str | None = None  # how a clinician's answer settles it (None: never asked)
     sets: tuple[tuple[str, Scope], ...] = ()  # value sets of a CODED rule, each in its scope
+    # medication classes (knowledge: medication_classes) that count for a CODED rule while
+    # ordered, each with the days of use it takes (0: any active order)
+    medications: tuple[tuple[str, int], ...] = ()
 
 
 # In the order of the evidence rows on a card.
@@ -67,7 +70,8 @@ FACTS: tuple[FactSpec, ...] = (
              sets=(("spinal_infection", Scope.CURRENT), ("systemic_infection", Scope.CURRENT),
                    ("drug_use", Scope.ACTIVE))),
     FactSpec("immunosuppression", CODED, red_flag=True, group="v7", decides=True,
-             answer=FINDING, sets=(("immunosuppression", Scope.ACTIVE),)),
+             answer=FINDING, sets=(("immunosuppression", Scope.ACTIVE),),
+             medications=(("immunosuppressive_drugs", 0),)),
     FactSpec("prior_surgery", "prior_surgery", red_flag=True, decides=True, answer=FINDING,
              sets=(("prior_lumbar_surgery", Scope.HISTORY),)),
     FactSpec("trauma", CODED, red_flag=True, group="v6", decides=True, answer=FINDING,
@@ -76,7 +80,8 @@ FACTS: tuple[FactSpec, ...] = (
              sets=(("osteoporosis", Scope.ACTIVE),)),
     FactSpec("elderly", "age", red_flag=True, group="v6", decides=True),
     FactSpec("steroids", CODED, red_flag=True, group="v6", decides=True, answer=FINDING,
-             sets=(("chronic_steroids", Scope.ACTIVE),)),
+             sets=(("chronic_steroids", Scope.ACTIVE),),
+             medications=(("systemic_corticosteroids", 90),)),  # 3 months: chronic use
     FactSpec("mri_safety", CODED, decides=True, answer=FINDING,
              sets=(("mri_safety", Scope.ACTIVE),)),
     FactSpec("recent_mri", "recent_mri"),
@@ -96,6 +101,9 @@ FINDINGS = tuple(spec.name for spec in FACTS if spec.answer == FINDING)
 ASKED = frozenset(spec.name for spec in FACTS if spec.answer)  # a question may settle these
 # Every value set a fact's row names (the rules read more: cds_service.clinical.rules).
 ROW_VALUESETS = frozenset(vs for spec in FACTS for vs, _ in spec.sets)
+MEDICATION_CLASSES = frozenset(cls for spec in FACTS for cls, _ in spec.medications)
+BACK_PAIN_MEDICATION = "back_pain_medication"  # a medication for back pain (conservative care)
+OPAQUE = "unreadable"  # a record entry with nothing the service can read it by
 
 
 def spec(name: str) -> FactSpec:

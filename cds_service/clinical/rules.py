@@ -17,9 +17,11 @@ from typing import Any
 from cds_service.clinical.dates import age_years
 from cds_service.clinical.model import MIN_TIME, ClinicalParams, Evidence, Fact, Tri
 from cds_service.clinical.registry import (
+    BACK_PAIN_MEDICATION,
     CODED,
     INTERVENTION_SETS,
     LBP_SETS,
+    OPAQUE,
     REASON_SETS,
     SPINAL_SETS,
     THERAPY_SETS,
@@ -44,6 +46,9 @@ ALL_DURATIONS = frozenset({"acute", "subacute", "chronic"})
 ACUTE = timedelta(weeks=4)
 CHRONIC = timedelta(weeks=12)
 LUMBAR_MRI = frozenset({"mri-wo", "mri-w", "mri-wwo"})
+CARE_SETS = THERAPY_SETS | {BACK_PAIN_MEDICATION}
+WEEK = 7 * 86400
+OPAQUE_NOTE = "entries the service cannot read"  # a Fact.missing note
 # A fusion code that names no site: prior lumbar surgery stays unknown beside it.
 FUSION = FactSpec("fusion", CODED, sets=(("fusion_any_site", Scope.HISTORY),))
 
@@ -70,13 +75,14 @@ class RuleContext:
     knowledge: Knowledge
     order: Mapping[str, Any]
     reasons: list[Hit]  # the order's reasons that match a value set
-    coded_reason: bool  # the order has a coded reason at all
+    coded_reason: bool  # the order has a reason coded in a system the knowledge reads
     drafts: DraftScan
     now: datetime
     params: ClinicalParams
     episode: Episode
     current_since: datetime  # red-flag symptoms dated on or after this are current
     orders: list[Hit] = field(default_factory=list)  # procedures and service requests
+    opaque_reason: bool = False  # a reason the service cannot read (text only, a local code)
 
     @property
     def order_id(self) -> str:
@@ -112,13 +118,15 @@ def rule_context(scan: RecordScan, order: Mapping[str, Any], drafts: DraftScan,
                  knowledge: Knowledge, now: datetime, params: ClinicalParams) -> RuleContext:
     """The context of one order: its reasons, the episode and when symptoms count as current."""
     reasons, coded_reason = order_reasons(scan, order, knowledge)
+    opaque_reason = not coded_reason and bool(as_list(order.get("reasonCode")))
     episode = episode_of(scan)
     current_since = now - timedelta(days=params.recent_red_flag_days)
     if episode.since is not None:
         current_since = min(current_since,
                             episode.since - timedelta(days=params.episode_grace_days))
     return RuleContext(scan, knowledge, order, reasons, coded_reason, drafts, now, params,
-                       episode, current_since, scan.procedures + scan.service_requests)
+                       episode, current_since, scan.procedures + scan.service_requests,
+                       opaque_reason)
 
 
 def not_sent(sources: Iterable[Source]) -> list[str]:
@@ -127,14 +135,15 @@ def not_sent(sources: Iterable[Source]) -> list[str]:
 
 
 def settle(name: str, evidence: list[Evidence], sources: dict[str, Source],
-           unreadable: bool = False) -> Fact:
-    """Yes with evidence; unknown when a source is not whole or a match could not be read; else
-    no (closed world)."""
+           unreadable: bool = False, opaque: bool = False) -> Fact:
+    """Yes with evidence; unknown when a source is not whole, a match could not be read, or the
+    source holds entries the service cannot read at all (``opaque``); else no (closed world)."""
     if evidence:
         return Fact(name, Tri.YES, evidence)
     missing = [k for k, s in sources.items() if s.state is not SourceState.COMPLETE]
-    if missing or unreadable:
-        return Fact(name, Tri.UNKNOWN, [], missing or ["unreadable resource"])
+    if missing or unreadable or opaque:
+        return Fact(name, Tri.UNKNOWN, [],
+                    missing or (["unreadable resource"] if unreadable else [OPAQUE_NOTE]))
     return Fact(name, Tri.NO)
 
 
@@ -160,12 +169,18 @@ def _set_hits(ctx: RuleContext, vs: str, scope: Scope) -> tuple[list[tuple[Hit, 
 
 
 def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
-    """One fact from its value sets: hits in scope, then the companion and text rules."""
-    conditions = {"conditions": ctx.scan.record.conditions}
+    """One fact from its value sets (hits in scope, then the companion and text rules) and from
+    the medication classes that count for it."""
+    sources = {"conditions": ctx.scan.record.conditions}
+    opaque = any(ctx.in_scope(h, scope) for h in ctx.scan.opaque_conditions
+                 for _, scope in row.sets)
+    medicated, unsure = _medication_evidence(row, ctx) if row.medications else ([], False)
+    if row.medications:
+        sources["medications"] = ctx.scan.record.medications
     if not ctx.reasons and not ctx.scan.conditions:  # nothing coded to look at
-        return settle(row.name, [], conditions)
+        return settle(row.name, medicated, sources, unsure, opaque)
     per_set: dict[str, list[tuple[Hit, bool]]] = {}
-    unreadable = False
+    unreadable = unsure
     for vs, scope in row.sets:
         per_set[vs], bad = _set_hits(ctx, vs, scope)
         unreadable = unreadable or bad
@@ -182,7 +197,27 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
                   else h.evidence("condition" if h.active else "condition (history)", display))
             if ev not in evidence:
                 evidence.append(ev)
-    return settle(row.name, evidence, conditions, unreadable)
+    return settle(row.name, evidence + medicated, sources, unreadable, opaque)
+
+
+def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
+    """Active orders of the row's medication classes, used for as many days as the class takes
+    (counted from the first order of the class in the last year); and whether an active order
+    could be one of them but cannot be read, or its use cannot be dated."""
+    evidence: list[Evidence] = []
+    unsure = any(OPAQUE in h.sets and h.active for h in ctx.scan.medications)
+    year_ago = ctx.now - timedelta(days=365)
+    for cls, days in row.medications:
+        hits = [h for h in ctx.scan.medications if cls in h.sets and h.readable]
+        active = [h for h in hits if h.active]
+        if not active:
+            continue
+        starts = [h.start for h in hits if h.start and year_ago <= h.start <= ctx.now]
+        if days and not starts:
+            unsure = True  # ordered now, since when is not recorded
+        elif not days or ctx.now - min(starts) >= timedelta(days=days):
+            evidence.append(active[0].evidence("medication ordered"))
+    return evidence, unsure
 
 
 def order_reasons(scan: RecordScan, order: Mapping[str, Any],
@@ -197,7 +232,9 @@ def order_reasons(scan: RecordScan, order: Mapping[str, Any],
             if sets:
                 hits.append(Hit("ServiceRequest", oid, sets, dict(c), True, True, None, None,
                                 text=text))
-    coded = bool(hits) or any(c.get("code") for c in codings_of_all(order.get("reasonCode")))
+    coded = bool(hits) or any(isinstance(c.get("code"), str) and c["code"]
+                              and knowledge.reads_system(c.get("system"))
+                              for c in codings_of_all(order.get("reasonCode")))
     by_id = {h.rid: h for h in scan.conditions}
     for ref in as_list(order.get("reasonReference")):
         if isinstance(ref, Mapping) and isinstance(ref.get("reference"), str):
@@ -212,6 +249,8 @@ def indication_fact(ctx: RuleContext, lumbar: bool) -> tuple[Fact, bool]:
     """Is this an order for low back pain? (fact, the reasons name another indication)."""
     lbp = coded_fact(spec("indication"), ctx)
     if not ctx.coded_reason:
+        if ctx.opaque_reason and lbp.value is Tri.NO:  # the reason may name anything
+            return Fact("indication", Tri.UNKNOWN, [], [OPAQUE_NOTE]), False
         return lbp, False
     reason_sets = frozenset().union(*(h.sets for h in ctx.reasons))
     on_order = [e for e in lbp.evidence if e.role == "reason for this order"]
@@ -269,25 +308,31 @@ def _first_care(scan: RecordScan, cutoff: datetime | None,
                 now: datetime) -> tuple[float | None, list[Evidence], bool]:
     """Weeks since the first conservative care of this episode (therapy or medication)."""
     care = [h for h in scan.procedures + scan.service_requests + scan.medications
-            if h.usable and (h.sets & THERAPY_SETS or h.rtype == "MedicationRequest")]
+            if h.usable and h.sets & CARE_SETS]
     therapy = sorted((h for h in care if h.start and h.start <= now
                       and (cutoff is None or (h.end or h.start) >= cutoff)),
                      key=lambda h: h.start or now)
     first = next((h for h in therapy if h.readable), None)  # validates only up to the first
     if first is None or first.start is None:
-        return None, [], any(not h.readable for h in care)  # unreadable care: unknown
-    weeks = max(0.0, (now - first.start).total_seconds() / (7 * 86400))
+        # unreadable care, or a medication that cannot be read ordered in the episode: unknown
+        opaque = any(OPAQUE in h.sets and (h.start is None or cutoff is None
+                                           or (h.end or h.start) >= cutoff)
+                     for h in scan.medications)
+        return None, [], any(not h.readable for h in care) or opaque
+    weeks = max(0.0, (now - first.start).total_seconds() / WEEK)
     return weeks, [first.evidence("first conservative care of this episode")], False
 
 
-def _care_cutoff(ctx: RuleContext) -> datetime | None:
-    """Care counts from the episode's onset less the grace period; with no dated episode, from
-    the end of the latest resolved one."""
+def _care_cutoff(ctx: RuleContext) -> datetime:
+    """Care (and candidacy) counts from the episode's onset less the grace period; with no dated
+    episode, from the end of the latest resolved one, within the care window at most (never
+    the whole history)."""
     if ctx.episode.since is not None:
         return ctx.episode.since - timedelta(days=ctx.params.episode_grace_days)
+    window = ctx.now - timedelta(days=ctx.params.care_window_days)
     ended = [h.end or h.start for h in ctx.scan.conditions
              if not h.active and h.sets & LBP_SETS and (h.end or h.start)]
-    return max(ended) if ended else None  # type: ignore[type-var]
+    return max([window, *ended])  # type: ignore[type-var]
 
 
 def care_fact(ctx: RuleContext,
@@ -295,6 +340,9 @@ def care_fact(ctx: RuleContext,
     """Conservative care in this episode: the fact, its weeks, the states it may be in."""
     rec, params, now = ctx.scan.record, ctx.params, ctx.now
     weeks, evidence, unreadable = _first_care(ctx.scan, _care_cutoff(ctx), now)
+    onset = ctx.episode.onset_lo
+    if weeks is not None and onset not in (None, MIN_TIME):  # never longer than the episode
+        weeks = min(weeks, max(0.0, (now - onset).total_seconds() / WEEK))
     sources = {"procedures": rec.procedures, "servicerequests": rec.service_requests,
                "medications": rec.medications}
     if weeks is not None and weeks >= params.conservative_care_weeks:
@@ -304,7 +352,6 @@ def care_fact(ctx: RuleContext,
         states = ("under-way", "done") if sources_open else ("under-way",)
         return Fact("conservative_care", Tri.NO, evidence, sources_open), weeks, states
     care = settle("conservative_care", [], sources, unreadable)
-    onset = ctx.episode.onset_lo
     long_enough = onset is None or now - onset >= timedelta(weeks=params.conservative_care_weeks)
     if care.value is Tri.NO and candidate.value is Tri.YES and long_enough:
         # An intervention candidate after weeks of pain with no care on record: the record is
@@ -319,12 +366,13 @@ def candidate_fact(ctx: RuleContext) -> Fact:
     A referral or intervention order counts when active or completed; a procedure when it is
     planned or under way (a completed surgery is prior surgery, V5).
     """
-    scan = ctx.scan
+    scan, since = ctx.scan, _care_cutoff(ctx)
     ev = [h.evidence("planned intervention or referral")
           for h in scan.service_requests + scan.procedures
           if h.sets & INTERVENTION_SETS
           and (h.usable if h.rtype == "ServiceRequest"
                else str_field(h.raw, "status") in {"preparation", "in-progress"})
+          and (h.start is None or (h.end or h.start) >= since)  # this episode's, if dated
           and h.readable]
     ev += [e for i, e in ctx.drafts.candidates if i != id(ctx.order)]
     return settle("intervention_candidate", ev,

@@ -22,7 +22,13 @@ from pydantic import ValidationError
 
 from cds_service.clinical.dates import add_age, parse_span, period_start
 from cds_service.clinical.model import MIN_TIME, Evidence, Span
-from cds_service.clinical.registry import INTERVENTION_SETS, LBP_SETS
+from cds_service.clinical.registry import (
+    BACK_PAIN_MEDICATION,
+    INTERVENTION_SETS,
+    LBP_SETS,
+    MEDICATION_CLASSES,
+    OPAQUE,
+)
 from cds_service.knowledge import Knowledge
 from cds_service.record import PatientRecord
 from cds_service.record.prefetch import as_list
@@ -84,6 +90,9 @@ class RecordScan:
     service_requests: list[Hit]
     birth: Span | None
     medications: list[Hit] = field(default_factory=list)
+    # active conditions coded in no system the knowledge reads (text only, a local code): they
+    # may be anything, so the facts read from conditions cannot be "no" beside them
+    opaque_conditions: list[Hit] = field(default_factory=list)
     _by_set: dict[str, list[Hit]] | None = field(default=None, repr=False)
 
     def conditions_in(self, vs: str) -> list[Hit]:
@@ -181,27 +190,43 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
     """Screen every resource by code and keep (validated) hits."""
     birth = _birth(record)
     conditions: list[Hit] = []
+    opaque: list[Hit] = []
     for raw in record.conditions.resources:
         sets = knowledge.screen(raw.get("code"))[0]
         if not sets:
-            continue
-        codings = codings_of(raw.get("code"))
-        if _status_code(raw.get("verificationStatus")) in EXCLUDED_VERIFICATION:
-            continue
-        clinical = _status_code(raw.get("clinicalStatus"))
-        has_abatement = any(k.startswith("abatement") for k in raw)
-        active = clinical in ACTIVE if clinical else not has_abatement
-        lo, hi = _condition_onset(raw, birth)
-        conditions.append(Hit("Condition", str(raw.get("id", "?")), sets,
-                              _first_matching(knowledge, codings), active, True, lo, hi,
-                              raw=raw, text=text_of(raw.get("code"))))
+            if not _opaque(raw.get("code"), knowledge):
+                continue  # coded in a system the knowledge reads, and in no value set: no
+            sets = frozenset({OPAQUE})
+        hit = _condition_hit(raw, sets, birth, knowledge)
+        if hit is not None:
+            (opaque if OPAQUE in sets else conditions).append(hit)
     procedures = [h for h in (_order_like_hit(raw, "Procedure", knowledge)
                               for raw in record.procedures.resources) if h]
     service_requests = [h for h in (_order_like_hit(raw, "ServiceRequest", knowledge)
                                     for raw in record.service_requests.resources) if h]
     medications = [h for h in (_medication_hit(raw, knowledge)
                                for raw in record.medications.resources) if h]
-    return RecordScan(record, conditions, procedures, service_requests, birth, medications)
+    return RecordScan(record, conditions, procedures, service_requests, birth, medications,
+                      opaque_conditions=opaque)
+
+
+def _opaque(concept: Any, knowledge: Knowledge) -> bool:
+    """No coding in a system the knowledge reads (text only, a local code, nothing at all)."""
+    return not any(knowledge.reads_system(c.get("system")) and isinstance(c.get("code"), str)
+                   for c in codings_of(concept))
+
+
+def _condition_hit(raw: Mapping[str, Any], sets: frozenset[str], birth: Span | None,
+                   knowledge: Knowledge) -> Hit | None:
+    if _status_code(raw.get("verificationStatus")) in EXCLUDED_VERIFICATION:
+        return None
+    clinical = _status_code(raw.get("clinicalStatus"))
+    has_abatement = any(k.startswith("abatement") for k in raw)
+    active = clinical in ACTIVE if clinical else not has_abatement
+    lo, hi = _condition_onset(raw, birth)
+    return Hit("Condition", str(raw.get("id", "?")), sets,
+               _first_matching(knowledge, codings_of(raw.get("code"))), active, True, lo, hi,
+               raw=raw, text=text_of(raw.get("code")))
 
 
 def _condition_onset(raw: Mapping[str, Any],
@@ -249,20 +274,19 @@ def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) ->
 
 
 def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
-    """A medication order for back pain: its reason is LBP, or it names a back-pain drug."""
-    if str_field(raw, "status") not in {"active", "completed"}:
+    """A medication order the rules read: for back pain (its reason is LBP, or it names a
+    back-pain drug), of a class a fact counts (a systemic corticosteroid, an immunosuppressive),
+    or one the service cannot read at all (no name: its drug is unknown, never absent)."""
+    status = str_field(raw, "status")
+    if status not in {"active", "completed"}:
         return None
     concept = raw.get("medicationCodeableConcept")
     reference = raw.get("medicationReference")
     text = text_of(concept)
     if isinstance(reference, dict) and isinstance(reference.get("display"), str):
         text = f"{text} {reference['display']}"
-    reason_codings = codings_of_all(raw.get("reasonCode"))
-    reasons = knowledge.valuesets_of_codings(reason_codings)
-    lowered = text.lower()
-    named = any(term in lowered for term in knowledge.medication_terms)
-    other_reason = bool(reason_codings) and not reasons & LBP_SETS
-    if not (reasons & LBP_SETS or (named and not other_reason)):
+    sets = _medication_sets(raw, text, knowledge)
+    if not sets:
         return None
     span = parse_span(raw.get("authoredOn"))
     if span is None:
@@ -270,9 +294,24 @@ def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
         span = period_start(validity.get("validityPeriod")) if isinstance(validity, dict) else None
     lo, hi = span if span else (None, None)
     coding = next((dict(c) for c in codings_of(concept)), {})
-    return Hit("MedicationRequest", str(raw.get("id", "?")), frozenset({"back_pain_medication"}),
-               coding, active=str_field(raw, "status") == "active", usable=True, start=lo, end=hi,
-               raw=raw, text=text.strip() or "medication for back pain")
+    fallback = "medication for back pain" if BACK_PAIN_MEDICATION in sets else "medication"
+    return Hit("MedicationRequest", str(raw.get("id", "?")), sets, coding,
+               active=status == "active", usable=True, start=lo, end=hi, raw=raw,
+               text=text.strip() or fallback)
+
+
+def _medication_sets(raw: Mapping[str, Any], text: str, knowledge: Knowledge) -> frozenset[str]:
+    if not text.strip():
+        return frozenset({OPAQUE})
+    reason_codings = codings_of_all(raw.get("reasonCode"))
+    reasons = knowledge.valuesets_of_codings(reason_codings)
+    lowered = text.lower()
+    named = any(term in lowered for term in knowledge.medication_terms)
+    other_reason = bool(reason_codings) and not reasons & LBP_SETS
+    classes = knowledge.medication_classes_of(lowered) & MEDICATION_CLASSES
+    if reasons & LBP_SETS or (named and not other_reason):
+        return classes | {BACK_PAIN_MEDICATION}
+    return classes
 
 
 def _is_referral(raw: Mapping[str, Any]) -> bool:

@@ -152,6 +152,20 @@ class Knowledge:
             code = code.replace(".", "").upper()
         return system, code
 
+    def medication_classes_of(self, text: str) -> frozenset[str]:  # (until the classes land)
+        return frozenset()
+
+    def reads_system(self, system: Any) -> bool:
+        """Whether the knowledge holds codes of this system: a coding in any other system (a
+        local code) cannot be told apart from one that matters."""
+        if type(system) is not str:
+            return False
+        known = self.__dict__.get("_systems_read")
+        if known is None:
+            known = frozenset(s for s, _ in (*self._exact, *self._prefix, *self._procedure_codes))
+            self.__dict__["_systems_read"] = known
+        return self.aliases.get(system.strip(), system.strip()) in known
+
     def valuesets_of(self, system: str | None, code: str | None) -> frozenset[str]:
         """Ids of every value set the coding belongs to (empty for most codes: a cheap check).
 
