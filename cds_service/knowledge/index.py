@@ -152,9 +152,6 @@ class Knowledge:
             code = code.replace(".", "").upper()
         return system, code
 
-    def medication_classes_of(self, text: str) -> frozenset[str]:  # (until the classes land)
-        return frozenset()
-
     def reads_system(self, system: Any) -> bool:
         """Whether the knowledge holds codes of this system: a coding in any other system (a
         local code) cannot be told apart from one that matters."""
