@@ -226,6 +226,9 @@ class CardBuilder:
         else:
             parts.append(t.phrase("no-red-flags", checked=", ".join(
                 t.fact_short(f.name) for f in facts.red_flags())))
+        if facts.unreadable:
+            parts.append(t.phrase("unreadable", entries="; ".join(
+                finding(e) for e in facts.unreadable)))
         if facts.urgent:
             parts.append(t.phrase("urgent"))
         return "; ".join(p for p in parts if p) + "."

@@ -27,6 +27,7 @@ from cds_service.clinical.rules import (
     prior_surgery_fact,
     recent_mri_fact,
     rule_context,
+    unreadable_entries,
 )
 from cds_service.clinical.scan import DraftScan, RecordScan, scan_drafts, scan_record, str_field
 from cds_service.knowledge import Knowledge
@@ -68,4 +69,5 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any],
         care_states=care_states, candidate_assumed=assumed, age=age,
         other_indication=other_indication,
         urgent=(str_field(order, "priority") or "").lower() in URGENT,
-        assumptions=assumptions, assume_candidate=params.assume_candidate_after_failed_care)
+        assumptions=assumptions, assume_candidate=params.assume_candidate_after_failed_care,
+        unreadable=unreadable_entries(ctx, found.values()))

@@ -98,6 +98,8 @@ class Facts:
     age: tuple[int, int] | None = None
     other_indication: bool = False  # the order's reasons name an indication that is not LBP
     urgent: bool = False  # priority stat, asap or urgent
+    # record entries the service cannot read (text only, a local code) that left a fact unknown
+    unreadable: list[Evidence] = field(default_factory=list)
     # (code, parameters); the wording is in cards/common.yaml "assumptions"
     assumptions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     assume_candidate: bool = True  # candidate assumed after failed care (ClinicalParams)

@@ -430,3 +430,14 @@ def recent_mri_fact(ctx: RuleContext) -> Fact:
     return settle("recent_mri", ev, {"procedures": rec.procedures,
                                      "servicerequests": rec.service_requests},
                   any(h.procedure in LUMBAR_MRI and not h.readable for h in ctx.orders))
+
+
+def unreadable_entries(ctx: RuleContext, facts: Iterable[Fact], keep: int = 3) -> list[Evidence]:
+    """The entries the service cannot read that left one of the facts unknown (a few)."""
+    notes = {note for f in facts if f.value is Tri.UNKNOWN for note in f.missing}
+    hits: list[Hit] = []
+    if OPAQUE_NOTE in notes:
+        hits += sorted(ctx.scan.opaque_conditions, key=lambda h: not h.active)
+    if "unreadable resource" in notes:
+        hits += [h for h in ctx.scan.medications if OPAQUE in h.sets and h.active]
+    return [h.evidence("cannot be read") for h in hits[:keep]]

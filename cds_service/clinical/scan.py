@@ -130,7 +130,7 @@ def text_of(*concepts: Any) -> str:
                 parts.append(concept["text"])
             parts += [c["display"] for c in codings_of(concept)
                       if isinstance(c.get("display"), str)]
-    return " ".join(parts)
+    return " ".join(dict.fromkeys(parts))  # a display repeated as the text: once
 
 
 def str_field(raw: Mapping[str, Any], key: str) -> str | None:
@@ -224,8 +224,11 @@ def _condition_hit(raw: Mapping[str, Any], sets: frozenset[str], birth: Span | N
     has_abatement = any(k.startswith("abatement") for k in raw)
     active = clinical in ACTIVE if clinical else not has_abatement
     lo, hi = _condition_onset(raw, birth)
-    return Hit("Condition", str(raw.get("id", "?")), sets,
-               _first_matching(knowledge, codings_of(raw.get("code"))), active, True, lo, hi,
+    codings = codings_of(raw.get("code"))
+    coding = _first_matching(knowledge, codings)
+    if not coding and OPAQUE in sets and codings:  # shown as the record codes it
+        coding = dict(codings[0])
+    return Hit("Condition", str(raw.get("id", "?")), sets, coding, active, True, lo, hi,
                raw=raw, text=text_of(raw.get("code")))
 
 
