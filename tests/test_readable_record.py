@@ -135,3 +135,18 @@ def test_a_referral_from_an_earlier_episode_is_not_candidacy() -> None:
     referral["authoredOn"] = day(NOW, 20)
     facts, _ = rate(p, "mri-wo")
     assert facts.intervention_candidate.value is Tri.YES
+
+
+def test_a_card_does_not_claim_an_assumption_the_record_leaves_open() -> None:
+    """Candidacy is assumed after care that is on record as done, never while the record leaves
+    the care open (the card asks for it instead)."""
+    p = seed_prefetch(NOW)
+    p["procedures"] = bundle()  # no therapy on record, and a medication of this episode that
+    p["medications"] = bundle({"resourceType": "MedicationRequest", "id": "m", "status":  # ...
+                               "completed", "intent": "order", "authoredOn": day(NOW, 30),
+                               "subject": {"reference": f"Patient/{PATIENT}"},  # cannot be read
+                               "medicationReference": {"reference": "Medication/m"}})
+    body = hook_request(order(cpt="72100", reason="M54.50"), prefetch=p)
+    with ValidatingClient(create_app(dev_settings(), clock=lambda: NOW)) as c:
+        cards = c.post(SELECT, json=body).json()["cards"]
+    assert cards and all("Assumed" not in card.get("detail", "") for card in cards), cards

@@ -142,8 +142,11 @@ class CardBuilder:
         devices = ", ".join(sorted({finding(e) for e in facts.mri_safety.evidence
                                     if not denies(e)})) if facts.mri_safety.value is Tri.YES \
             else ""
+        # candidacy assumed after failed care: said only where it drives the answer and the
+        # care is on record as done (not where the record leaves the care open)
         assumed = [(code, params) for code, params in facts.assumptions
-                   if code != "candidate-after-failed-care" or decision.assumption_drives]
+                   if code != "candidate-after-failed-care"
+                   or (decision.assumption_drives and facts.care_states == ("done",))]
         category = decision.category
         alts = decision.alternatives
         already = next((a.procedure.name for a in alts if a.procedure.id in rated.drafted),
