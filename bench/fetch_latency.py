@@ -10,8 +10,10 @@ to 200 (HAPI's default and maximum page sizes are 20 and 200), ``fixed`` ignores
 that always answers pages of ``--page-size``: the worst case). The service runs in uvicorn (one
 worker, development mode, the FHIR server allow-listed); each call is an order-select for a
 lumbar MRI that sends no prefetch but ``fhirServer`` and a token, so that the service fetches the
-patient and the five searches. Calls are made one after another; each call's wall time is
-measured at the client (the fetch is nearly all of it: evaluating the record takes a few ms).
+patient and the five searches (the test server has no QuestionnaireResponse endpoint: that
+optional search gets a 404 and changes nothing). Calls are made one after another; each call's
+wall time is measured at the client (the fetch is nearly all of it). Each answer is compared
+with the service's answer when the prefetch holds the whole record ("diff": 200s that differ).
 
 ``--ref`` runs the service as it was at a git commit (``git archive`` into a temp dir, run from
 there), to measure "before" with the code of then. ``--env`` adds settings to the service's
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,33 +43,30 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
-from bodies import _fixture, _grow, _shift  # noqa: E402
 from run import free_port, start  # noqa: E402
 
+from tests.builders import hook_request, large_record, order  # noqa: E402
 from tests.fhir_server import FhirTestServer, peak_overlap  # noqa: E402
 
 TOKEN = "bench-token-" + "5" * 20
 RECORDS = {  # name -> (conditions, procedures, service requests) of the seed patient
-    "seed-100": (40, 60, 4),
-    "mid-400": (150, 220, 30),
+    "seed-100": (40, 60, 4),  # as the load benchmark's a-seed-100
+    "few-380": (160, 180, 40),  # several pages of 20 per search, each search under the cap
 }
 SERVERS = {"hapi": 200, "fixed": None}  # name -> the largest _count honoured (None: ignored)
 PATH = "/cds-services/lbp-imaging-order-select"
 
 
 def record_body(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(hook body with its full prefetch, the prefetch the FHIR server serves) for a record.
-    The server holds the seed patient's own resources (the low back pain, the therapy that
-    makes the MRI appropriate) after the noise, on the last page: a fetch cut short misses them
-    (a real server's order is its own; this is the order where a short fetch shows)."""
-    body = _grow(_shift(_fixture("v3-seed-mri-w")), *RECORDS[name])
-    served = copy.deepcopy(body["prefetch"])
-    for key in ("conditions", "procedures", "servicerequests"):
-        entries = served[key]["entry"]
-        own = [e for e in entries if not e["resource"]["id"].startswith("bench-")]
-        served[key]["entry"] = [e for e in entries if e not in own] + own
-        served[key].pop("link", None)
-    return body, served
+    """(hook body with its full prefetch, the record the FHIR server serves): an order of a
+    lumbar MRI without contrast for the seed patient (low back pain for 16 weeks, 8 weeks of
+    physical therapy), whose record is grown with unrelated resources and served with the
+    patient's own resources last (tests/builders.py ``large_record``, as the tests use it). A
+    real server's order is its own; this is the order in which a fetch cut short shows."""
+    now = datetime.now(UTC)
+    prefetch = large_record(now, *RECORDS[name])
+    body = hook_request(order(cpt="72148"), prefetch=prefetch)
+    return body, copy.deepcopy(prefetch)
 
 
 def comparable(answer: dict[str, Any]) -> str:
