@@ -1,7 +1,8 @@
 """FHIR fetch latency: hook calls whose record the service must fetch from a slow FHIR server.
 
-    .venv/bin/python bench/fetch_latency.py [--calls 200] [--latency 0.1] [--page-size 20]
-        [--record seed-100 --record mid-400] [--server hapi --server fixed]
+    .venv/bin/python bench/fetch_latency.py [--calls 200] [--clients 1] [--latency 0.1]
+        [--page-size 20]
+        [--record seed-100 --record few-380] [--server hapi --server fixed]
         [--ref e1aecb8] [--env CDS_FHIR_BUDGET_SECONDS=0.4 ...] [--json out.json]
 
 The FHIR server is the tests' own (tests/fhir_server.py) on loopback: every answer waits
@@ -11,8 +12,10 @@ that always answers pages of ``--page-size``: the worst case). The service runs 
 worker, development mode, the FHIR server allow-listed); each call is an order-select for a
 lumbar MRI that sends no prefetch but ``fhirServer`` and a token, so that the service fetches the
 patient and the five searches (the test server has no QuestionnaireResponse endpoint: that
-optional search gets a 404 and changes nothing). Calls are made one after another; each call's
-wall time is measured at the client (the fetch is nearly all of it). Each answer is compared
+optional search gets a 404 and changes nothing). Calls are made one after another (or by
+``--clients`` clients side by side); each call's wall time is measured at the client (the fetch
+is nearly all of it). "overlap" is the most requests in the FHIR server at once, "next" the
+most ``next`` pages at once (with one client: within one call). Each answer is compared
 with the service's answer when the prefetch holds the whole record ("diff": 200s that differ).
 
 ``--ref`` runs the service as it was at a git commit (``git archive`` into a temp dir, run from
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -97,22 +101,30 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
-def run_calls(port: int, body: dict[str, Any], calls: int, expected: str) -> dict[str, Any]:
-    """``calls`` hook calls one after another: status counts, latency percentiles (ms), and
-    the 200s whose answer differs from ``expected`` (the answer with the full prefetch)."""
-    seconds: list[float] = []
-    statuses: Counter[int] = Counter()
+def run_calls(port: int, body: dict[str, Any], calls: int, expected: str,
+              clients: int = 1) -> dict[str, Any]:
+    """``calls`` hook calls, ``clients`` at a time (each client one call after another):
+    status counts, latency percentiles (ms), and the 200s whose answer differs from
+    ``expected`` (the answer with the full prefetch)."""
     raw = json.dumps(body).encode()
-    different = 0
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        for _ in range(calls):
-            started = time.perf_counter()
-            r = client.post(PATH, content=raw, headers={"Content-Type": "application/json"})
-            seconds.append(time.perf_counter() - started)
-            statuses[r.status_code] += 1
-            different += r.status_code == 200 and comparable(r.json()) != expected
-    ms = [s * 1000 for s in seconds]
-    return {"calls": calls, "statuses": dict(statuses), "different": different,
+
+    def one_client(n: int) -> list[tuple[float, int, bool]]:
+        rows = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for _ in range(n):
+                started = time.perf_counter()
+                r = client.post(PATH, content=raw, headers={"Content-Type": "application/json"})
+                seconds = time.perf_counter() - started
+                rows.append((seconds, r.status_code,
+                             r.status_code == 200 and comparable(r.json()) != expected))
+        return rows
+
+    shares = [calls // clients + (i < calls % clients) for i in range(clients)]
+    with ThreadPoolExecutor(clients) as pool:
+        rows = [row for part in pool.map(one_client, shares) for row in part]
+    ms = [seconds * 1000 for seconds, _, _ in rows]
+    statuses = Counter(status for _, status, _ in rows)
+    return {"calls": calls, "statuses": dict(statuses), "different": sum(d for *_, d in rows),
             "p50_ms": round(statistics.median(ms), 1), "p95_ms": round(percentile(ms, 0.95), 1),
             "max_ms": round(max(ms), 1), "412": statuses.get(412, 0)}
 
@@ -143,10 +155,10 @@ def measure(args: argparse.Namespace, tree: Path, record: str, server_kind: str)
         service = start("cds_service.app:app", port, env, tree)
         try:
             expected = answer_with_prefetch(port, full)
-            run_calls(port, body, min(10, args.calls), expected)  # warm-up
+            run_calls(port, body, min(10, args.calls), expected, args.clients)  # warm-up
             fhir.requests.clear()
             fhir.served.clear()
-            result = run_calls(port, body, args.calls, expected)
+            result = run_calls(port, body, args.calls, expected, args.clients)
         finally:
             service.terminate()
             service.wait(10)
@@ -163,6 +175,7 @@ def measure(args: argparse.Namespace, tree: Path, record: str, server_kind: str)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=1, help="calls at a time")
     parser.add_argument("--latency", type=float, default=0.1, help="seconds per FHIR answer")
     parser.add_argument("--page-size", type=int, default=20, help="entries per page")
     parser.add_argument("--record", action="append", choices=sorted(RECORDS))
@@ -175,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     code = args.ref or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                       capture_output=True, text=True).stdout.strip() + "+tree"
     print(f"service from {code} ({tree}); FHIR server: {args.latency * 1000:g} ms per answer, "
-          f"pages of {args.page_size}; {args.calls} calls each, one at a time; "
+          f"pages of {args.page_size}; {args.calls} calls each, {args.clients} at a time; "
           f"settings {args.env or 'default'}", flush=True)
     print(f"{'record':9} {'res':>4} {'server':6} {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} "
           f"{'412':>4} {'diff':>4} {'req/call':>8} {'overlap':>7} {'next':>4}  statuses")
