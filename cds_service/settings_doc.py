@@ -94,14 +94,15 @@ DESCRIPTIONS: dict[str, str] = {
                            "milliseconds, inside CDS Hooks' \"about 500 ms\"), and then the "
                            "alternative to waiting is no rating at all. The pages of one "
                            "search come one after another (each `next` link is in the page "
-                           "before), so the budget must hold a chain of round trips: against "
-                           "a server at 100 ms an answer, the 0.4 s of old cut a 100-resource "
-                           "record's three pages of 20 short on a busy machine (412s), and a "
-                           "server that ignores `_count` needs about 1 s for a search of 180 "
-                           "resources (bench/RESULTS.md). 2 s holds ten such round trips, "
-                           "with room to spare. The EHR's own CDS Hooks timeout is the "
-                           "ceiling (CDS clients typically wait a few seconds): keep this "
-                           "well below it, since evaluating and answering follow the fetch.",
+                           "before), so the budget must hold a chain of round trips. Measured "
+                           "against a server answering in 100 ms with pages of 20 "
+                           "(bench/RESULTS.md): a 100-resource record takes ~0.35 s when the "
+                           "server ignores `_count`, and the former 0.4 s gave 412s under load; "
+                           "a 380-resource record (nine pages in one search) takes ~1.0-1.1 s, "
+                           "every call a 412 at 0.4 s. 2 s holds the page cap (ten pages) at "
+                           "up to ~200 ms a page. The EHR's own CDS Hooks timeout is the "
+                           "ceiling (CDS clients typically wait a few seconds): keep this well "
+                           "below it, since evaluating and answering follow the fetch.",
     "fhir_max_pages": "Pages read per FHIR search, the first included (a server whose `next` "
                       "links never end stops here); the source stays partial beyond it.",
     "fhir_page_size": "Entries asked for per page of each FHIR search (`_count`). A server "
