@@ -162,7 +162,7 @@ def build_fetcher(settings: Settings) -> FhirFetcher:
         require_https=not settings.is_development,
         timeout_seconds=settings.fhir_timeout_seconds,
         budget_seconds=settings.fhir_budget_seconds, max_pages=settings.fhir_max_pages,
-        max_response_bytes=settings.fhir_max_response_bytes,
+        page_size=settings.fhir_page_size, max_response_bytes=settings.fhir_max_response_bytes,
         without_token=(settings.is_development if settings.fhir_fetch_without_token is None
                        else settings.fhir_fetch_without_token)))
 

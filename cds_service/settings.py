@@ -63,9 +63,10 @@ class Settings(BaseSettings):
 
     # FHIR fetch of what the prefetch lacks (SSRF guard: only these servers, comma-separated)
     fhir_allowed_servers: str = ""
-    fhir_timeout_seconds: float = 0.25
-    fhir_budget_seconds: float = 0.4
-    fhir_max_pages: int = 10
+    fhir_timeout_seconds: float = Field(default=1.0, gt=0)
+    fhir_budget_seconds: float = Field(default=2.0, gt=0)  # why 2 s: settings_doc.py
+    fhir_max_pages: int = Field(default=10, ge=1)
+    fhir_page_size: int = Field(default=200, ge=0)  # _count of each search; 0: not sent
     # Fetch without a token from an allow-listed server when the request sends fhirServer but no
     # fhirAuthorization (an open server, like the sandbox's). Default: on in development only.
     fhir_fetch_without_token: bool | None = None

@@ -82,10 +82,34 @@ DESCRIPTIONS: dict[str, str] = {
                             "from (and the only `iss` values the SMART app launches from), "
                             "comma-separated, compared exactly (scheme, host, port, path). "
                             "Empty: no outbound FHIR fetch.",
-    "fhir_timeout_seconds": "One FHIR request, from connecting to the last byte of the body.",
-    "fhir_budget_seconds": "All FHIR fetching of one hook call, name lookup included (CDS "
-                           "Hooks asks for an answer in about 500 ms).",
-    "fhir_max_pages": "`next` pages followed per FHIR search.",
+    "fhir_timeout_seconds": "One FHIR request, from connecting to the last byte of the body "
+                            "(never more than the budget left). 1 s: a page of "
+                            "`CDS_FHIR_PAGE_SIZE` resources from a real server's database, "
+                            "not only a small page from a cache; a server that hangs costs a "
+                            "search at most this long.",
+    "fhir_budget_seconds": "All FHIR fetching of one hook call, name lookup included; what is "
+                           "not read by then stays missing (a 412 when the order cannot be "
+                           "rated without it). Why 2 s: the service fetches only when the "
+                           "EHR's prefetch lacks data (with a complete prefetch it answers in "
+                           "milliseconds, inside CDS Hooks' \"about 500 ms\"), and then the "
+                           "alternative to waiting is no rating at all. The pages of one "
+                           "search come one after another (each `next` link is in the page "
+                           "before), so the budget must hold a chain of round trips. Measured "
+                           "against a server answering in 100 ms with pages of 20 "
+                           "(bench/RESULTS.md): a 100-resource record takes ~0.35 s when the "
+                           "server ignores `_count`, and the former 0.4 s gave 412s under load; "
+                           "a 380-resource record (nine pages in one search) takes ~1.0-1.1 s, "
+                           "every call a 412 at 0.4 s. 2 s holds the page cap (ten pages) at "
+                           "up to ~200 ms a page. The EHR's own CDS Hooks timeout is the "
+                           "ceiling (CDS clients typically wait a few seconds): keep this well "
+                           "below it, since evaluating and answering follow the fetch.",
+    "fhir_max_pages": "Pages read per FHIR search, the first included (a server whose `next` "
+                      "links never end stops here); the source stays partial beyond it.",
+    "fhir_page_size": "Entries asked for per page of each FHIR search (`_count`). A server "
+                      "may answer with fewer (HAPI: at most 200 unless configured otherwise; "
+                      "without `_count` it pages by 20, so a search of 100 resources would "
+                      "take five round trips one after another instead of one). 0: no "
+                      "`_count` is sent, for a server that refuses it.",
     "fhir_fetch_without_token": "Fetch from an allow-listed server when the request sends "
                                 "`fhirServer` but no `fhirAuthorization` (an open FHIR server, "
                                 "as the CDS Hooks sandbox uses); no Authorization header is "

@@ -66,6 +66,32 @@ def seed_prefetch(now: datetime) -> dict[str, Any]:
     }
 
 
+def service_request(sid: str, cpt: str, authored: str,
+                    patient: str = PATIENT) -> dict[str, Any]:
+    return {"resourceType": "ServiceRequest", "id": sid, "status": "completed",
+            "intent": "order", "code": {"coding": [{"system": CPT, "code": cpt}]},
+            "subject": {"reference": f"Patient/{patient}"}, "authoredOn": authored}
+
+
+def large_record(now: datetime, conditions: int, procedures: int,
+                 requests: int) -> dict[str, Any]:
+    """The seed patient's prefetch grown to these counts with unrelated resources (blood
+    pressure, diabetes, office visits, blood draws, lab orders), the patient's own resources
+    last: a fetch that stops early misses what rates the order."""
+    record = seed_prefetch(now)
+    noise = {
+        "conditions": [condition(f"n-c{i}", ("I10", "E11.9", "E78.5")[i % 3],
+                                 day(now, 400 + i)) for i in range(conditions - 2)],
+        "procedures": [procedure(f"n-p{i}", ("99213", "36415")[i % 2], day(now, 30 + i))
+                       for i in range(procedures - 2)],
+        "servicerequests": [service_request(f"n-s{i}", "80053", day(now, 20 + i))
+                            for i in range(requests)],
+    }
+    for key, resources in noise.items():
+        record[key]["entry"] = [{"resource": r} for r in resources] + record[key]["entry"]
+    return record
+
+
 def hook_request(*drafts: dict[str, Any], hook: str = "order-select",
                  selections: list[str] | None = None, prefetch: dict[str, Any] | None = None,
                  patient: str = PATIENT) -> dict[str, Any]:

@@ -81,7 +81,9 @@ def test_a_patient_id_stays_one_path_segment_or_one_query_value(fhir: FhirTestSe
             assert parts.path == f"/fhir/Patient/{quote(pid, safe='')}" and not parts.query
         else:
             assert parts.path in SEARCHES
-            assert parse_qs(parts.query, keep_blank_values=True) == {"patient": [pid]}
+            # the id is the one patient value: it adds no parameter and cannot change _count
+            assert parse_qs(parts.query, keep_blank_values=True) == {
+                "patient": [pid], "_count": [str(FetchPolicy().page_size)]}
     if pid in UNFETCHABLE_IDS:
         assert fhir.requests == []
         assert set(report.outcomes.values()) == {"bad-patient-id"}
@@ -149,7 +151,8 @@ def test_next_links_of_a_fetched_page_outside_the_base_are_not_followed(
         fhir.next_links["Condition"] = link
         fhir.requests.clear()
         record, report = fetch(fhir, prefetch)
-        assert [p for p, _ in fhir.requests] == [f"/fhir/Condition?patient={PATIENT}"], link
+        assert [p for p, _ in fhir.requests] == [
+            f"/fhir/Condition?patient={PATIENT}&_count={FetchPolicy().page_size}"], link
         assert report.outcomes == {"conditions": "foreign-next-link"}, link
         assert record.conditions.state is SourceState.PARTIAL
 

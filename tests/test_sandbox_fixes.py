@@ -113,7 +113,7 @@ def test_an_open_allow_listed_server_is_read_without_a_token(fhir: FhirTestServe
         r = c.post(SELECT, json=without_procedures(fhir))
         assert r.status_code == 200, r.text  # rated, not 412
         assert r.json()["systemActions"]
-        assert [p for p, _ in fhir.requests] == ["/fhir/Procedure?patient=pt-seed"]
+        assert [p for p, _ in fhir.requests] == ["/fhir/Procedure?patient=pt-seed&_count=200"]
         assert all(auth is None for _, auth in fhir.requests)  # no token was invented
         assert fetch_outcomes(c) == {"fetched": 1.0}
 
@@ -131,7 +131,8 @@ def test_absent_answers_are_fetched_alongside_and_their_failure_changes_nothing(
         r = c.post(SELECT, json=body)
         assert r.status_code == 200, r.text
         assert sorted(p for p, _ in fhir.requests) == [
-            "/fhir/Procedure?patient=pt-seed", "/fhir/QuestionnaireResponse?patient=pt-seed"]
+            "/fhir/Procedure?patient=pt-seed&_count=200",
+            "/fhir/QuestionnaireResponse?patient=pt-seed&_count=200"]
         assert fetch_outcomes(c) == {"fetched": 1.0, "http-404": 1.0}
 
 

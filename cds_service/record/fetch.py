@@ -11,6 +11,11 @@ segments), and sends the request's bearer token only there. The time budget cove
 the headers and the body; a body above the size cap is not read. Every fault leaves that source
 missing (or partial); none of them becomes an error of ours. Tokens and patient ids are never
 logged.
+
+The searches of one hook call run concurrently, each following its own ``next`` links, so the
+pages of different searches are in flight together; only the pages of one search wait on each
+other (each ``next`` link is in the page before). Each search asks for large pages (``_count``):
+a server at 100 ms an answer that pages by 20 needs a round trip per 20 resources otherwise.
 """
 
 from __future__ import annotations
@@ -56,14 +61,18 @@ Resolver = Callable[[str], Awaitable[Sequence[str]]]
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """Where and how long the service may fetch."""
+    """Where and how long the service may fetch (the defaults are the settings' defaults:
+    docs/configuration.md says why each is what it is)."""
 
     allowed: tuple[str, ...] = ()
     require_https: bool = True
-    timeout_seconds: float = 0.25
-    budget_seconds: float = 0.4
-    max_pages: int = 5
+    timeout_seconds: float = 1.0
+    budget_seconds: float = 2.0
+    max_pages: int = 10
     max_response_bytes: int = 8 * 1024 * 1024
+    # Entries asked for per page of a search (``_count``; a server may answer with fewer);
+    # 0: no ``_count`` is sent and the server's own page size applies.
+    page_size: int = 200
     # Fetch from an allow-listed server when the request names it but sends no token (an open
     # FHIR server, as the CDS Hooks sandbox uses): a setting, on in development.
     without_token: bool = False
@@ -148,10 +157,11 @@ def same_server(url: str, base: str) -> bool:
     return isinstance(link_target(url, base), httpx.URL)
 
 
-def query_url(base: str, template: str, patient_id: str) -> httpx.URL | None:
+def query_url(base: str, template: str, patient_id: str, count: int = 0) -> httpx.URL | None:
     """A prefetch template as a URL under ``base``: the patient id filled in as one
-    percent-encoded path segment or one encoded query value. None when the id is no id any
-    server can hold (empty, a dot segment, a slash, a control character)."""
+    percent-encoded path segment or one encoded query value, and for a search (a template with
+    a query) ``_count`` when ``count`` is above 0. None when the id is no id any server can hold
+    (empty, a dot segment, a slash, a control character)."""
     if (patient_id in ("", ".", "..") or "/" in patient_id or "\\" in patient_id
             or _has_control(patient_id)):
         return None
@@ -162,6 +172,8 @@ def query_url(base: str, template: str, patient_id: str) -> httpx.URL | None:
 
     segments = "/".join(quote(fill(s), safe="") for s in path.split("/"))
     params = [(k, fill(v)) for k, v in parse_qsl(query, keep_blank_values=True)]
+    if query and count > 0:
+        params.append(("_count", str(count)))
     try:
         url = httpx.URL(f"{base}/{segments}", params=params or None)
     except (httpx.InvalidURL, ValueError, UnicodeError):
@@ -393,7 +405,7 @@ class FhirFetcher:
         if current.state is SourceState.PARTIAL and current.next_url:
             resources, url, pages = list(current.resources), current.next_url, 0
         else:
-            start = query_url(base, template, patient_id)
+            start = query_url(base, template, patient_id, self.policy.page_size)
             if start is None:
                 return None, "bad-patient-id"
             first = await self._get(start, base, token, deadline)

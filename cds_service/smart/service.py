@@ -57,6 +57,7 @@ class SmartApp:
             allowed=FetchPolicy.parse_allowed(settings.fhir_allowed_servers),
             require_https=not settings.is_development, timeout_seconds=TIMEOUT_SECONDS,
             budget_seconds=BUDGET_SECONDS, max_pages=settings.fhir_max_pages,
+            page_size=settings.fhir_page_size,
             max_response_bytes=settings.fhir_max_response_bytes, without_token=False)
 
     def outbound(self) -> Outbound:
