@@ -6,6 +6,7 @@ record as coded (no reason on the order: the indication is the problem list's)."
 
 from __future__ import annotations
 
+import copy
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,17 @@ from typing import Any
 import httpx
 import pytest
 
+from cds_service.app import create_app
 from cds_service.clinical.facts import Tri, derive_facts, scan_record
 from cds_service.record import record_from_prefetch
 from tests.builders import hook_request, order
-from tests.conftest import FIXTURE_NOW, SELECT
+from tests.conftest import FIXTURE_NOW, SELECT, ValidatingClient, dev_settings
+from tests.fhir_server import FhirTestServer
 from tests.served import served
 from tests.synthea import prefetch, resources
 from tests.test_clinical import KNOWLEDGE
+from tests.test_fetch_real_server import AUTH
+from tests.test_fhir_integration import comparable
 
 PATIENTS = sorted(resources())
 
@@ -66,3 +71,23 @@ def test_mri_with_contrast_is_rated_not_appropriate_for_each_over_http(tmp_path:
                     codes = [c["code"] for c in rating["valueCodeableConcept"]["coding"]]
                     assert codes[0] == "not-appropriate", (pid, codes)
                     assert [c["indicator"] for c in answer["cards"]] == ["warning"], pid
+
+
+@pytest.mark.parametrize("max_count", [200, None], ids=["hapi", "pages-of-20"])
+def test_the_records_read_through_the_fetch_give_the_prefetch_answer(
+        max_count: int | None) -> None:
+    """Through a FHIR server answering in 100 ms with pages of 20 (HAPI's default; 'hapi'
+    honours _count up to 200): no 412, and the answer the whole record as prefetch gives."""
+    with FhirTestServer(20, latency=0.1, max_count=max_count) as fhir:
+        settings = dev_settings(fhir_allowed_servers=fhir.base)
+        with ValidatingClient(create_app(settings, clock=lambda: FIXTURE_NOW)) as c:
+            for pid in PATIENTS:
+                body = hook_request(lumbar_order(pid, "72149"), prefetch=prefetch(pid),
+                                    patient=pid)
+                expected = c.post(SELECT, json=body)
+                assert expected.status_code == 200, expected.text
+                fhir.data[pid] = copy.deepcopy(body.pop("prefetch"))
+                body["fhirServer"], body["fhirAuthorization"] = fhir.base, AUTH
+                r = c.post(SELECT, json=body)
+                assert r.status_code == 200, (pid, r.text)
+                assert comparable(r.json()) == comparable(expected.json()), pid
