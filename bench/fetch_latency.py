@@ -51,6 +51,7 @@ from run import free_port, start  # noqa: E402
 
 from tests.builders import hook_request, large_record, order  # noqa: E402
 from tests.fhir_server import FhirTestServer, peak_overlap  # noqa: E402
+from tests.test_fhir_integration import comparable as answer_without_ids  # noqa: E402
 
 TOKEN = "bench-token-" + "5" * 20
 RECORDS = {  # name -> (conditions, procedures, service requests) of the seed patient
@@ -75,14 +76,7 @@ def record_body(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def comparable(answer: dict[str, Any]) -> str:
     """The answer without its per-call identifiers (card and action uuids, urn:uuid values)."""
-    def strip(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: strip(x) for k, x in v.items()
-                    if k != "uuid" and not (k == "valueUri" and str(x).startswith("urn:uuid"))}
-        if isinstance(v, list):
-            return [strip(x) for x in v]
-        return v
-    return json.dumps(strip(answer), sort_keys=True)
+    return json.dumps(answer_without_ids(answer), sort_keys=True)
 
 
 def service_tree(ref: str | None) -> Path:
