@@ -150,3 +150,26 @@ def test_a_card_does_not_claim_an_assumption_the_record_leaves_open() -> None:
     with ValidatingClient(create_app(dev_settings(), clock=lambda: NOW)) as c:
         cards = c.post(SELECT, json=body).json()["cards"]
     assert cards and all("Assumed" not in card.get("detail", "") for card in cards), cards
+
+
+def _therapy(**extra: Any) -> dict[str, Any]:
+    p = seed_prefetch(NOW)
+    p["conditions"]["entry"].append({"resource": condition("c-knee", "M25.561", day(NOW, 200))})
+    for entry in p["procedures"]["entry"]:
+        entry["resource"].update(extra)
+    return p
+
+
+def test_therapy_for_another_reason_or_site_is_not_back_care() -> None:
+    """A finding counts in its context: rehabilitation for a knee, by its reason or body site,
+    is not conservative care for back pain; with a back-pain reason, or none, it is."""
+    knee_code = {"reasonCode": [{"coding": [{"system": ICD, "code": "M25.561"}]}]}
+    knee_ref = {"reasonReference": [{"reference": "Condition/c-knee"}]}
+    knee_site = {"bodySite": [{"text": "Right knee"}]}
+    for extra in (knee_code, knee_ref, knee_site):
+        facts, _ = rate(_therapy(**extra), "mri-wo")
+        assert facts.care_weeks is None, extra
+    for extra in ({"reasonReference": [{"reference": "Condition/c-lbp"}]},
+                  {"bodySite": [{"text": "Lumbar region"}]}, {}):
+        facts, _ = rate(_therapy(**extra), "mri-wo")
+        assert facts.care_weeks is not None and facts.care_weeks >= 6, extra

@@ -7,6 +7,7 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from cds_service.clinical.registry import (
     LBP_SETS,
     MEDICATION_CLASSES,
     OPAQUE,
+    THERAPY_SETS,
 )
 from cds_service.knowledge import Knowledge
 from cds_service.record import PatientRecord
@@ -200,14 +202,54 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
         hit = _condition_hit(raw, sets, birth, knowledge)
         if hit is not None:
             (opaque if OPAQUE in sets else conditions).append(hit)
+    reasons = _ConditionReasons(
+        frozenset(str(raw.get("id")) for raw in record.conditions.resources),
+        frozenset(h.rid for h in conditions if h.sets & LBP_SETS))
     procedures = [h for h in (_order_like_hit(raw, "Procedure", knowledge)
                               for raw in record.procedures.resources) if h]
     service_requests = [h for h in (_order_like_hit(raw, "ServiceRequest", knowledge)
                                     for raw in record.service_requests.resources) if h]
+    procedures = [h for h in (_back_care(h, knowledge, reasons) for h in procedures) if h]
+    service_requests = [h for h in (_back_care(h, knowledge, reasons) for h in service_requests)
+                        if h]
     medications = [h for h in (_medication_hit(raw, knowledge)
                                for raw in record.medications.resources) if h]
     return RecordScan(record, conditions, procedures, service_requests, birth, medications,
                       opaque_conditions=opaque)
+
+
+@dataclass(frozen=True)
+class _ConditionReasons:
+    """The record's Conditions as reasons: every id, and those of low back pain."""
+
+    ids: frozenset[str]
+    back_pain: frozenset[str]
+
+
+BACK_SITES = ("back", "lumb", "spin", "sacr", "coccy")  # words of a body site that is the back
+
+
+def _back_care(hit: Hit, knowledge: Knowledge, conditions: _ConditionReasons) -> Hit | None:
+    """Therapy counts as care for back pain unless the record says it is for something else:
+    reasons that are all another condition (rehabilitation for drug dependence, a knee
+    replacement), or a body site that is not the back."""
+    if not hit.sets & THERAPY_SETS:
+        return hit
+    raw = hit.raw
+    codings = codings_of_all(raw.get("reasonCode"))
+    refs = [str(r["reference"]).rpartition("/")[2] for r in as_list(raw.get("reasonReference"))
+            if isinstance(r, Mapping) and isinstance(r.get("reference"), str)]
+    if knowledge.valuesets_of_codings(codings) & LBP_SETS or set(refs) & conditions.back_pain:
+        return hit
+    named = (any(knowledge.reads_system(c.get("system")) for c in codings)
+             or bool(set(refs) & conditions.ids))
+    site = text_of(*as_list(raw.get("bodySite"))).lower()
+    if not named and not (site and not any(w in site for w in BACK_SITES)):
+        return hit
+    sets = hit.sets - THERAPY_SETS  # for something else: not back care
+    if not sets and hit.procedure is None:
+        return None
+    return dataclasses.replace(hit, sets=sets)
 
 
 def _opaque(concept: Any, knowledge: Knowledge) -> bool:
