@@ -27,6 +27,7 @@ from tests.builders import PATIENT, hook_request, order, seed_prefetch
 from tests.conftest import FIXTURE_NOW, SELECT, ValidatingClient, dev_settings
 from tests.fhir_server import FhirTestServer, peak_overlap
 from tests.test_fhir_integration import comparable
+from tests.test_sandbox_fixes import fetch_outcomes
 
 TOKEN = "slow-server-token-" + "4" * 12
 AUTH = {"access_token": TOKEN, "token_type": "Bearer", "expires_in": 300,
@@ -52,14 +53,6 @@ def fetched_body(body: dict[str, Any], fhir: FhirTestServer) -> dict[str, Any]:
     bare = {k: v for k, v in copy.deepcopy(body).items() if k != "prefetch"}
     bare["fhirServer"], bare["fhirAuthorization"] = fhir.base, AUTH
     return bare
-
-
-def fetch_outcomes(client: ValidatingClient) -> dict[str, float]:
-    out = {}
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("cds_fhir_fetch_total{"):
-            out[line.split('outcome="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-    return out
 
 
 @pytest.mark.parametrize("record", sorted(RECORDS))

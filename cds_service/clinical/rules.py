@@ -9,6 +9,7 @@ names no site).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -108,6 +109,18 @@ class RuleContext:
                             hit.coding.get("display") or hit.text or display, None,
                             "reason for this order")
         return hit.evidence("reason for this order", display)
+
+    @functools.cached_property
+    def care_since(self) -> datetime:
+        """Care (and candidacy) counts from the episode's onset less the grace period; with no
+        dated episode, from the end of the latest resolved one, within the care window at most
+        (never the whole history)."""
+        if self.episode.since is not None:
+            return self.episode.since - timedelta(days=self.params.episode_grace_days)
+        window = self.now - timedelta(days=self.params.care_window_days)
+        ended = [h.end or h.start for h in self.scan.conditions
+                 if not h.active and h.sets & LBP_SETS and (h.end or h.start)]
+        return max([window, *ended])  # type: ignore[type-var]
 
     def unreadable(self, sets: frozenset[str]) -> bool:
         """A procedure or order of these value sets failed validation."""
@@ -304,42 +317,29 @@ def duration_categories(shortest: timedelta, longest: timedelta) -> frozenset[st
     return frozenset(out or {"acute"})
 
 
-def _first_care(scan: RecordScan, cutoff: datetime | None,
+def _first_care(scan: RecordScan, cutoff: datetime,
                 now: datetime) -> tuple[float | None, list[Evidence], bool]:
     """Weeks since the first conservative care of this episode (therapy or medication)."""
     care = [h for h in scan.procedures + scan.service_requests + scan.medications
             if h.usable and h.sets & CARE_SETS]
     therapy = sorted((h for h in care if h.start and h.start <= now
-                      and (cutoff is None or (h.end or h.start) >= cutoff)),
+                      and (h.end or h.start) >= cutoff),
                      key=lambda h: h.start or now)
     first = next((h for h in therapy if h.readable), None)  # validates only up to the first
     if first is None or first.start is None:
         # unreadable care, or a medication that cannot be read ordered in the episode: unknown
-        opaque = any(OPAQUE in h.sets and (h.start is None or cutoff is None
-                                           or (h.end or h.start) >= cutoff)
+        opaque = any(OPAQUE in h.sets and (h.start is None or (h.end or h.start) >= cutoff)
                      for h in scan.medications)
         return None, [], any(not h.readable for h in care) or opaque
     weeks = max(0.0, (now - first.start).total_seconds() / WEEK)
     return weeks, [first.evidence("first conservative care of this episode")], False
 
 
-def _care_cutoff(ctx: RuleContext) -> datetime:
-    """Care (and candidacy) counts from the episode's onset less the grace period; with no dated
-    episode, from the end of the latest resolved one, within the care window at most (never
-    the whole history)."""
-    if ctx.episode.since is not None:
-        return ctx.episode.since - timedelta(days=ctx.params.episode_grace_days)
-    window = ctx.now - timedelta(days=ctx.params.care_window_days)
-    ended = [h.end or h.start for h in ctx.scan.conditions
-             if not h.active and h.sets & LBP_SETS and (h.end or h.start)]
-    return max([window, *ended])  # type: ignore[type-var]
-
-
 def care_fact(ctx: RuleContext,
               candidate: Fact) -> tuple[Fact, float | None, tuple[str, ...]]:
     """Conservative care in this episode: the fact, its weeks, the states it may be in."""
     rec, params, now = ctx.scan.record, ctx.params, ctx.now
-    weeks, evidence, unreadable = _first_care(ctx.scan, _care_cutoff(ctx), now)
+    weeks, evidence, unreadable = _first_care(ctx.scan, ctx.care_since, now)
     onset = ctx.episode.onset_lo
     if weeks is not None and onset not in (None, MIN_TIME):  # never longer than the episode
         weeks = min(weeks, max(0.0, (now - onset).total_seconds() / WEEK))
@@ -366,7 +366,7 @@ def candidate_fact(ctx: RuleContext) -> Fact:
     A referral or intervention order counts when active or completed; a procedure when it is
     planned or under way (a completed surgery is prior surgery, V5).
     """
-    scan, since = ctx.scan, _care_cutoff(ctx)
+    scan, since = ctx.scan, ctx.care_since
     ev = [h.evidence("planned intervention or referral")
           for h in scan.service_requests + scan.procedures
           if h.sets & INTERVENTION_SETS
