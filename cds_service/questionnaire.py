@@ -153,9 +153,11 @@ def answers_code_system(questions: Questions, canonical_root: str,
 
 def build_response(questions: Questions, canonical_root: str, answers: Mapping[str, Answer],
                    patient_id: str, authored: datetime,
-                   order_reference: str | None = None) -> dict[str, Any]:
+                   order_reference: str | None = None,
+                   author: str | None = None) -> dict[str, Any]:
     """A completed QuestionnaireResponse holding the given answers (unanswered items left out,
-    as are those a false enableWhen hides)."""
+    as are those a false enableWhen hides), authored by the practitioner signed in (``author``:
+    ``Practitioner/123``; without one the answers read as not a clinician's)."""
     system = questions.answers_system(canonical_root)
     items = []
     for q in questions.items:
@@ -179,6 +181,8 @@ def build_response(questions: Questions, canonical_root: str, answers: Mapping[s
     }
     if order_reference:
         response["basedOn"] = [{"reference": order_reference}]
+    if author:
+        response["author"] = {"reference": author}
     return response
 
 

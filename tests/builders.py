@@ -53,13 +53,14 @@ def bundle(*resources: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 def seed_prefetch(now: datetime) -> dict[str, Any]:
-    """58-year-old, chronic radicular LBP for 16 weeks, PT for 8 weeks: scenario V3."""
+    """58-year-old, chronic radicular LBP for 16 weeks, PT from 8 weeks to 1 week ago (7
+    documented weeks of care): scenario V3."""
     return {
         "patient": {"resourceType": "Patient", "id": PATIENT, "birthDate": day(now, 58 * 365 + 40)},
         "conditions": bundle(condition("c-lbp", "M54.16", day(now, 112)),
                              condition("c-htn", "I10", day(now, 2000))),
         "procedures": bundle(procedure("p-pt1", "97161", day(now, 56)),
-                             procedure("p-pt2", "97110", day(now, 49))),
+                             procedure("p-pt2", "97110", day(now, 7))),
         "servicerequests": bundle(),
         "medications": bundle(),
         "questionnaireresponses": bundle(),  # no answers given (the key is optional)

@@ -59,6 +59,16 @@ def challenge_of(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
+PRACTITIONER = "Practitioner/dr-1"  # the clinician signed in
+
+
+def id_token(claims: dict[str, Any]) -> str:
+    """An (unsigned) OpenID Connect id_token carrying these claims."""
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+    return f"{part({'alg': 'none'})}.{part(claims)}."
+
+
 class SmartTestServer(LoopbackServer):
     """A SMART EHR on loopback; the test sets what it grants and how it fails."""
 
@@ -105,6 +115,7 @@ class SmartTestServer(LoopbackServer):
             self.app_context: Any = json.dumps({"order": f"ServiceRequest/{ORDER_ID}",
                                                 "procedure": "mri-wo", "ask": ASK})
             self.token_mode = "ok"  # or: http-400, no-access-token, bad-json, slow
+            self.user: str | None = PRACTITIONER  # the id_token's fhirUser (None: no id_token)
             self.write_status = 201  # the answer to POST QuestionnaireResponse
             self.authorize_error: str | None = None  # e.g. access_denied
             self.smart_config_extra: dict[str, Any] = {}
@@ -160,6 +171,8 @@ class SmartTestServer(LoopbackServer):
         self.tokens.add(token)
         body = {"access_token": token, "token_type": "Bearer", "expires_in": 3600,
                 "scope": self.scope, "patient": PATIENT, "appContext": self.app_context}
+        if self.user is not None:
+            body["id_token"] = id_token({"sub": "u1", "fhirUser": self.user})
         if mode == "no-access-token":
             del body["access_token"]
         return 200, body, {"Cache-Control": "no-store"}

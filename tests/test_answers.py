@@ -39,10 +39,12 @@ def fixture(name: str) -> dict[str, Any]:
 
 
 def response(answers: dict[str, Any], *, days_ago: int = 1, rid: str = "qr-1",
-             patient: str = "seed") -> dict[str, Any]:
+             patient: str = "seed",
+             author: str | None = "Practitioner/dr-seed") -> dict[str, Any]:
+    """A completed response; by default a clinician's (authored by a Practitioner)."""
     authored = FIXTURE_NOW.replace(hour=10) - timedelta(days=days_ago)
     qr = build_response(QUESTIONS, DEV_BASE_URL, answers, patient, authored,
-                        "ServiceRequest/order-1")
+                        "ServiceRequest/order-1", author=author)
     qr["id"] = rid
     return qr
 

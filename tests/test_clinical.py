@@ -238,11 +238,17 @@ def test_elderly_from_birth_date_and_partial_birth_year() -> None:
 
 
 def test_recent_trauma_only_when_recent() -> None:
+    """Trauma counts when dated in this episode; an active code from before it is unknown (ask),
+    a resolved one is history (no)."""
     p = seed_prefetch(NOW)
     p["conditions"]["entry"].append({"resource": condition("fx", "S32.010A",
                                                            day(NOW, 400))})
     facts, _ = rate(p, "mri-w")
+    assert facts.trauma.value is Tri.UNKNOWN
+    p["conditions"]["entry"][-1]["resource"]["clinicalStatus"]["coding"][0]["code"] = "resolved"
+    facts, _ = rate(p, "mri-w")
     assert facts.trauma.value is Tri.NO
+    p["conditions"]["entry"][-1]["resource"]["clinicalStatus"]["coding"][0]["code"] = "active"
     p["conditions"]["entry"][-1]["resource"]["onsetDateTime"] = day(NOW, 20)
     facts, _ = rate(p, "mri-w")
     assert facts.trauma.value is Tri.YES

@@ -122,8 +122,14 @@ def test_a_coded_row_reads_as_declared(row: FactSpec) -> None:
         resolved, _ = rate(_with(condition("x", code, day(NOW, 3), "resolved")), "mri-wo")
         assert resolved.fact(row.name).value is Tri.NO
     if scope in (Scope.CURRENT, Scope.RECENT):
-        old, _ = rate(_with(condition("x", code, day(NOW, 2000))), "mri-wo")
-        assert old.fact(row.name).value is Tri.NO
+        # a symptom from before this episode, or undated, is unknown (ask), never yes; the
+        # same resolved is history (no)
+        for onset in (day(NOW, 2000), None):
+            old, _ = rate(_with(condition("x", code, onset)), "mri-wo")
+            assert old.fact(row.name).value is Tri.UNKNOWN, (code, onset)
+            assert old.fact(row.name).missing == ["not dated in this episode"]
+        gone, _ = rate(_with(condition("x", code, day(NOW, 2000), "resolved")), "mri-wo")
+        assert gone.fact(row.name).value is Tri.NO
 
 
 def test_the_procedures_source_missing_leaves_only_its_facts_unknown() -> None:

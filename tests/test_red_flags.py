@@ -51,13 +51,16 @@ def test_skin_anaesthesia_counts_only_beside_bladder_or_bowel_or_named_saddle() 
     assert {e.code for e in facts.cauda_equina.evidence} == {"R20.2", "R15.9"}
 
 
-def test_red_flag_symptom_long_before_this_episode_is_history() -> None:
+def test_red_flag_symptom_before_this_episode_or_undated_is_unknown_never_yes() -> None:
+    """Issue 21: a symptom still active from before this episode, or undated, is asked about
+    (unknown), never a current red flag; resolved, it is history (no)."""
     old = symptom("r", "R33.9", "Urinary retention", 400)
     facts, d = rate(with_conditions(old), "mri-wo")
-    assert facts.cauda_equina.value is Tri.NO and d.variants == frozenset({"V1"})
-    undated = symptom("r", "R33.9", "Urinary retention", None)  # active, no date: counts
+    assert facts.cauda_equina.value is Tri.UNKNOWN and d.category is None  # not rated: ask
+    undated = symptom("r", "R33.9", "Urinary retention", None)
     facts, _ = rate(with_conditions(undated), "mri-wo")
-    assert facts.cauda_equina.value is Tri.YES
+    assert facts.cauda_equina.value is Tri.UNKNOWN
+    assert [e.resource for e in facts.cauda_equina.evidence] == ["Condition/r"]
     resolved = symptom("r", "R33.9", "Urinary retention", 3, status="resolved")
     facts, _ = rate(with_conditions(resolved), "mri-wo")
     assert facts.cauda_equina.value is Tri.NO

@@ -179,6 +179,7 @@ def test_launch_answer_save_then_the_hook_rates_the_order(
     assert response["subject"] == {"reference": f"Patient/{PATIENT}"}
     assert response["basedOn"] == [{"reference": f"ServiceRequest/{ORDER_ID}"}]
     assert response["status"] == "completed"
+    assert response["author"] == {"reference": "Practitioner/dr-1"}  # the clinician signed in
     assert response["questionnaire"].split("|")[0].endswith("/fhir/Questionnaire/lbp-imaging-auc")
     assert [(i["linkId"], i["answer"]) for i in response["item"]] == [
         ("conservative-care", [{"valueBoolean": True}]),

@@ -46,6 +46,13 @@ def _days_since(day: str | None, now: datetime | None) -> int:
         return 0
 
 
+def _span(facts: Facts, now: datetime | None) -> str:
+    """The time since the recorded onset of the pain ("10 days", "14 weeks")."""
+    onset = [e for e in facts.duration.evidence if e.date and not is_attested(e)]
+    days = max((_days_since(e.date, now) for e in onset), default=0)
+    return f"{days} days" if days < 28 else f"{days // 7} weeks"
+
+
 def evidence_rows(facts: Facts, templates: CardTemplates,
                   this_order: str) -> list[dict[str, Any]]:
     """One row per resource and code, in the registry's order, with every fact it supports."""
@@ -232,9 +239,20 @@ class CardBuilder:
         if facts.unreadable:
             parts.append(t.phrase("unreadable", entries="; ".join(
                 finding(e) for e in facts.unreadable)))
+        parts += [self._conflict_text(facts, code, params, now)
+                  for code, params in facts.conflicts]
         if facts.urgent:
             parts.append(t.phrase("urgent"))
         return "; ".join(p for p in parts if p) + "."
+
+    def _conflict_text(self, facts: Facts, code: str, params: dict[str, Any],
+                       now: datetime | None) -> str:
+        """An answer that disagrees with the record, in words (the record is used)."""
+        answered = str(params.get("answered", ""))
+        if code == "conflict-duration":
+            answered = self._duration_answers.get(answered, answered).lower()
+        return self.templates.phrase(code, answered=answered, day=params.get("day"),
+                                     span=_span(facts, now))
 
     def _duration_text(self, facts: Facts, now: datetime | None) -> str:
         t = self.templates
@@ -246,9 +264,8 @@ class CardBuilder:
         onset = [e for e in facts.duration.evidence if e.date]
         if not onset:
             return t.phrase("duration-unknown")
-        days = max(_days_since(e.date, now) for e in onset)
-        span = f"{days} days" if days < 28 else f"{days // 7} weeks"
-        return t.phrase("duration" if facts.duration_dated else "duration-bound", span=span)
+        return t.phrase("duration" if facts.duration_dated else "duration-bound",
+                        span=_span(facts, now))
 
     def _care_text(self, facts: Facts) -> str:
         t = self.templates

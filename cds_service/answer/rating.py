@@ -118,7 +118,7 @@ class Rater:
         for order, proc in targets:
             facts = derive_facts(scan, order, drafts, self.knowledge, now, self.params,
                                  lumbar=proc.region == "lumbar")
-            facts = attest(facts, answers, self.questions, self.params)
+            facts = attest(facts, answers, self.questions, self.params, now)
             if (proc.region != "lumbar" and facts.indication.value is not Tri.YES
                     and not facts.other_indication):
                 continue  # a whole-body study with no indication given is not lumbar imaging

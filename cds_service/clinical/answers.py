@@ -1,14 +1,24 @@
 """A clinician's answers (QuestionnaireResponses of the service's Questionnaire) as facts.
 
-An answer in a completed response of this episode settles a fact the record leaves silent; it
-never overrides a coded finding: a coded red flag still counts when the answer says none (the
-card says so), and a record that dates the pain or shows planned care keeps its own reading.
+An answer in a completed response of this episode settles a fact the record leaves silent or
+leaves unknown (a symptom code that is undated or older than the episode); it never overrides a
+coded finding of the episode or a reason on the order: a coded red flag still counts when the
+answer says none (the card says so), and a record that dates the pain or shows planned care keeps
+its own reading (an answer that disagrees with it is shown as such; answered weeks of care are
+never more than the episode has).
+
+Only a practitioner's answers are clinician-attested: a response whose author is a Practitioner or
+PractitionerRole (the service's SMART app writes the signed-in practitioner as the author). A
+patient's answers (author Patient or RelatedPerson, or no author) are patient-reported: they settle
+neither candidacy, care, duration, nor a red flag to "no"; a patient's "yes" to a red flag makes it
+unknown (the clinician is asked), never yes and never no.
 Pure: no I/O; the clock is passed in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +33,12 @@ ANSWERED_STATUSES = {"completed", "amended"}
 ATTESTED = "clinician-attested"  # the role of an answer's evidence: "clinician-attested on DATE"
 DENIED = " (no)"  # ... ending so when the answer is no
 CLOCK_SKEW = timedelta(minutes=5)  # an answer "from the future" by less than this still counts
+REPORTED = "patient-reported"  # the role of a patient's answer: "patient-reported on DATE"
+# The author of a clinician's response: a (relative or absolute) Practitioner or PractitionerRole.
+PRACTITIONER = re.compile(r"(?:^|/)(?:Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}"
+                          r"(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
+CLINICIAN_TYPES = {"Practitioner", "PractitionerRole"}
+WEEK = timedelta(weeks=1)
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,7 @@ class Attested:
     value: Answer
     authored: datetime
     resource: str  # QuestionnaireResponse/<id>
+    clinician: bool = True  # authored by a practitioner (else patient-reported)
 
     @property
     def day(self) -> str:
@@ -42,7 +59,8 @@ def read_answers(responses: Iterable[Mapping[str, Any]], questions: Questions,
                  canonical_urls: Iterable[str], now: datetime,
                  valid_days: int) -> dict[str, Attested]:
     """linkId -> the latest answer of a completed response to our Questionnaire, given within
-    ``valid_days`` (a response to another questionnaire, in progress or undated is ignored)."""
+    ``valid_days`` (a response to another questionnaire, in progress or undated is ignored); a
+    practitioner's answer is kept over a patient's whatever their order."""
     urls = set(canonical_urls)
     since = now - timedelta(days=valid_days)
     found: dict[str, Attested] = {}
@@ -56,11 +74,24 @@ def read_answers(responses: Iterable[Mapping[str, Any]], questions: Questions,
         if span is None or not since <= span[0] <= now + CLOCK_SKEW:
             continue
         resource = f"QuestionnaireResponse/{qr.get('id', '?')}"
+        clinician = by_clinician(qr)
         for link_id, value in _item_answers(qr.get("item"), questions):
             earlier = found.get(link_id)
-            if earlier is None or span[0] >= earlier.authored:
-                found[link_id] = Attested(value, span[0], resource)
+            if earlier is None or (clinician, span[0]) >= (earlier.clinician, earlier.authored):
+                found[link_id] = Attested(value, span[0], resource, clinician)
     return found
+
+
+def by_clinician(qr: Mapping[str, Any]) -> bool:
+    """Whether a response's author is a Practitioner or PractitionerRole (a patient, a related
+    person, a device or no author: patient-reported)."""
+    author = qr.get("author")
+    if not isinstance(author, Mapping):
+        return False
+    ref = author.get("reference")
+    if isinstance(ref, str):
+        return bool(PRACTITIONER.search(ref))
+    return author.get("type") in CLINICIAN_TYPES and isinstance(author.get("identifier"), Mapping)
 
 
 def _item_answers(items: Any, questions: Questions) -> Iterable[tuple[str, Answer]]:
@@ -90,25 +121,50 @@ def _item_answers(items: Any, questions: Questions) -> Iterable[tuple[str, Answe
 
 
 def attest(facts: Facts, answers: Mapping[str, Attested], questions: Questions,
-           params: ClinicalParams) -> Facts:
-    """The facts with the clinician's answers applied where the record is silent."""
+           params: ClinicalParams, now: datetime | None = None) -> Facts:
+    """The facts with the clinician's answers applied where the record is silent (a patient's
+    answers only raise a red flag to unknown)."""
     if not answers:
         return facts
     by_fact: dict[str, list[tuple[str, Attested]]] = {}
+    reported: dict[str, list[tuple[str, Attested]]] = {}
     onset = _earliest_onset(facts)
     for link_id, answer in answers.items():
         if onset is not None and answer.authored < onset:
             continue  # given before this episode began
-        by_fact.setdefault(questions.by_link[link_id].fact, []).append((link_id, answer))
+        (by_fact if answer.clinician else reported).setdefault(
+            questions.by_link[link_id].fact, []).append((link_id, answer))
     changes: dict[str, Any] = {}
     for name in FINDINGS:
+        for link_id, answer in reported.get(name, []):
+            changes[name] = _reported(changes.get(name, getattr(facts, name)), link_id, answer)
         for link_id, answer in by_fact.get(name, []):
             changes[name] = _finding(getattr(facts, name), link_id, answer)
     changes |= _duration(facts, by_fact.get("duration", []))
-    changes |= _care(facts, dict(by_fact.get("conservative_care", [])), params)
+    changes |= _care(facts, dict(by_fact.get("conservative_care", [])), params,
+                     _episode_weeks(facts, onset, now))
     changes |= _candidate(facts, by_fact.get("intervention_candidate", []))
-    updated = dataclasses.replace(facts, **changes)
+    conflicts = [*facts.conflicts, *changes.pop("conflicts", []), *changes.pop("capped", [])]
+    updated = dataclasses.replace(facts, **changes, conflicts=conflicts)
     return _reassess_assumption(updated, params)
+
+
+def _episode_weeks(facts: Facts, onset: datetime | None, now: datetime | None) -> float | None:
+    """The weeks since the dated onset of this episode (None: not dated, or no clock)."""
+    if onset is None or now is None or not facts.duration_dated:
+        return None
+    return max(0.0, (now - onset) / WEEK)
+
+
+def _reported(fact: Fact, link_id: str, answer: Attested) -> Fact:
+    """A patient's answer to a red-flag question: a "yes" makes a fact the record says no to
+    unknown (the clinician is asked); anything else changes nothing."""
+    if answer.value is not True or fact.value is not Tri.NO:
+        return fact
+    said = Evidence(resource=answer.resource, system="", code=link_id,
+                    display=f"{REPORTED}: yes", date=answer.day,
+                    role=f"{REPORTED} on {answer.day}")
+    return Fact(fact.name, Tri.UNKNOWN, [said], ["patient-reported, not confirmed"])
 
 
 def is_attested(e: Evidence) -> bool:
@@ -143,16 +199,21 @@ def _finding(fact: Fact, link_id: str, answer: Attested) -> Fact:
 
 
 def _duration(facts: Facts, answered: list[tuple[str, Attested]]) -> dict[str, Any]:
-    if not answered or facts.duration.value is Tri.YES:
-        return {}  # a dated onset in the record is kept
+    if not answered:
+        return {}
     link_id, answer = answered[-1]
+    if facts.duration.value is Tri.YES:  # a dated onset in the record is kept
+        if str(answer.value) in facts.duration_categories:
+            return {}
+        return {"conflicts": [("conflict-duration", {"answered": str(answer.value),
+                                                      "day": answer.day})]}
     return {"duration_categories": frozenset({str(answer.value)}),
             "duration": Fact("duration", Tri.YES,
                              [_evidence(link_id, answer, f"{answer.value} pain")])}
 
 
-def _care(facts: Facts, answered: dict[str, Attested],
-          params: ClinicalParams) -> dict[str, Any]:
+def _care(facts: Facts, answered: dict[str, Attested], params: ClinicalParams,
+          episode_weeks: float | None = None) -> dict[str, Any]:
     tried, weeks = answered.get("conservative-care"), answered.get("conservative-care-weeks")
     needed = params.conservative_care_weeks
     if tried is not None and tried.value is False:
@@ -163,15 +224,20 @@ def _care(facts: Facts, answered: dict[str, Attested],
                 "care_states": ("none",)}
     if weeks is None or not isinstance(weeks.value, int):
         return {}
-    total = max(float(weeks.value), facts.care_weeks or 0.0)
-    if facts.care_weeks is not None and facts.care_weeks >= weeks.value:
-        return {}  # the record shows as much care or more: kept
+    said = float(weeks.value)
+    capped: list[tuple[str, dict[str, Any]]] = []
+    if episode_weeks is not None and said > episode_weeks:  # never more than the episode
+        capped = [("conflict-care", {"answered": weeks.value, "day": weeks.day})]
+        said = episode_weeks
+    total = max(said, facts.care_weeks or 0.0)
+    if facts.care_weeks is not None and facts.care_weeks >= said:
+        return {"capped": capped} if capped else {}  # the record shows as much care or more
     evidence = [_evidence("conservative-care-weeks", weeks, f"{weeks.value} weeks")]
     if total >= needed:
-        return {"care_weeks": total,
+        return {"care_weeks": total, "capped": capped,
                 "conservative_care": Fact("conservative_care", Tri.YES, evidence),
                 "care_states": ("done",)}
-    return {"care_weeks": total,
+    return {"care_weeks": total, "capped": capped,
             "conservative_care": Fact("conservative_care", Tri.NO, evidence),
             "care_states": ("under-way",)}
 

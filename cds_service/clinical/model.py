@@ -103,6 +103,9 @@ class Facts:
     # (code, parameters); the wording is in cards/common.yaml "assumptions"
     assumptions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     assume_candidate: bool = True  # candidate assumed after failed care (ClinicalParams)
+    # (code, parameters) of an answer that disagrees with the record (the record is used); the
+    # wording is in cards/common.yaml "phrases"
+    conflicts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def fact(self, name: str) -> Fact:
         """The fact of that registry name."""

@@ -118,10 +118,12 @@ SPINAL_SETS = frozenset({"cauda_equina", "ces_bladder_bowel", "ces_sensory", "ne
 THERAPY_SETS = frozenset({"physical_therapy", "chiropractic"})  # conservative care
 INTERVENTION_SETS = frozenset({"spine_injection", "lumbar_surgery_procedure", "spine_referral"})
 SURGERY_SETS = frozenset({"prior_lumbar_surgery", "fusion_any_site", "lumbar_surgery_procedure"})
+# The bladder symptoms a benign cause beside them discounts, and those causes (the episode rule).
+BENIGN_SETS = frozenset({"ces_bladder", "bladder_benign_cause"})
 # Every value set the rules read by name: a knowledge copy must define each (a renamed set would
 # otherwise match nothing, and a red flag would silently never count).
 VALUESETS_READ = (ROW_VALUESETS | LBP_SETS | SPINAL_SETS | THERAPY_SETS | INTERVENTION_SETS
-                  | SURGERY_SETS)
+                  | SURGERY_SETS | BENIGN_SETS)
 # An order whose coded reasons fall in none of these names another indication.
 REASON_SETS = LBP_SETS | SPINAL_SETS | frozenset(
     vs for spec in FACTS if spec.red_flag for vs, _ in spec.sets) | {"fusion_any_site"}

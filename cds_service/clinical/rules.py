@@ -50,6 +50,9 @@ LUMBAR_MRI = frozenset({"mri-wo", "mri-w", "mri-wwo"})
 CARE_SETS = THERAPY_SETS | {BACK_PAIN_MEDICATION}
 WEEK = 7 * 86400
 OPAQUE_NOTE = "entries the service cannot read"  # a Fact.missing note
+# The scopes of findings that count only when dated in this episode (else unknown).
+EPISODIC = (Scope.CURRENT, Scope.RECENT)
+NOT_IN_EPISODE = "not dated in this episode"  # a Fact.missing note
 # A fusion code that names no site: prior lumbar surgery stays unknown beside it.
 FUSION = FactSpec("fusion", CODED, sets=(("fusion_any_site", Scope.HISTORY),))
 
@@ -90,17 +93,28 @@ class RuleContext:
         return str(self.order.get("id", "?"))
 
     def in_scope(self, hit: Hit, scope: Scope) -> bool:
+        """Whether a condition counts for a fact in that scope: a symptom (CURRENT) or trauma
+        (RECENT) only when dated in this episode."""
         if scope is Scope.HISTORY:
             return True
         if not hit.active:
             return False
-        latest = hit.latest
-        if scope is Scope.CURRENT:
-            return latest is None or latest >= self.current_since
-        if scope is Scope.RECENT:
-            since = self.now - timedelta(days=self.params.recent_trauma_days)
-            return latest is not None and latest >= since
+        if scope in EPISODIC:
+            latest = hit.latest
+            return latest is not None and latest >= self.window(scope)
         return True
+
+    def undated(self, hit: Hit, scope: Scope) -> bool:
+        """An active symptom or trauma that is undated or dated before this episode: its fact is
+        unknown (ask), never yes."""
+        return scope in EPISODIC and hit.active and not self.in_scope(hit, scope)
+
+    def window(self, scope: Scope) -> datetime:
+        """Since when a symptom (or trauma) is of this episode."""
+        if scope is Scope.RECENT:
+            return max(self.current_since,
+                       self.now - timedelta(days=self.params.recent_trauma_days))
+        return self.current_since
 
     def reason_evidence(self, hit: Hit, display: str | None) -> Evidence:
         if hit.rtype == "ServiceRequest":
@@ -133,10 +147,11 @@ def rule_context(scan: RecordScan, order: Mapping[str, Any], drafts: DraftScan,
     reasons, coded_reason = order_reasons(scan, order, knowledge)
     opaque_reason = not coded_reason and bool(as_list(order.get("reasonCode")))
     episode = episode_of(scan)
+    # Symptoms count from the episode's onset less the grace period; with no dated episode,
+    # within the recent red-flag window.
     current_since = now - timedelta(days=params.recent_red_flag_days)
     if episode.since is not None:
-        current_since = min(current_since,
-                            episode.since - timedelta(days=params.episode_grace_days))
+        current_since = episode.since - timedelta(days=params.episode_grace_days)
     return RuleContext(scan, knowledge, order, reasons, coded_reason, drafts, now, params,
                        episode, current_since, scan.procedures + scan.service_requests,
                        opaque_reason)
@@ -163,22 +178,51 @@ def settle(name: str, evidence: list[Evidence], sources: dict[str, Source],
 # ------------------------------------------------------------------ coded facts
 
 
-def _set_hits(ctx: RuleContext, vs: str, scope: Scope) -> tuple[list[tuple[Hit, bool]], bool]:
-    """(hit, on the order) pairs for one value set in its scope; and whether one was unreadable."""
-    found: list[tuple[Hit, bool]] = []
-    unreadable = False
+@dataclass
+class _SetHits:
+    """One value set's conditions for a fact: (hit, on the order) pairs in scope, the active
+    ones not dated in this episode, and whether one could not be read."""
+
+    found: list[tuple[Hit, bool]] = field(default_factory=list)
+    undated: list[Hit] = field(default_factory=list)
+    unreadable: bool = False
+
+
+def _set_hits(ctx: RuleContext, vs: str, scope: Scope) -> _SetHits:
+    """The order's reasons and the problem list's conditions of one value set, in its scope."""
+    out = _SetHits()
     reason_ids = {id(h) for h in ctx.reasons}
     for h in ctx.reasons:
         if vs in h.sets:
-            found.append((h, True))
+            out.found.append((h, True))
     for h in ctx.scan.conditions_in(vs):
-        if id(h) in reason_ids or not ctx.in_scope(h, scope):
+        if id(h) in reason_ids or _benign(ctx, h):
+            continue
+        if not ctx.in_scope(h, scope):
+            if ctx.undated(h, scope) and h.readable:
+                out.undated.append(h)
             continue
         if not h.readable:
-            unreadable = True
+            out.unreadable = True
             continue
-        found.append((h, False))
-    return found, unreadable
+        out.found.append((h, False))
+    return out
+
+
+def _benign(ctx: RuleContext, hit: Hit) -> bool:
+    """A finding a benign cause explains: an active condition of a benign-cause set on the
+    record, or the finding's own text naming such a cause (a bladder symptom beside prostatic
+    hyperplasia, post-operative retention). Never applied to the order's own reasons."""
+    for name in hit.sets:
+        rule = ctx.knowledge.rules.get(name)
+        if rule is None or not (rule.benign_causes or rule.benign_terms):
+            continue
+        text = hit.text.lower()
+        if any(term in text for term in rule.benign_terms):
+            return True
+        if any(c.active for vs in rule.benign_causes for c in ctx.scan.conditions_in(vs)):
+            return True
+    return False
 
 
 def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
@@ -192,25 +236,34 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
         sources["medications"] = ctx.scan.record.medications
     if not ctx.reasons and not ctx.scan.conditions:  # nothing coded to look at
         return settle(row.name, medicated, sources, unsure, opaque)
-    per_set: dict[str, list[tuple[Hit, bool]]] = {}
-    unreadable = unsure
-    for vs, scope in row.sets:
-        per_set[vs], bad = _set_hits(ctx, vs, scope)
-        unreadable = unreadable or bad
+    per_set: dict[str, _SetHits] = {vs: _set_hits(ctx, vs, scope) for vs, scope in row.sets}
+    unreadable = unsure or any(hits.unreadable for hits in per_set.values())
     evidence: list[Evidence] = []
+    undated: list[Evidence] = []
     for vs, hits in per_set.items():
+        found, stale = hits.found, hits.undated
         rule = ctx.knowledge.rules.get(vs)
-        if rule is not None:
-            companion = any(per_set.get(c) for c in rule.needs_companion)
-            hits = [(h, on_order) for h, on_order in hits if companion or any(
+        if rule is not None and (rule.needs_companion or rule.text_terms):
+            companion = any(per_set[c].found for c in rule.needs_companion if c in per_set)
+            maybe = companion or any(per_set[c].undated for c in rule.needs_companion
+                                     if c in per_set)
+            named = [h for h in stale if any(t in h.text.lower() for t in rule.text_terms)]
+            stale = stale if maybe else named
+            stale += [h for h, on_order in found if not on_order and not companion and maybe
+                      and not any(t in h.text.lower() for t in rule.text_terms)]
+            found = [(h, on_order) for h, on_order in found if companion or any(
                 term in h.text.lower() for term in rule.text_terms)]
-        for h, on_order in hits:
+        for h, on_order in found:
             display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
             ev = (ctx.reason_evidence(h, display) if on_order
                   else h.evidence("condition" if h.active else "condition (history)", display))
             if ev not in evidence:
                 evidence.append(ev)
-    return settle(row.name, evidence + medicated, sources, unreadable, opaque)
+        undated += [h.evidence(f"condition, {NOT_IN_EPISODE}") for h in stale]
+    fact = settle(row.name, evidence + medicated, sources, unreadable, opaque)
+    if fact.value is Tri.NO and undated:  # recorded, but not dated in this episode: ask
+        return Fact(row.name, Tri.UNKNOWN, list(dict.fromkeys(undated)), [NOT_IN_EPISODE])
+    return fact
 
 
 def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
@@ -317,22 +370,36 @@ def duration_categories(shortest: timedelta, longest: timedelta) -> frozenset[st
     return frozenset(out or {"acute"})
 
 
+def _care_until(hit: Hit, now: datetime) -> datetime:
+    """The last day of a course of care as documented (a period's or supply's end, up to now for
+    an active order with no end), else its own date."""
+    end = hit.until or hit.end or hit.start or now
+    return min(end, now)
+
+
 def _first_care(scan: RecordScan, cutoff: datetime,
                 now: datetime) -> tuple[float | None, list[Evidence], bool]:
-    """Weeks since the first conservative care of this episode (therapy or medication)."""
+    """Documented weeks of conservative care in this episode (therapy or medication): from the
+    first care to the latest (a single order or visit is no week of care)."""
     care = [h for h in scan.procedures + scan.service_requests + scan.medications
             if h.usable and h.sets & CARE_SETS]
-    therapy = sorted((h for h in care if h.start and h.start <= now
-                      and (h.end or h.start) >= cutoff),
+    episode = sorted((h for h in care if h.start and h.start <= now
+                      and _care_until(h, now) >= cutoff and h.readable),
                      key=lambda h: h.start or now)
-    first = next((h for h in therapy if h.readable), None)  # validates only up to the first
-    if first is None or first.start is None:
+    if not episode:
         # unreadable care, or a medication that cannot be read ordered in the episode: unknown
         opaque = any(OPAQUE in h.sets and (h.start is None or (h.end or h.start) >= cutoff)
                      for h in scan.medications)
         return None, [], any(not h.readable for h in care) or opaque
-    weeks = max(0.0, (now - first.start).total_seconds() / WEEK)
-    return weeks, [first.evidence("first conservative care of this episode")], False
+    first = episode[0]
+    assert first.start is not None
+    latest = max(episode, key=lambda h: _care_until(h, now))
+    span = _care_until(latest, now) - max(first.start, cutoff)
+    weeks = max(0.0, span.total_seconds() / WEEK)
+    evidence = [first.evidence("first conservative care of this episode")]
+    if latest is not first:
+        evidence.append(latest.evidence("latest conservative care of this episode"))
+    return weeks, evidence, False
 
 
 def care_fact(ctx: RuleContext,
@@ -367,17 +434,23 @@ def candidate_fact(ctx: RuleContext) -> Fact:
     planned or under way (a completed surgery is prior surgery, V5).
     """
     scan, since = ctx.scan, ctx.care_since
-    ev = [h.evidence("planned intervention or referral")
-          for h in scan.service_requests + scan.procedures
-          if h.sets & INTERVENTION_SETS
-          and (h.usable if h.rtype == "ServiceRequest"
-               else str_field(h.raw, "status") in {"preparation", "in-progress"})
-          and (h.start is None or (h.end or h.start) >= since)  # this episode's, if dated
-          and h.readable]
+    planned = [h for h in scan.service_requests + scan.procedures
+               if h.sets & INTERVENTION_SETS
+               and (h.usable if h.rtype == "ServiceRequest"
+                    else str_field(h.raw, "status") in {"preparation", "in-progress"})
+               and h.readable]
+    # this episode's (dated in it); an undated one leaves candidacy unknown, never yes
+    ev = [h.evidence("planned intervention or referral") for h in planned
+          if h.start is not None and (h.end or h.start) >= since]
     ev += [e for i, e in ctx.drafts.candidates if i != id(ctx.order)]
-    return settle("intervention_candidate", ev,
+    fact = settle("intervention_candidate", ev,
                   {"servicerequests": scan.record.service_requests},
                   ctx.unreadable(INTERVENTION_SETS))
+    undated = [h.evidence(f"planned intervention or referral, {NOT_IN_EPISODE}")
+               for h in planned if h.start is None]
+    if fact.value is Tri.NO and undated:
+        return Fact("intervention_candidate", Tri.UNKNOWN, undated, [NOT_IN_EPISODE])
+    return fact
 
 
 # ------------------------------------------------------------------ history and the patient

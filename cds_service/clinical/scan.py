@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -36,6 +36,11 @@ from cds_service.record import PatientRecord
 from cds_service.record.prefetch import as_list
 
 ACTIVE = {"active", "recurrence", "relapse"}
+ONGOING = datetime.max.replace(tzinfo=UTC)  # Hit.until of care still under way (up to now)
+DAYS_PER = {"d": 1, "day": 1, "days": 1, "wk": 7, "week": 7, "weeks": 7, "mo": 30, "month": 30,
+            "months": 30}
+# Words of a referral's code or text that make it a referral to therapy (care, not candidacy).
+THERAPY_REFERRAL = ("physio", "physical therap", "chiropract", "manual therap", "exercise therap")
 EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
 MODELS = {"Condition": Condition, "Procedure": FhirProcedure, "ServiceRequest": ServiceRequest,
           "MedicationRequest": MedicationRequest}
@@ -57,6 +62,9 @@ class Hit:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
     text: str = ""
     _readable: bool | None = field(default=None, repr=False)
+    # the documented end of a course of care (a period's end, a supply's end); ONGOING: an
+    # active order with no documented end, taken up to now
+    until: datetime | None = None
 
     @property
     def readable(self) -> bool:
@@ -212,7 +220,7 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
     procedures = [h for h in (_back_care(h, knowledge, reasons) for h in procedures) if h]
     service_requests = [h for h in (_back_care(h, knowledge, reasons) for h in service_requests)
                         if h]
-    medications = [h for h in (_medication_hit(raw, knowledge)
+    medications = [h for h in (_medication_hit(raw, knowledge, reasons)
                                for raw in record.medications.resources) if h]
     return RecordScan(record, conditions, procedures, service_requests, birth, medications,
                       opaque_conditions=opaque)
@@ -237,8 +245,7 @@ def _back_care(hit: Hit, knowledge: Knowledge, conditions: _ConditionReasons) ->
         return hit
     raw = hit.raw
     codings = codings_of_all(raw.get("reasonCode"))
-    refs = [str(r["reference"]).rpartition("/")[2] for r in as_list(raw.get("reasonReference"))
-            if isinstance(r, Mapping) and isinstance(r.get("reference"), str)]
+    refs = _reason_refs(raw)
     if knowledge.valuesets_of_codings(codings) & LBP_SETS or set(refs) & conditions.back_pain:
         return hit
     named = (any(knowledge.reads_system(c.get("system")) for c in codings)
@@ -250,6 +257,13 @@ def _back_care(hit: Hit, knowledge: Knowledge, conditions: _ConditionReasons) ->
     if not sets and hit.procedure is None:
         return None
     return dataclasses.replace(hit, sets=sets)
+
+
+def _reason_refs(raw: Mapping[str, Any]) -> list[str]:
+    """The ids of the Conditions a resource's reasonReference names."""
+    return [str(r["reference"]).rpartition("/")[2] for r in as_list(raw.get("reasonReference"))
+            if isinstance(r, Mapping) and isinstance(r.get("reference"), str)
+            and "Condition" in str(r["reference"])]
 
 
 def _opaque(concept: Any, knowledge: Knowledge) -> bool:
@@ -294,31 +308,56 @@ def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) ->
         return None  # most of a chart (visits, labs): one cached lookup per coding, no more
     codings = codings_of(raw.get("code"))
     if rtype == "ServiceRequest" and _is_referral(raw):
-        reasons = knowledge.valuesets_of_codings(codings_of_all(raw.get("reasonCode")))
-        if reasons & LBP_SETS:
-            sets = sets | {"spine_referral"}
+        sets = sets | _referral_sets(raw, sets, knowledge)
     if not sets and proc is None:
         return None
     status = str_field(raw, "status")
+    period_key = "performedPeriod" if rtype == "Procedure" else "occurrencePeriod"
     if rtype == "Procedure":
         usable = status in {"completed", "in-progress"}
         planned = status == "preparation"
-        span = parse_span(raw.get("performedDateTime")) or period_start(raw.get("performedPeriod"))
+        span = parse_span(raw.get("performedDateTime")) or period_start(raw.get(period_key))
     else:
         usable = status in {"active", "completed"}
         planned = status in {"active", "draft", "on-hold"}
         span = (parse_span(raw.get("occurrenceDateTime"))
-                or period_start(raw.get("occurrencePeriod"))
+                or period_start(raw.get(period_key))
                 or parse_span(raw.get("authoredOn")))
     if not usable and not planned:
         return None
     lo, hi = span if span else (None, None)
     return Hit(rtype, str(raw.get("id", "?")), sets, _first_matching(knowledge, codings),
                active=planned, usable=usable, start=lo, end=hi,
-               procedure=proc.id if proc else None, raw=raw, text=text_of(raw.get("code")))
+               procedure=proc.id if proc else None, raw=raw, text=text_of(raw.get("code")),
+               until=_period_until(raw.get(period_key), status in {"active", "in-progress"}))
 
 
-def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
+def _period_until(period: Any, under_way: bool) -> datetime | None:
+    """The end of a performed or occurrence period; an open period of care under way runs up
+    to now."""
+    if not isinstance(period, dict) or parse_span(period.get("start")) is None:
+        return None
+    end = parse_span(period.get("end"))
+    if end is not None:
+        return end[1]
+    return ONGOING if under_way else None
+
+
+def _referral_sets(raw: Mapping[str, Any], sets: frozenset[str],
+                   knowledge: Knowledge) -> frozenset[str]:
+    """A referral for low back pain: to therapy (a physiotherapy code or text) it is care, not
+    candidacy; to anyone else (spine surgery, pain medicine) a spine referral."""
+    reasons = knowledge.valuesets_of_codings(codings_of_all(raw.get("reasonCode")))
+    if not reasons & LBP_SETS:
+        return frozenset()
+    words = text_of(raw.get("code"), *as_list(raw.get("category"))).lower()
+    if sets & THERAPY_SETS or any(w in words for w in THERAPY_REFERRAL):
+        return frozenset({"physical_therapy"})
+    return frozenset({"spine_referral"})
+
+
+def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge,
+                    conditions: _ConditionReasons | None = None) -> Hit | None:
     """A medication order the rules read: for back pain (its reason is LBP, or it names a
     back-pain drug), of a class a fact counts (a systemic corticosteroid, an immunosuppressive),
     or one the service cannot read at all (no name: its drug is unknown, never absent)."""
@@ -330,7 +369,7 @@ def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
     text = text_of(concept)
     if isinstance(reference, dict) and isinstance(reference.get("display"), str):
         text = f"{text} {reference['display']}"
-    sets = _medication_sets(raw, text, knowledge)
+    sets = _medication_sets(raw, text, knowledge, conditions)
     if not sets:
         return None
     span = parse_span(raw.get("authoredOn"))
@@ -342,19 +381,45 @@ def _medication_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
     fallback = "medication for back pain" if BACK_PAIN_MEDICATION in sets else "medication"
     return Hit("MedicationRequest", str(raw.get("id", "?")), sets, coding,
                active=status == "active", usable=True, start=lo, end=hi, raw=raw,
-               text=text.strip() or fallback)
+               text=text.strip() or fallback, until=_supply_until(raw, lo, status == "active"))
 
 
-def _medication_sets(raw: Mapping[str, Any], text: str, knowledge: Knowledge) -> frozenset[str]:
+def _supply_until(raw: Mapping[str, Any], start: datetime | None,
+                  active: bool) -> datetime | None:
+    """The end of a medication order's documented supply: its validity period's end, else the
+    expected supply times the fills (repeats + 1); an active order with no documented end is
+    taken up to now; a completed one without an end is a single day (None)."""
+    dispense = raw.get("dispenseRequest")
+    dispense = dispense if isinstance(dispense, Mapping) else {}
+    validity = dispense.get("validityPeriod")
+    end = parse_span(validity.get("end")) if isinstance(validity, Mapping) else None
+    if end is not None:
+        return end[1]
+    supply = dispense.get("expectedSupplyDuration")
+    if start is not None and isinstance(supply, Mapping):
+        value, unit = supply.get("value"), supply.get("code") or supply.get("unit")
+        repeats = dispense.get("numberOfRepeatsAllowed")
+        fills = 1 + (repeats if type(repeats) is int and 0 <= repeats <= 100 else 0)
+        if isinstance(value, int | float) and 0 < value <= 3650 and unit in DAYS_PER:
+            return start + timedelta(days=float(value) * DAYS_PER[str(unit)] * fills)
+    return ONGOING if active else None
+
+
+def _medication_sets(raw: Mapping[str, Any], text: str, knowledge: Knowledge,
+                     conditions: _ConditionReasons | None = None) -> frozenset[str]:
     if not text.strip():
         return frozenset({OPAQUE})
     reason_codings = codings_of_all(raw.get("reasonCode"))
     reasons = knowledge.valuesets_of_codings(reason_codings)
     lowered = text.lower()
     named = any(term in lowered for term in knowledge.medication_terms)
-    other_reason = bool(reason_codings) and not reasons & LBP_SETS
+    refs = _reason_refs(raw)
+    for_back = bool(reasons & LBP_SETS) or bool(conditions and set(refs) & conditions.back_pain)
+    # a reason naming another condition, by code or by reference to a Condition on the record
+    other_reason = not for_back and (bool(reason_codings) or bool(
+        conditions and set(refs) & conditions.ids))
     classes = knowledge.medication_classes_of(lowered) & MEDICATION_CLASSES
-    if reasons & LBP_SETS or (named and not other_reason):
+    if for_back or (named and not other_reason):
         return classes | {BACK_PAIN_MEDICATION}
     return classes
 

@@ -75,6 +75,10 @@ COMPANION = Check(
     "valuesets.yaml",
     "`needs_companion` names a value set that is not defined",
     "needs_companion names an unknown value set {name!r}: {fix}")
+BENIGN_CAUSE = Check(
+    "valuesets.yaml",
+    "`benign_causes` names a value set that is not defined",
+    "benign_causes names an unknown value set {name!r}: {fix}")
 VALUESET_READ = Check(
     "valuesets.yaml",
     "a value set the rules read by id is missing (renamed or removed); checked when the engine "
@@ -142,4 +146,4 @@ QUESTION_ENABLE = Check(
 KNOWLEDGE_CHECKS = (ENTRY_SYSTEM, ENTRY_VERIFIED, ENTRY_CODE, COMPANION, VALUESET_READ,
                     MEDICATION_TERM, PROCEDURE_SYSTEM, PROCEDURE_ID, CODE_TWICE, ORDER_CODE,
                     COMBINATION, VARIANTS, RATING_ROW, RATING_LENGTH, RATING_MISSING,
-                    QUESTION_LINK_ID, QUESTION_ANSWERS, QUESTION_ENABLE)
+                    QUESTION_LINK_ID, QUESTION_ANSWERS, QUESTION_ENABLE, BENIGN_CAUSE)

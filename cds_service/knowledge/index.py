@@ -43,6 +43,10 @@ class ValueSetRule:
 
     needs_companion: frozenset[str] = frozenset()
     text_terms: tuple[str, ...] = ()
+    # a finding of the set does not count beside a condition of these sets (a benign cause), or
+    # when its own text names one of these words
+    benign_causes: frozenset[str] = frozenset()
+    benign_terms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cds_service.knowledge.checks import (
+    BENIGN_CAUSE,
     CODE_TWICE,
     COMBINATION,
     COMPANION,
@@ -139,9 +140,15 @@ def _index_valuesets(knowledge: Knowledge, doc: ValueSetsFile, path: Path,
             if name not in doc.valuesets:
                 raise COMPANION.fail(path, f"valuesets.{vs_id}.needs_companion", name=name,
                                      fix=fix_for(name, set(doc.valuesets) - {vs_id}))
+        for name in vs.benign_causes:
+            if name not in doc.valuesets:
+                raise BENIGN_CAUSE.fail(path, f"valuesets.{vs_id}.benign_causes", name=name,
+                                        fix=fix_for(name, set(doc.valuesets) - {vs_id}))
         terms = tuple(t.lower() for t in vs.text_terms)
-        if vs.needs_companion or terms:
-            knowledge.rules[vs_id] = ValueSetRule(frozenset(vs.needs_companion), terms)
+        benign = tuple(t.lower() for t in vs.benign_terms)
+        if vs.needs_companion or terms or vs.benign_causes or benign:
+            knowledge.rules[vs_id] = ValueSetRule(frozenset(vs.needs_companion), terms,
+                                                  frozenset(vs.benign_causes), benign)
     knowledge._excluded = excluded
     meds = doc.medication_terms
     knowledge.medication_terms = tuple(t.lower() for t in meds.terms) if meds else ()

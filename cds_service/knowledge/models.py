@@ -108,6 +108,12 @@ class ValueSet(FileModel):
                                           "for this set's codes to count")
     text_terms: list[Name] = Field(
         default_factory=list, description="... or words the resource's text must name")
+    benign_causes: list[Name] = Field(
+        default_factory=list, description="value sets of a benign cause: a finding of this set "
+                                          "does not count beside an active condition of one")
+    benign_terms: list[Name] = Field(
+        default_factory=list, description="... or when its own text names such a cause "
+                                          "(words)")
 
 
 class MedicationTerms(FileModel):

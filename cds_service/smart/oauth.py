@@ -19,6 +19,8 @@ from cds_service.smart.problems import Problem, ehr_down
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 ERROR_CODE = re.compile(r"[\x20-\x7e]{1,80}")  # an OAuth error code as it may be shown
+# The signed-in user, as the id_token's fhirUser claim names a practitioner (relative or absolute).
+FHIR_USER = re.compile(r"(?:https?://[^\s]{1,400}/)?(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}")
 WRITE_SCOPE = re.compile(r"(patient|user)/(QuestionnaireResponse|\*)\.([a-z*]+)(\?.*)?")
 
 
@@ -36,6 +38,8 @@ class Grant:
     patient: str
     scope: str
     app_context: str | None = None
+    # the practitioner signed in (the id_token's fhirUser claim), the author of saved answers
+    user: str | None = None
 
     def dumps(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -121,7 +125,29 @@ async def exchange(out: Outbound, token_endpoint: str, *, code: str, redirect_ur
         context = orjson.dumps(context).decode()
     scope = body.get("scope")
     return Grant(token, patient, scope if isinstance(scope, str) else requested_scope,
-                 context if isinstance(context, str) else None)
+                 context if isinstance(context, str) else None, practitioner_of(body))
+
+
+def practitioner_of(body: dict[str, Any]) -> str | None:
+    """The practitioner the id_token's ``fhirUser`` claim names (``Practitioner/123``), or None.
+
+    The token came straight from the token endpoint over TLS (OpenID Connect Core 3.1.3.7: its
+    signature need not be checked then); the claim only names the author of the answers saved,
+    it grants nothing. A patient or related person signed in: None (their answers are not a
+    clinician's)."""
+    id_token = body.get("id_token")
+    if not isinstance(id_token, str) or id_token.count(".") != 2 or len(id_token) > 16_000:
+        return None
+    payload = id_token.split(".")[1]
+    try:
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    user = claims.get("fhirUser") if isinstance(claims, dict) else None
+    if not isinstance(user, str):
+        return None
+    match = FHIR_USER.fullmatch(user)
+    return user[match.start(1):] if match else None
 
 
 def can_write_responses(scope: str) -> bool:

@@ -219,7 +219,8 @@ async def answer(request: Request) -> Response:
         asked = context.questions(engine.questions)
         answers, problems = parse_form(engine.questions, form, [q.link_id for q in asked])
         response = build_response(engine.questions, smart.settings.canonical_root, answers,
-                                  grant.patient, now, order_reference=context.order_reference)
+                                  grant.patient, now, order_reference=context.order_reference,
+                                  author=grant.user)
         before, after = rate(engine, chart, now), rate(engine, chart, now, response)
         view = QuestionsView(
             chart.patient_label, f"{after.procedure.name} ({context.order_reference})",
