@@ -20,8 +20,10 @@ class Scope(StrEnum):
 
     HISTORY = "history"  # active or resolved, any date (cancer history)
     ACTIVE = "active"  # active, any date (immunosuppression, osteoporosis, devices)
-    CURRENT = "current"  # active and of this episode or recent, or undated (red-flag symptoms)
-    RECENT = "recent"  # active and within the recent-trauma window
+    # active and dated in this episode (or in the recent window with no dated episode); active
+    # and undated or older: unknown, never yes (red-flag symptoms)
+    CURRENT = "current"
+    RECENT = "recent"  # as CURRENT, and within the recent-trauma window too
 
 
 # How a rule reads a fact (each rule is one function of cds_service.clinical.rules).
