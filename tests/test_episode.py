@@ -176,6 +176,13 @@ def test_a_symptom_before_the_episode_or_undated_is_unknown_in_it_yes(code: str,
     assert gone.fact(fact).value is Tri.NO
 
 
+def test_an_undated_entry_the_service_cannot_read_leaves_symptoms_unknown() -> None:
+    text_only = symptom("t", "R33.9", None)
+    text_only["code"] = {"text": "Urinary retention"}  # no code the service reads
+    facts, _ = rate(record(10, text_only))
+    assert facts.cauda_equina.value is Tri.UNKNOWN and facts.infection.value is Tri.UNKNOWN
+
+
 def test_with_no_dated_episode_symptoms_count_within_the_recent_window() -> None:
     facts, _ = rate(record(None, symptom("f", "R50.9", 30)))
     assert facts.infection.value is Tri.YES

@@ -229,8 +229,10 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     """One fact from its value sets (hits in scope, then the companion and text rules) and from
     the medication classes that count for it."""
     sources = {"conditions": ctx.scan.record.conditions}
-    opaque = any(ctx.in_scope(h, scope) for h in ctx.scan.opaque_conditions
-                 for _, scope in row.sets)
+    # an entry the service cannot read may be the finding: in scope, or undated or older (which
+    # would make the fact unknown if it could be read)
+    opaque = any(ctx.in_scope(h, scope) or ctx.undated(h, scope)
+                 for h in ctx.scan.opaque_conditions for _, scope in row.sets)
     medicated, unsure = _medication_evidence(row, ctx) if row.medications else ([], False)
     if row.medications:
         sources["medications"] = ctx.scan.record.medications
