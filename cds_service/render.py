@@ -45,14 +45,15 @@ PHRASES: dict[str, tuple[str, ...]] = {
     "care-none": (), "care-done": ("weeks",), "care-under-way": ("weeks", "needed"),
     "if-candidate": (), "suggest-if-candidate": (), "smart-link": ("questions",),
     "smart-link-scenario": ("questions",), "unreadable": ("entries",),
-    "conflict-duration": ("answered", "day", "span"), "conflict-care": ("answered", "day", "span")}
+    "conflict-duration": ("answered", "day", "span"), "conflict-care": ("answered", "day", "span"),
+    "date-before-episode": ("date",), "date-undated": ()}
 # The assumptions the clinical rules make (common.yaml "assumptions"), with their placeholders.
 ASSUMPTIONS: dict[str, tuple[str, ...]] = {
     "candidate-after-failed-care": ("weeks",), "duration-from-recorded-date": ()}
 PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer",
                  "checked": "cancer", "weeks": 3, "needed": 6, "questions": "2 questions",
                  "day": "2026-01-01", "entries": "Breast cancer, on treatment",
-                 "answered": "more than 12 weeks"}
+                 "answered": "more than 12 weeks", "date": "2026-01-01"}
 
 
 class TemplateProblem(StartupError, ValueError):

@@ -106,11 +106,13 @@ def test_care_without_a_dated_episode_counts_only_within_the_window() -> None:
     p["procedures"] = bundle(procedure("old-pt", "97110", day(NOW, 4000)))
     facts, _ = rate(p, "mri-wo")
     assert facts.care_weeks is None  # eleven years ago is not this episode's care
-    p["procedures"] = bundle(procedure("pt", "97110", day(NOW, 60)))
+    # therapy from 60 to 4 days ago: 8 documented weeks (issue 21: first to latest)
+    p["procedures"] = bundle(procedure("pt", "97110", day(NOW, 60)),
+                             procedure("pt2", "97110", day(NOW, 4)))
     facts, _ = rate(p, "mri-wo")
     assert facts.care_weeks is not None and 8 <= facts.care_weeks <= 9
     narrow, _ = rate(p, "mri-wo", params=ClinicalParams(care_window_days=30))
-    assert narrow.care_weeks is None
+    assert narrow.care_weeks is not None and narrow.care_weeks < 1  # the last visit only
 
 
 def test_weeks_of_care_never_exceed_the_episode() -> None:

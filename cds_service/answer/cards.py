@@ -16,6 +16,7 @@ from cds_service.answer.rating import Rated
 from cds_service.clinical.answers import denies, is_attested
 from cds_service.clinical.facts import Evidence, Facts, Tri
 from cds_service.clinical.registry import NAMES
+from cds_service.clinical.rules import NOT_IN_EPISODE
 from cds_service.clinical.scenario import Alternative, Decision
 from cds_service.codesystems import SystemUrls
 from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
@@ -61,11 +62,14 @@ def evidence_rows(facts: Facts, templates: CardTemplates,
         fact = facts.fact(name)
         for e in fact.evidence:
             label = templates.fact_label(fact.name)
+            # non-breaking hyphens: a date never wraps in a narrow table cell
+            day = (e.date or "").replace("-", "\u2011")
+            if e.role.endswith(NOT_IN_EPISODE):  # counted as unknown: say why
+                day = templates.phrase("date-before-episode", date=day) if day \
+                    else templates.phrase("date-undated")
             row = rows.setdefault((e.resource, e.code, e.date), {
                 "labels": [], "code": e.code, "display": e.display,
-                # non-breaking hyphens: a date never wraps in a narrow table cell
-                "date": (e.date or "").replace("-", "\u2011")
-                or ("this order" if e.resource == this_order else None),
+                "date": day or ("this order" if e.resource == this_order else None),
                 "resource": e.resource})
             if label not in row["labels"]:
                 row["labels"].append(label)
