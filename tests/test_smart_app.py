@@ -293,6 +293,23 @@ def test_fhir_write_refused_keeps_the_answers(browser: httpx.Client,
     assert not ehr.responses
 
 
+def test_without_a_practitioner_signed_in_answers_are_saved_without_an_author(
+        browser: httpx.Client, ehr: SmartTestServer) -> None:
+    """Issue 21: only a practitioner's answers are a clinician's; when the EHR names no one
+    (no fhirUser), the app says so, and the answers saved carry no author and rate nothing."""
+    ehr.user = None
+    sign_in(browser, ehr)
+    page = browser.get("/app/questions")
+    assert_page(page, 200, "Your answers will not count as a clinician's")
+    updated = answer(browser, page, "update", conservative_care="yes",
+                     conservative_care_weeks="8")
+    assert_page(updated, 200, "not rated yet")  # the answers change no rating
+    saved = answer(browser, page, "save", conservative_care="yes", conservative_care_weeks="8")
+    assert_page(saved, 200, "Saved, without an author", "do not change the rating")
+    (response,) = ehr.responses
+    assert "author" not in response
+
+
 def test_without_the_write_scope_the_rating_is_still_shown(browser: httpx.Client,
                                                            ehr: SmartTestServer) -> None:
     ehr.scope = "launch patient/*.rs"

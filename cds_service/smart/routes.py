@@ -25,6 +25,7 @@ from cds_service.questionnaire import build_response, parse_form
 from cds_service.record.fetch import normalize_base, server_allowed
 from cds_service.smart.context import parse_app_context
 from cds_service.smart.oauth import (
+    Grant,
     authorize_url,
     can_write_responses,
     discover,
@@ -182,7 +183,19 @@ async def questions(request: Request) -> Response:
     return page(questions_page(QuestionsView(
         chart.patient_label, f"{result.procedure.name} ({context.order_reference})",
         rating_view(engine, result), asked, dict(shown), shown,
-        smart.keys.csrf(session.id))))
+        smart.keys.csrf(session.id), notice=_no_practitioner(session.grant))))
+
+
+def _no_practitioner(grant: Grant) -> Notice | None:
+    """Said when the EHR did not name the practitioner signed in: answers saved then carry no
+    author, and are read as not a clinician's (they change no rating)."""
+    if grant.user:
+        return None
+    return Notice("info", "Your answers will not count as a clinician's",
+                  "The EHR did not say which practitioner is signed in (no fhirUser), so answers "
+                  "saved here have no author and are read as patient-reported: they change no "
+                  "rating. Record them in the chart, or ask the EHR's administrators to send "
+                  "fhirUser.")
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -226,7 +239,8 @@ async def answer(request: Request) -> Response:
             chart.patient_label, f"{after.procedure.name} ({context.order_reference})",
             rating_view(engine, after), asked, {q.link_id: form.get(q.link_id, "").strip()
                                                 for q in asked},
-            prefill(asked, before.facts), smart.keys.csrf(session.id), problems)
+            prefill(asked, before.facts), smart.keys.csrf(session.id), problems,
+            _no_practitioner(grant))
         if form.get("action") != "save" or problems:
             return page(questions_page(view), 400 if problems else 200)
         return await _save(smart, out, session, response, view)
@@ -259,6 +273,12 @@ async def _save(smart: SmartApp, out: Outbound, session: Session, response: dict
                              "are still on the form below: save again, or record them in the "
                              "chart.")
         return page(questions_page(view), 502)
+    if not grant.user:
+        view.notice = Notice("saved", "Saved, without an author", "The answers are in the "
+                             "patient's record as a questionnaire response, but the EHR did not "
+                             "say which practitioner is signed in: they are read as "
+                             "patient-reported and do not change the rating.")
+        return page(saved_page(view))
     view.notice = Notice("saved", "Saved. Close this window; the order will be rated with your "
                          "answers.", "The answers are in the patient's record as a "
                          "questionnaire response; the rating below is the one they give.")
