@@ -22,6 +22,9 @@ class Scope(StrEnum):
     ACTIVE = "active"  # active, any date (immunosuppression, osteoporosis, devices)
     CURRENT = "current"  # active and of this episode or recent, or undated (red-flag symptoms)
     RECENT = "recent"  # active and within the recent-trauma window
+    # active (any date), or resolved within the relapse window (a spinal infection treated in
+    # the last 12 months)
+    RELAPSE = "relapse"
 
 
 # How a rule reads a fact (each rule is one function of cds_service.clinical.rules).
@@ -67,7 +70,7 @@ FACTS: tuple[FactSpec, ...] = (
     FactSpec("cancer", CODED, red_flag=True, group="v7", decides=True, answer=FINDING,
              sets=(("cancer", Scope.HISTORY), ("weight_loss", Scope.CURRENT))),
     FactSpec("infection", CODED, red_flag=True, group="v7", decides=True, answer=FINDING,
-             sets=(("spinal_infection", Scope.CURRENT), ("systemic_infection", Scope.CURRENT),
+             sets=(("spinal_infection", Scope.RELAPSE), ("systemic_infection", Scope.CURRENT),
                    ("drug_use", Scope.ACTIVE))),
     FactSpec("immunosuppression", CODED, red_flag=True, group="v7", decides=True,
              answer=FINDING, sets=(("immunosuppression", Scope.ACTIVE),),
@@ -118,10 +121,12 @@ SPINAL_SETS = frozenset({"cauda_equina", "ces_bladder_bowel", "ces_sensory", "ne
 THERAPY_SETS = frozenset({"physical_therapy", "chiropractic"})  # conservative care
 INTERVENTION_SETS = frozenset({"spine_injection", "lumbar_surgery_procedure", "spine_referral"})
 SURGERY_SETS = frozenset({"prior_lumbar_surgery", "fusion_any_site", "lumbar_surgery_procedure"})
+# Add-on codes that name no region, and the other regions' primary codes (prior surgery's site).
+ADDON_SETS = frozenset({"spine_addon_procedure", "spine_surgery_other_region"})
 # Every value set the rules read by name: a knowledge copy must define each (a renamed set would
 # otherwise match nothing, and a red flag would silently never count).
 VALUESETS_READ = (ROW_VALUESETS | LBP_SETS | SPINAL_SETS | THERAPY_SETS | INTERVENTION_SETS
-                  | SURGERY_SETS)
+                  | SURGERY_SETS | ADDON_SETS)
 # An order whose coded reasons fall in none of these names another indication.
 REASON_SETS = LBP_SETS | SPINAL_SETS | frozenset(
     vs for spec in FACTS if spec.red_flag for vs, _ in spec.sets) | {"fusion_any_site"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from cds_service.clinical.dates import age_years
+from cds_service.clinical.dates import age_years, parse_span
 from cds_service.clinical.model import MIN_TIME, ClinicalParams, Evidence, Fact, Tri
 from cds_service.clinical.registry import (
     BACK_PAIN_MEDICATION,
@@ -52,6 +52,8 @@ WEEK = 7 * 86400
 OPAQUE_NOTE = "entries the service cannot read"  # a Fact.missing note
 # A fusion code that names no site: prior lumbar surgery stays unknown beside it.
 FUSION = FactSpec("fusion", CODED, sets=(("fusion_any_site", Scope.HISTORY),))
+ADDON = "spine_addon_procedure"  # add-on surgery codes that name no region
+OTHER_REGION = "spine_surgery_other_region"  # cervical and thoracic primary surgery codes
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,10 @@ class RuleContext:
     def in_scope(self, hit: Hit, scope: Scope) -> bool:
         if scope is Scope.HISTORY:
             return True
+        if scope is Scope.RELAPSE and not hit.active:
+            ended = abated(hit) or hit.latest
+            since = self.now - timedelta(days=self.params.infection_relapse_days)
+            return ended is not None and ended >= since
         if not hit.active:
             return False
         latest = hit.latest
@@ -125,6 +131,16 @@ class RuleContext:
     def unreadable(self, sets: frozenset[str]) -> bool:
         """A procedure or order of these value sets failed validation."""
         return any(h.sets & sets and not h.readable for h in self.orders)
+
+
+def abated(hit: Hit) -> datetime | None:
+    """When a resolved condition ended, as late as its abatement date allows (None: undated)."""
+    raw = hit.raw
+    span = parse_span(raw.get("abatementDateTime"))
+    period = raw.get("abatementPeriod")
+    if span is None and isinstance(period, Mapping):
+        span = parse_span(period.get("end")) or parse_span(period.get("start"))
+    return span[1] if span else None
 
 
 def rule_context(scan: RecordScan, order: Mapping[str, Any], drafts: DraftScan,
@@ -198,19 +214,26 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
         per_set[vs], bad = _set_hits(ctx, vs, scope)
         unreadable = unreadable or bad
     evidence: list[Evidence] = []
+    alone: list[str] = []  # sets whose codes, without their companion, leave the fact open
     for vs, hits in per_set.items():
         rule = ctx.knowledge.rules.get(vs)
         if rule is not None:
             companion = any(per_set.get(c) for c in rule.needs_companion)
-            hits = [(h, on_order) for h, on_order in hits if companion or any(
+            kept = [(h, on_order) for h, on_order in hits if companion or any(
                 term in h.text.lower() for term in rule.text_terms)]
+            if rule.alone_unknown and len(kept) < len(hits):
+                alone.append(vs)
+            hits = kept
         for h, on_order in hits:
             display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
             ev = (ctx.reason_evidence(h, display) if on_order
                   else h.evidence("condition" if h.active else "condition (history)", display))
             if ev not in evidence:
                 evidence.append(ev)
-    return settle(row.name, evidence + medicated, sources, unreadable, opaque)
+    fact = settle(row.name, evidence + medicated, sources, unreadable, opaque)
+    if alone and fact.value is Tri.NO:  # drug use without fever: ask, never rule it out
+        return Fact(row.name, Tri.UNKNOWN, [], [f"{vs} alone" for vs in alone])
+    return fact
 
 
 def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
@@ -384,23 +407,62 @@ def candidate_fact(ctx: RuleContext) -> Fact:
 
 
 def prior_surgery_fact(ctx: RuleContext) -> Fact:
-    """Lumbar-specific codes (even resolved) or a completed lumbar surgery; a fusion code that
-    names no site leaves it unknown."""
+    """Lumbar-specific codes (even resolved) or a completed lumbar surgery. A code that names no
+    site (Z98.1 arthrodesis status, an add-on procedure code) counts when its text names the
+    lumbar spine, or (an add-on) beside a lumbar primary code on the same date; not when it names
+    another site or sits beside another region's primary code; otherwise it leaves the fact
+    unknown."""
     rec, now = ctx.scan.record, ctx.now
     fact = coded_fact(spec("prior_surgery"), ctx)
-    ev = list(fact.evidence) + [
-        h.evidence("completed surgery") for h in ctx.scan.procedures
-        if h.usable and "lumbar_surgery_procedure" in h.sets and h.readable
-        and (h.start is None or h.start <= now)]
+    done = [h for h in ctx.scan.procedures if h.usable and h.readable
+            and (h.start is None or h.start <= now)]
+    ev = list(fact.evidence) + [h.evidence("completed surgery") for h in done
+                                if "lumbar_surgery_procedure" in h.sets]
+    unsure: list[Evidence] = []  # codes whose site the record does not tell
+    for h in done:
+        if ADDON in h.sets and "lumbar_surgery_procedure" not in h.sets:
+            site = _addon_site(ctx, h, done)
+            if site == "lumbar":
+                ev.append(h.evidence("completed surgery"))
+            elif site is None:
+                unsure.append(h.evidence("completed surgery (no region named)"))
+    fusions, _ = _set_hits(ctx, FUSION.sets[0][0], Scope.HISTORY)
+    for h, on_order in fusions:
+        site = ctx.knowledge.site_terms.site_of(_site_text(h))
+        if site == "other":
+            continue
+        display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
+        e = (ctx.reason_evidence(h, display) if on_order
+             else h.evidence("condition" if h.active else "condition (history)", display))
+        (ev if site == "lumbar" else unsure).append(e)
     bad = ("unreadable resource" in fact.missing
-           or ctx.unreadable(frozenset({"lumbar_surgery_procedure"})))
+           or ctx.unreadable(frozenset({"lumbar_surgery_procedure", ADDON})))
     result = settle("prior_surgery", ev, {"conditions": rec.conditions,
                                           "procedures": rec.procedures}, bad)
-    if result.value is Tri.NO:
-        unsure = coded_fact(FUSION, ctx)
-        if unsure.value is Tri.YES:
-            return Fact("prior_surgery", Tri.UNKNOWN, unsure.evidence, ["site of the fusion"])
+    if result.value is Tri.NO and unsure:
+        return Fact("prior_surgery", Tri.UNKNOWN, unsure, ["site of the surgery"])
     return result
+
+
+def _site_text(hit: Hit) -> str:
+    """The words that may name a site: the code's text and displays, and the body site."""
+    return f"{hit.text} {text_of(*as_list(hit.raw.get('bodySite')))}"
+
+
+def _addon_site(ctx: RuleContext, hit: Hit, done: list[Hit]) -> str | None:
+    """The site of an add-on procedure code: named by its text, else that of a primary code
+    (lumbar or another region) in the same resource or on the same date; None: not told."""
+    site = ctx.knowledge.site_terms.site_of(_site_text(hit))
+    if site is not None:
+        return site
+    day = hit.start.date() if hit.start and hit.start != MIN_TIME else None
+    same = [hit] + [h for h in done if day is not None and h.start is not None
+                    and h.start != MIN_TIME and h.start.date() == day]
+    if any("lumbar_surgery_procedure" in h.sets for h in same):
+        return "lumbar"
+    if any(OTHER_REGION in h.sets for h in same):
+        return "other"
+    return None
 
 
 def elderly_fact(ctx: RuleContext) -> tuple[Fact, tuple[int, int] | None]:

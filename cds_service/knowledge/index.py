@@ -43,6 +43,27 @@ class ValueSetRule:
 
     needs_companion: frozenset[str] = frozenset()
     text_terms: tuple[str, ...] = ()
+    alone_unknown: bool = False  # without companion or words: the fact is unknown, not no
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class SiteTerms:
+    """Words that place a code naming no site in the lumbar spine or elsewhere."""
+
+    lumbar: frozenset[str] = frozenset()
+    other: frozenset[str] = frozenset()
+
+    def site_of(self, text: str) -> str | None:
+        """"lumbar" or "other" when the text names only one of them; None when it names
+        neither, or both (a descriptor listing "cervical, thoracic, or lumbar")."""
+        words = set(_WORD.findall(text.lower()))
+        lumbar, other = bool(words & self.lumbar), bool(words & self.other)
+        if lumbar == other:
+            return None
+        return "lumbar" if lumbar else "other"
 
 
 @dataclass(frozen=True)
@@ -122,6 +143,7 @@ class Knowledge:
     # classes of drugs read as facts (systemic_corticosteroids, immunosuppressive_drugs), by id
     medication_classes: dict[str, MedicationClass] = field(default_factory=dict)
     combinations: tuple[Combination, ...] = ()
+    site_terms: SiteTerms = field(default_factory=SiteTerms)
     directory: Path | None = None  # where the files were read (named in messages)
     _displays: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     # Results of pure functions of the knowledge (the clinical core's outcomes per scenario):

@@ -38,6 +38,7 @@ from cds_service.knowledge.index import (
     MedicationClass,
     MedicationMatcher,
     Procedure,
+    SiteTerms,
     ValueSetRule,
 )
 from cds_service.knowledge.models import MedicationClass as MedicationClassModel
@@ -141,8 +142,12 @@ def _index_valuesets(knowledge: Knowledge, doc: ValueSetsFile, path: Path,
                                      fix=fix_for(name, set(doc.valuesets) - {vs_id}))
         terms = tuple(t.lower() for t in vs.text_terms)
         if vs.needs_companion or terms:
-            knowledge.rules[vs_id] = ValueSetRule(frozenset(vs.needs_companion), terms)
+            knowledge.rules[vs_id] = ValueSetRule(frozenset(vs.needs_companion), terms,
+                                                  vs.alone == "unknown")
     knowledge._excluded = excluded
+    if doc.site_terms is not None:
+        knowledge.site_terms = SiteTerms(frozenset(t.lower() for t in doc.site_terms.lumbar),
+                                         frozenset(t.lower() for t in doc.site_terms.other))
     meds = doc.medication_terms
     knowledge.medication_terms = tuple(t.lower() for t in meds.terms) if meds else ()
     knowledge.medication_classes = {

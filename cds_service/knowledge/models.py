@@ -108,6 +108,9 @@ class ValueSet(FileModel):
                                           "for this set's codes to count")
     text_terms: list[Name] = Field(
         default_factory=list, description="... or words the resource's text must name")
+    alone: Literal["ignored", "unknown"] = Field(
+        "ignored", description="what a code of the set means without its companion or words: "
+                               "`ignored` (nothing), or `unknown` (the fact is left open: ask)")
 
 
 class MedicationTerms(FileModel):
@@ -130,6 +133,16 @@ class MedicationClass(FileModel):
                                           "...")
 
 
+class SiteTerms(FileModel):
+    """Words that tell which site a code naming no site (Z98.1, an add-on procedure) is about."""
+
+    source: Name = Field(description="where the words come from")
+    lumbar: list[Name] = Field(min_length=1, description="words (whole, lower case) that name "
+                                                         "the lumbar spine: `lumbar`, `l4` ...")
+    other: list[Name] = Field(min_length=1, description="words that name another site: "
+                                                        "`cervical`, `ankle` ...")
+
+
 class ValueSetsFile(FileModel):
     """``valuesets.yaml``: which codes count as evidence for each clinical fact."""
 
@@ -144,6 +157,9 @@ class ValueSetsFile(FileModel):
         default_factory=dict, description="classes of drugs read as facts from the medication "
                                           "list, by id (`systemic_corticosteroids`, "
                                           "`immunosuppressive_drugs`)")
+    site_terms: SiteTerms | None = Field(
+        None, description="words that place a code naming no site (arthrodesis status, an "
+                          "add-on procedure) in the lumbar spine or elsewhere")
 
 
 # ------------------------------------------------------------------ procedures.yaml
