@@ -73,7 +73,7 @@ def test_drug_use_counts_towards_infection_only_beside_fever() -> None:
     oud = symptom("o", "F11.20", "Opioid use disorder", 900)
     facts, _ = rate(with_conditions(oud), "mri-wo")
     assert facts.infection.value is Tri.UNKNOWN  # alone: neither yes nor no (issue 21: ask)
-    assert facts.infection.missing == ["drug_use alone"]
+    assert [e.code for e in facts.infection.evidence] == ["F11.20"]  # shown, not counted
     remission = symptom("o", "F11.21", "Opioid dependence, in remission", 900)
     facts, _ = rate(with_conditions(remission), "mri-wo")
     assert facts.infection.value is Tri.NO  # in remission: not current drug use

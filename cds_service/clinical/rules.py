@@ -214,15 +214,17 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
         per_set[vs], bad = _set_hits(ctx, vs, scope)
         unreadable = unreadable or bad
     evidence: list[Evidence] = []
-    alone: list[str] = []  # sets whose codes, without their companion, leave the fact open
+    alone: list[Evidence] = []  # codes that, without their companion, leave the fact open
     for vs, hits in per_set.items():
         rule = ctx.knowledge.rules.get(vs)
         if rule is not None:
             companion = any(per_set.get(c) for c in rule.needs_companion)
             kept = [(h, on_order) for h, on_order in hits if companion or any(
                 term in h.text.lower() for term in rule.text_terms)]
-            if rule.alone_unknown and len(kept) < len(hits):
-                alone.append(vs)
+            if rule.alone_unknown:
+                counted = {id(h) for h, _ in kept}
+                alone += [h.evidence("not enough alone") for h, _ in hits
+                          if id(h) not in counted]
             hits = kept
         for h, on_order in hits:
             display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
@@ -232,7 +234,7 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
                 evidence.append(ev)
     fact = settle(row.name, evidence + medicated, sources, unreadable, opaque)
     if alone and fact.value is Tri.NO:  # drug use without fever: ask, never rule it out
-        return Fact(row.name, Tri.UNKNOWN, [], [f"{vs} alone" for vs in alone])
+        return Fact(row.name, Tri.UNKNOWN, alone, ["a finding to go with it"])
     return fact
 
 
