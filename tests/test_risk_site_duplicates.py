@@ -90,6 +90,30 @@ def test_drug_use_in_remission_does_not_count(code: str) -> None:
     assert r.facts.infection.value is Tri.NO and deletes(r) == 1
 
 
+SCT = "http://snomed.info/sct"
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("Dependent drug abuse; injects heroin", Tri.UNKNOWN),
+    ("Injection drug use", Tri.UNKNOWN),
+    ("Heroin dependence, in remission", Tri.NO),
+    ("History of IV drug use", Tri.NO),
+    ("Dependent drug abuse", Tri.NO),  # a code in no value set, and no injection named
+])
+def test_injection_drug_use_is_read_from_the_text_of_a_code_no_set_lists(text: str,
+                                                                         value: Tri) -> None:
+    c = condition("du", "6525002", day(NOW, 900))
+    c["code"] = {"coding": [{"system": SCT, "code": "6525002"}], "text": text}
+    r = rate_one(with_entries(acute_prefetch(), "conditions", c))
+    assert r.facts.infection.value is value
+    if value is Tri.UNKNOWN:
+        assert [e.code for e in r.facts.infection.evidence] == ["6525002"]
+        assert deletes(r) == 0
+    fever = condition("f", "R50.9", day(NOW, 2))
+    r = rate_one(with_entries(acute_prefetch(), "conditions", c, fever))
+    assert r.facts.infection.value is Tri.YES
+
+
 def resolved(cid: str, code: str, onset: int, abated: int | None) -> dict[str, Any]:
     c = condition(cid, code, day(NOW, onset), status="resolved")
     if abated is not None:

@@ -223,8 +223,9 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
                 term in h.text.lower() for term in rule.text_terms)]
             if rule.alone_unknown:
                 counted = {id(h) for h, _ in kept}
-                alone += [h.evidence("not enough alone") for h, _ in hits
-                          if id(h) not in counted]
+                alone += [h.evidence("not enough alone", ctx.knowledge.display_of(
+                    h.coding.get("system"), h.coding.get("code"))) for h, _ in hits
+                    if id(h) not in counted]
             hits = kept
         for h, on_order in hits:
             display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))

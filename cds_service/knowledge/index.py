@@ -144,6 +144,8 @@ class Knowledge:
     medication_classes: dict[str, MedicationClass] = field(default_factory=dict)
     combinations: tuple[Combination, ...] = ()
     site_terms: SiteTerms = field(default_factory=SiteTerms)
+    # (value set, phrases that find it in a Condition's text, phrases that exclude it)
+    text_finds: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()
     directory: Path | None = None  # where the files were read (named in messages)
     _displays: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     # Results of pure functions of the knowledge (the clinical core's outcomes per scenario):
@@ -277,6 +279,14 @@ class Knowledge:
                 if hit:
                     found = found | hit
         return found
+
+    def sets_by_text(self, text: str) -> frozenset[str]:
+        """The value sets whose phrases a Condition's text names (for a code in no value set:
+        injection drug use recorded under a code no set lists)."""
+        lowered = text.lower()
+        return frozenset(vs for vs, finds, excludes in self.text_finds
+                         if any(f in lowered for f in finds)
+                         and not any(x in lowered for x in excludes))
 
     def screen(self, concept: Any) -> tuple[frozenset[str], Procedure | None]:
         """Value sets and catalog procedure of a CodeableConcept's codings, in one pass.

@@ -140,6 +140,9 @@ def _index_valuesets(knowledge: Knowledge, doc: ValueSetsFile, path: Path,
             if name not in doc.valuesets:
                 raise COMPANION.fail(path, f"valuesets.{vs_id}.needs_companion", name=name,
                                      fix=fix_for(name, set(doc.valuesets) - {vs_id}))
+        if vs.text_finds:
+            knowledge.text_finds += ((vs_id, tuple(t.lower() for t in vs.text_finds),
+                                      tuple(t.lower() for t in vs.text_excludes)),)
         terms = tuple(t.lower() for t in vs.text_terms)
         if vs.needs_companion or terms:
             knowledge.rules[vs_id] = ValueSetRule(frozenset(vs.needs_companion), terms,

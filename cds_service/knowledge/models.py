@@ -108,6 +108,12 @@ class ValueSet(FileModel):
                                           "for this set's codes to count")
     text_terms: list[Name] = Field(
         default_factory=list, description="... or words the resource's text must name")
+    text_finds: list[Name] = Field(
+        default_factory=list, description="phrases (lower case) that put a Condition whose code "
+                                          "is in no value set into this one by its text")
+    text_excludes: list[Name] = Field(
+        default_factory=list, description="... unless its text also names one of these "
+                                          "(`remission`, `history of`)")
     alone: Literal["ignored", "unknown"] = Field(
         "ignored", description="what a code of the set means without its companion or words: "
                                "`ignored` (nothing), or `unknown` (the fact is left open: ask)")
