@@ -241,8 +241,9 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
 
 def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
     """Active orders of the row's medication classes, used for as many days as the class takes
-    (counted from the first order of the class in the last year); and whether an active order
-    could be one of them but cannot be read, or its use cannot be dated."""
+    (counted from the first order of the class in the last year, or from an older order still
+    active); and whether an active order could be one of them but cannot be read, or its use
+    cannot be dated."""
     evidence: list[Evidence] = []
     unsure = any(OPAQUE in h.sets and h.active for h in ctx.scan.medications)
     year_ago = ctx.now - timedelta(days=365)
@@ -251,7 +252,9 @@ def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence
         active = [h for h in hits if h.active]
         if not active:
             continue
-        starts = [h.start for h in hits if h.start and year_ago <= h.start <= ctx.now]
+        # an order still active counts from its date, however old (taken since then)
+        starts = [h.start for h in hits if h.start and h.start <= ctx.now
+                  and (h.active or year_ago <= h.start)]
         if days and not starts:
             unsure = True  # ordered now, since when is not recorded
         elif not days or ctx.now - min(starts) >= timedelta(days=days):
