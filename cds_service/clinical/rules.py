@@ -19,7 +19,6 @@ from cds_service.clinical.dates import age_years, parse_span
 from cds_service.clinical.model import MIN_TIME, ClinicalParams, Evidence, Fact, Tri
 from cds_service.clinical.registry import (
     BACK_PAIN_MEDICATION,
-    CODED,
     INTERVENTION_SETS,
     LBP_SETS,
     OPAQUE,
@@ -50,8 +49,8 @@ LUMBAR_MRI = frozenset({"mri-wo", "mri-w", "mri-wwo"})
 CARE_SETS = THERAPY_SETS | {BACK_PAIN_MEDICATION}
 WEEK = 7 * 86400
 OPAQUE_NOTE = "entries the service cannot read"  # a Fact.missing note
-# A fusion code that names no site: prior lumbar surgery stays unknown beside it.
-FUSION = FactSpec("fusion", CODED, sets=(("fusion_any_site", Scope.HISTORY),))
+# Fusion codes that name no site: prior lumbar surgery by their text (site_terms), else unknown.
+FUSION = "fusion_any_site"
 ADDON = "spine_addon_procedure"  # add-on surgery codes that name no region
 OTHER_REGION = "spine_surgery_other_region"  # cervical and thoracic primary surgery codes
 
@@ -432,7 +431,7 @@ def prior_surgery_fact(ctx: RuleContext) -> Fact:
                 ev.append(h.evidence("completed surgery"))
             elif site is None:
                 unsure.append(h.evidence("completed surgery (no region named)"))
-    fusions, _ = _set_hits(ctx, FUSION.sets[0][0], Scope.HISTORY)
+    fusions, _ = _set_hits(ctx, FUSION, Scope.HISTORY)
     for h, on_order in fusions:
         site = ctx.knowledge.site_terms.site_of(_site_text(h))
         if site == "other":
