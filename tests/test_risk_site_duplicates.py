@@ -114,6 +114,12 @@ def test_injection_drug_use_is_read_from_the_text_of_a_code_no_set_lists(text: s
     assert r.facts.infection.value is Tri.YES
 
 
+def test_drug_use_with_the_clinical_status_remission_does_not_count() -> None:
+    r = rate_one(with_entries(acute_prefetch(), "conditions",
+                              condition("oud", "F11.20", day(NOW, 900), status="remission")))
+    assert r.facts.infection.value is Tri.NO
+
+
 def resolved(cid: str, code: str, onset: int, abated: int | None) -> dict[str, Any]:
     c = condition(cid, code, day(NOW, onset), status="resolved")
     if abated is not None:
