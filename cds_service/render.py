@@ -30,7 +30,7 @@ from cds_service.knowledge.vocabulary import CATEGORIES
 from cds_service.knowledge.yaml import read_model
 
 KINDS = ("not-appropriate", "better-alternative", "cauda-equina", "mri-safety", "recent-mri",
-         "missing-data", "urgent-order")
+         "missing-data", "urgent-order", "duplicate")
 INDICATORS = {"info", "warning", "critical"}
 TEXT_FIELDS = ("summary", "detail", "suggestion_label", "action_description", "cancel_label",
                "cancel_description")
@@ -375,6 +375,9 @@ def sample_context() -> dict[str, Any]:
         "unavailable": "procedures",
         "recent": {"date": "2026-01-01", "resource": "Procedure/sample"},
         "already": "MRI lumbar spine without IV contrast",
+        "duplicate": {"resource": "ServiceRequest/sample", "name": "MRI lumbar spine without "
+                      "IV contrast", "short": "MRI without contrast", "date": "2026-01-01",
+                      "drafted": False},
     }
 
 

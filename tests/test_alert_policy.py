@@ -2,9 +2,9 @@
 of the design (shared/design/product.md, "Cards (alert policy)"), on facts set by hand and the
 decision the clinical core makes of them.
 
-Rows the policy does not build yet, because the facts they need are not read yet (the same study
-already ordered, contrast risks, a new foot drop with an X-ray ordered), come with the clinical
-precision issue; they are not faked here.
+Rows the policy does not build yet, because the facts they need are not read yet (contrast risks,
+a new foot drop with an X-ray ordered), come with the clinical precision issue; they are not faked
+here. The duplicate row (issue 21) is tested on a Rated carrying the duplicate by hand.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cds_service.answer.policy import CardChoice, choose_card, may_cancel
-from cds_service.answer.rating import Rated
+from cds_service.answer.rating import Duplicate, Rated
 from cds_service.clinical.model import Evidence, Fact, Facts, Tri
 from cds_service.clinical.registry import NAMES
 from cds_service.clinical.scenario import decide
@@ -70,7 +70,7 @@ def test_every_kind_has_an_indicator_as_the_table_says() -> None:
     assert {k: v.indicator for k, v in kinds.items()} == {
         "not-appropriate": "warning", "better-alternative": "info", "cauda-equina": "critical",
         "mri-safety": "warning", "recent-mri": "info", "missing-data": "info",
-        "urgent-order": "info"}
+        "urgent-order": "info", "duplicate": "info"}
 
 
 def test_order_una_gets_a_warning_with_the_closest_ua_alternative() -> None:
@@ -184,3 +184,44 @@ def test_a_recent_mri_is_said_on_an_appropriate_mri() -> None:
 def test_no_card_steers_away_when_no_criteria_apply(values: dict[str, Any]) -> None:
     c = choice("xr-lumbar", facts(**values))
     assert c is None
+
+
+# ------------------------------------------------------------------ duplicates (issue 21)
+
+
+def with_duplicate(procedure: str, f: Facts, drafted: bool = False) -> Rated:
+    r = rated(procedure, f)
+    dup = Duplicate("ServiceRequest/earlier", KNOWLEDGE.procedures[procedure],
+                    None if drafted else "2026-12-01", drafted)
+    return Rated(r.order, r.procedure, r.facts, r.decision, r.missing, r.drafted, r.now, dup)
+
+
+def test_the_same_study_already_ordered_gets_info_with_a_cancel_not_recommended() -> None:
+    c = choose_card(with_duplicate("mri-wo", facts(**V3)), KNOWLEDGE)  # UA: no card otherwise
+    assert c == CardChoice("duplicate", [], True)
+
+
+def test_a_duplicate_replaces_an_info_card() -> None:
+    c = choose_card(with_duplicate("xr-lumbar", facts(**V3)), KNOWLEDGE)  # MBA: better study
+    assert c is not None and c.kind == "duplicate" and c.options == []
+
+
+@pytest.mark.parametrize("values", [
+    {"cancer": Tri.YES}, {"infection": Tri.UNKNOWN}, {"urgent": True}],
+    ids=["red-flag", "red-flag-unknown", "urgent"])
+def test_a_duplicate_never_comes_with_a_cancel_where_a_red_flag_is_possible_or_urgent(
+        values: dict[str, Any]) -> None:
+    c = choose_card(with_duplicate("mri-wwo", facts(**V3, **values)), KNOWLEDGE)
+    assert c is not None and c.kind == "duplicate" and not c.cancel
+
+
+def test_a_warning_or_critical_card_stays_when_the_order_is_a_duplicate() -> None:
+    c = choose_card(with_duplicate("mri-w", facts(**V3)), KNOWLEDGE)  # UNA in V3
+    assert c is not None and c.kind == "not-appropriate" and suggested(c) == ["mri-wo"]
+    c = choose_card(with_duplicate("xr-lumbar", facts(cauda_equina=Tri.YES)), KNOWLEDGE)
+    assert c is not None and c.kind == "cauda-equina"
+
+
+def test_no_duplicate_card_where_no_criteria_apply() -> None:
+    r = with_duplicate("mri-wo", facts(indication=Tri.NO, other_indication=True))
+    assert choose_card(r, KNOWLEDGE) is None

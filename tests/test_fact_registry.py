@@ -118,6 +118,15 @@ def test_a_coded_row_reads_as_declared(row: FactSpec) -> None:
     if scope is Scope.HISTORY:  # resolved still counts (a history of cancer)
         old, _ = rate(_with(condition("x", code, day(NOW, 2000), "resolved")), "mri-wo")
         assert old.fact(row.name).value is Tri.YES
+    elif scope is Scope.RELAPSE:  # treated in the relapse window counts; long before, not
+        recent, _ = rate(_with(condition("x", code, day(NOW, 100), "resolved")), "mri-wo")
+        assert recent.fact(row.name).value is Tri.YES
+        ended = condition("x", code, day(NOW, 900), "resolved")
+        ended["abatementDateTime"] = day(NOW, 800)
+        resolved, _ = rate(_with(ended), "mri-wo")
+        assert resolved.fact(row.name).value is Tri.NO
+        active, _ = rate(_with(condition("x", code, day(NOW, 2000))), "mri-wo")
+        assert active.fact(row.name).value is Tri.YES  # not resolved: still an infection
     else:  # resolved, or out of the row's time scope, does not
         resolved, _ = rate(_with(condition("x", code, day(NOW, 3), "resolved")), "mri-wo")
         assert resolved.fact(row.name).value is Tri.NO

@@ -75,7 +75,11 @@ def test_symptom_within_a_long_episode_still_counts() -> None:
 def test_drug_use_counts_towards_infection_only_beside_fever() -> None:
     oud = symptom("o", "F11.20", "Opioid use disorder", 900)
     facts, _ = rate(with_conditions(oud), "mri-wo")
-    assert facts.infection.value is Tri.NO
+    assert facts.infection.value is Tri.UNKNOWN  # alone: neither yes nor no (issue 21: ask)
+    assert [e.code for e in facts.infection.evidence] == ["F11.20"]  # shown, not counted
+    remission = symptom("o", "F11.21", "Opioid dependence, in remission", 900)
+    facts, _ = rate(with_conditions(remission), "mri-wo")
+    assert facts.infection.value is Tri.NO  # in remission: not current drug use
     facts, d = rate(with_conditions(oud, symptom("f", "R50.9", "Fever", 2)), "mri-wwo")
     assert {e.code for e in facts.infection.evidence} == {"R50.9", "F11.20"}
     assert d.category == "UA" and d.variants == frozenset({"V7"})

@@ -48,6 +48,9 @@ ICD_TO_SNOMED = {
     "E78.5": ("55822004", "Hyperlipidemia"),
     "I10": ("38341003", "Hypertensive disorder"),
     "J45.909": ("195967001", "Asthma"),
+    "M46.26": ("203241002", "Osteomyelitis of vertebra"),  # the free set names no region
+    "F11.21": ("191821007", "Opioid dependence in remission"),
+    "Z94.0": ("161665007", "History of renal transplant"),
 }
 SCENARIO_FIXTURES = sorted(p.stem for p in (FIXTURES / "requests").glob("v[1-7]-*.json"))
 ENGINE = Engine(load_knowledge(), load_templates(ROOT / "cards"), dev_settings())

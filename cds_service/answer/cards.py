@@ -190,7 +190,17 @@ class CardBuilder:
             "care": self._care_text(facts),
             "recent": {"date": mri.date, "resource": mri.resource} if mri else None,
             "already": already,
+            "duplicate": self._duplicate(rated),
         }
+
+    @staticmethod
+    def _duplicate(rated: Rated) -> dict[str, Any] | None:
+        """The order this one likely duplicates, for the templates."""
+        dup = rated.duplicate
+        if dup is None:
+            return None
+        return {"resource": dup.resource, "name": dup.procedure.name,
+                "short": dup.procedure.short_name, "date": dup.date, "drafted": dup.drafted}
 
     def _scenario(self, decision: Decision) -> str | None:
         if not decision.variants:

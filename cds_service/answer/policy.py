@@ -33,8 +33,32 @@ def may_cancel(facts: Facts) -> bool:
             and facts.care_states == ("none",))
 
 
+# Warning and critical cards keep their kind when the order is also a likely duplicate (their
+# detail says so); an order that would get an info card, or none, gets the duplicate card.
+KEEP_OVER_DUPLICATE = ("not-appropriate", "cauda-equina", "mri-safety")
+
+
+def may_cancel_duplicate(facts: Facts) -> bool:
+    """A cancel of a duplicate only for a routine order with every red flag recorded as absent
+    (never where a red flag is possible, never for an urgent order)."""
+    return not facts.urgent and all(f.value is Tri.NO for f in facts.red_flags())
+
+
 def choose_card(rated: Rated, knowledge: Knowledge) -> CardChoice | None:
-    """The card for one rated order, or None for no card."""
+    """The card for one rated order, or None for no card: the card table's, or for a likely
+    duplicate of a low back pain order the duplicate card (unless a warning or critical card
+    says more; it names the duplicate in its detail)."""
+    choice = rating_card(rated, knowledge)
+    if rated.duplicate is None or (choice is not None and choice.kind in KEEP_OVER_DUPLICATE):
+        return choice
+    facts = rated.facts
+    if facts.indication.value is Tri.NO or rated.decision.pama == "no-criteria-apply":
+        return choice  # not a low back pain order: these criteria say nothing of it
+    return CardChoice("duplicate", [], may_cancel_duplicate(facts))
+
+
+def rating_card(rated: Rated, knowledge: Knowledge) -> CardChoice | None:
+    """The card the rating calls for (the card table without duplicates), or None."""
     proc, facts, decision = rated.procedure, rated.facts, rated.decision
     if facts.indication.value is Tri.NO or decision.pama == "no-criteria-apply":
         return None

@@ -10,14 +10,19 @@ from datetime import datetime
 from typing import Any
 
 from cds_service.clinical.answers import Attested, attest, read_answers
+from cds_service.clinical.dates import parse_span
 from cds_service.clinical.facts import (
     ClinicalParams,
     Facts,
+    RecordScan,
     Tri,
     derive_facts,
     scan_drafts,
     scan_record,
 )
+from cds_service.clinical.model import MIN_TIME
+from cds_service.clinical.rules import LUMBAR_MRI
+from cds_service.clinical.scan import Hit, str_field
 from cds_service.clinical.scenario import Decision, decide
 from cds_service.knowledge import Knowledge, Procedure
 from cds_service.protocol import HookRequest
@@ -25,6 +30,18 @@ from cds_service.questionnaire import Questions
 from cds_service.record import PatientRecord
 
 Target = tuple[dict[str, Any], Procedure]  # a draft order and the catalog study it orders
+ACTIVE_ORDER = "active"  # an earlier order of the same study with this status is a duplicate
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """An order this one likely duplicates: the same lumbar study already ordered (an active
+    ServiceRequest in the record), or a lumbar MRI drafted before it in the same bundle."""
+
+    resource: str  # "ServiceRequest/<id>"
+    procedure: Procedure
+    date: str | None  # when it was ordered (its authoredOn, else its occurrence), ISO day
+    drafted: bool  # among this request's draft orders (else in the record)
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,7 @@ class Rated:
     missing: tuple[str, ...] = ()  # prefetch keys the record lacks
     drafted: frozenset[str] = frozenset()  # procedures of the other draft orders
     now: datetime | None = None
+    duplicate: Duplicate | None = None  # an order this one likely duplicates
 
 
 def order_codings(order: Mapping[str, Any]) -> list[Any]:
@@ -127,7 +145,9 @@ class Rater:
             own = self.knowledge.procedure_of(order_codings(order))
             drafted = frozenset(p for p, n in counts.items()
                                 if n - (own is not None and own.id == p) > 0)
-            results.append(Rated(order, proc, facts, decision, missing, drafted, now))
+            duplicate = find_duplicate(order, proc, scan, draft_orders, self.knowledge)
+            results.append(Rated(order, proc, facts, decision, missing, drafted, now,
+                                 duplicate))
         return results
 
     def answers(self, record: PatientRecord, now: datetime) -> dict[str, Attested]:
@@ -146,3 +166,37 @@ class Rater:
                 if proc is not None:
                     counts[proc.id] += 1
         return counts
+
+
+def find_duplicate(order: Mapping[str, Any], proc: Procedure, scan: RecordScan,
+                   drafts: list[dict[str, Any]], knowledge: Knowledge) -> Duplicate | None:
+    """The order a lumbar study likely duplicates (product.md, the card table): a lumbar MRI
+    drafted before it in the same bundle (two MRIs signed together: the later one gets the
+    card), else the same study already ordered and still active in the record (the latest).
+    A completed earlier study is not a duplicate (the recent-MRI card says it)."""
+    if proc.region != "lumbar":
+        return None
+    oid = order.get("id")
+    for d in drafts:
+        if d is order or (d.get("resourceType") == "ServiceRequest" and d.get("id") == oid):
+            break  # only the drafts before this one
+        if d.get("resourceType") != "ServiceRequest":
+            continue
+        other = knowledge.procedure_of(order_codings(d))
+        if other is not None and (other.id == proc.id
+                                  or {other.id, proc.id} <= LUMBAR_MRI):
+            return Duplicate(f"ServiceRequest/{d.get('id')}", other, None, True)
+    earlier = [h for h in scan.service_requests
+               if h.procedure == proc.id and h.rid != oid
+               and str_field(h.raw, "status") == ACTIVE_ORDER and h.readable]
+    if not earlier:
+        return None
+    latest = max(earlier, key=lambda h: _ordered_on(h) or "")
+    return Duplicate(f"ServiceRequest/{latest.rid}", proc, _ordered_on(latest), False)
+
+
+def _ordered_on(hit: Hit) -> str | None:
+    """The day an order was placed: its authoredOn, else its occurrence."""
+    span = parse_span(hit.raw.get("authoredOn"))
+    start = span[0] if span else hit.start
+    return start.date().isoformat() if start and start != MIN_TIME else None

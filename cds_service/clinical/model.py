@@ -32,6 +32,7 @@ class ClinicalParams:
     recent_mri_months: int = 12
     recent_trauma_days: int = 90
     recent_red_flag_days: int = 90
+    infection_relapse_days: int = 365  # a spinal infection treated this recently counts
     assume_candidate_after_failed_care: bool = True
 
 

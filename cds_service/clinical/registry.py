@@ -24,6 +24,9 @@ class Scope(StrEnum):
     # and undated or older: unknown, never yes (red-flag symptoms)
     CURRENT = "current"
     RECENT = "recent"  # as CURRENT, and within the recent-trauma window too
+    # active (any date), or resolved within the relapse window (a spinal infection treated in
+    # the last 12 months)
+    RELAPSE = "relapse"
 
 
 # How a rule reads a fact (each rule is one function of cds_service.clinical.rules).
@@ -69,7 +72,7 @@ FACTS: tuple[FactSpec, ...] = (
     FactSpec("cancer", CODED, red_flag=True, group="v7", decides=True, answer=FINDING,
              sets=(("cancer", Scope.HISTORY), ("weight_loss", Scope.CURRENT))),
     FactSpec("infection", CODED, red_flag=True, group="v7", decides=True, answer=FINDING,
-             sets=(("spinal_infection", Scope.CURRENT), ("systemic_infection", Scope.CURRENT),
+             sets=(("spinal_infection", Scope.RELAPSE), ("systemic_infection", Scope.CURRENT),
                    ("drug_use", Scope.ACTIVE))),
     FactSpec("immunosuppression", CODED, red_flag=True, group="v7", decides=True,
              answer=FINDING, sets=(("immunosuppression", Scope.ACTIVE),),
@@ -122,10 +125,12 @@ INTERVENTION_SETS = frozenset({"spine_injection", "lumbar_surgery_procedure", "s
 SURGERY_SETS = frozenset({"prior_lumbar_surgery", "fusion_any_site", "lumbar_surgery_procedure"})
 # The bladder symptoms a benign cause beside them discounts, and those causes (the episode rule).
 BENIGN_SETS = frozenset({"ces_bladder", "bladder_benign_cause"})
+# Add-on codes that name no region, and the other regions' primary codes (prior surgery's site).
+ADDON_SETS = frozenset({"spine_addon_procedure", "spine_surgery_other_region"})
 # Every value set the rules read by name: a knowledge copy must define each (a renamed set would
 # otherwise match nothing, and a red flag would silently never count).
 VALUESETS_READ = (ROW_VALUESETS | LBP_SETS | SPINAL_SETS | THERAPY_SETS | INTERVENTION_SETS
-                  | SURGERY_SETS | BENIGN_SETS)
+                  | SURGERY_SETS | BENIGN_SETS | ADDON_SETS)
 # An order whose coded reasons fall in none of these names another indication.
 REASON_SETS = LBP_SETS | SPINAL_SETS | frozenset(
     vs for spec in FACTS if spec.red_flag for vs, _ in spec.sets) | {"fusion_any_site"}

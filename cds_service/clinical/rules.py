@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from cds_service.clinical.dates import age_years
+from cds_service.clinical.dates import age_years, parse_span
 from cds_service.clinical.model import MIN_TIME, ClinicalParams, Evidence, Fact, Tri
 from cds_service.clinical.registry import (
     BACK_PAIN_MEDICATION,
-    CODED,
     INTERVENTION_SETS,
     LBP_SETS,
     OPAQUE,
@@ -53,8 +52,10 @@ OPAQUE_NOTE = "entries the service cannot read"  # a Fact.missing note
 # The scopes of findings that count only when dated in this episode (else unknown).
 EPISODIC = (Scope.CURRENT, Scope.RECENT)
 NOT_IN_EPISODE = "not dated in this episode"  # a Fact.missing note
-# A fusion code that names no site: prior lumbar surgery stays unknown beside it.
-FUSION = FactSpec("fusion", CODED, sets=(("fusion_any_site", Scope.HISTORY),))
+# Fusion codes that name no site: prior lumbar surgery by their text (site_terms), else unknown.
+FUSION = "fusion_any_site"
+ADDON = "spine_addon_procedure"  # add-on surgery codes that name no region
+OTHER_REGION = "spine_surgery_other_region"  # cervical and thoracic primary surgery codes
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,10 @@ class RuleContext:
         (RECENT) only when dated in this episode."""
         if scope is Scope.HISTORY:
             return True
+        if scope is Scope.RELAPSE and not hit.active:
+            ended = abated(hit) or hit.latest
+            since = self.now - timedelta(days=self.params.infection_relapse_days)
+            return ended is not None and ended >= since
         if not hit.active:
             return False
         if scope in EPISODIC:
@@ -139,6 +144,16 @@ class RuleContext:
     def unreadable(self, sets: frozenset[str]) -> bool:
         """A procedure or order of these value sets failed validation."""
         return any(h.sets & sets and not h.readable for h in self.orders)
+
+
+def abated(hit: Hit) -> datetime | None:
+    """When a resolved condition ended, as late as its abatement date allows (None: undated)."""
+    raw = hit.raw
+    span = parse_span(raw.get("abatementDateTime"))
+    period = raw.get("abatementPeriod")
+    if span is None and isinstance(period, Mapping):
+        span = parse_span(period.get("end")) or parse_span(period.get("start"))
+    return span[1] if span else None
 
 
 def rule_context(scan: RecordScan, order: Mapping[str, Any], drafts: DraftScan,
@@ -242,6 +257,7 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     unreadable = unsure or any(hits.unreadable for hits in per_set.values())
     evidence: list[Evidence] = []
     undated: list[Evidence] = []
+    alone: list[Evidence] = []  # codes that, without their companion, leave the fact open
     for vs, hits in per_set.items():
         found, stale = hits.found, hits.undated
         rule = ctx.knowledge.rules.get(vs)
@@ -253,8 +269,14 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
             stale = stale if maybe else named
             stale += [h for h, on_order in found if not on_order and not companion and maybe
                       and not any(t in h.text.lower() for t in rule.text_terms)]
-            found = [(h, on_order) for h, on_order in found if companion or any(
+            kept = [(h, on_order) for h, on_order in found if companion or any(
                 term in h.text.lower() for term in rule.text_terms)]
+            if rule.alone_unknown:
+                counted = {id(h) for h, _ in kept}
+                alone += [h.evidence("not enough alone", ctx.knowledge.display_of(
+                    h.coding.get("system"), h.coding.get("code"))) for h, _ in found
+                    if id(h) not in counted]
+            found = kept
         for h, on_order in found:
             display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
             ev = (ctx.reason_evidence(h, display) if on_order
@@ -265,13 +287,16 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     fact = settle(row.name, evidence + medicated, sources, unreadable, opaque)
     if fact.value is Tri.NO and undated:  # recorded, but not dated in this episode: ask
         return Fact(row.name, Tri.UNKNOWN, list(dict.fromkeys(undated)), [NOT_IN_EPISODE])
+    if alone and fact.value is Tri.NO:  # drug use without fever: ask, never rule it out
+        return Fact(row.name, Tri.UNKNOWN, alone, ["a finding to go with it"])
     return fact
 
 
 def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
     """Active orders of the row's medication classes, used for as many days as the class takes
-    (counted from the first order of the class in the last year); and whether an active order
-    could be one of them but cannot be read, or its use cannot be dated."""
+    (counted from the first order of the class in the last year, or from an older order still
+    active); and whether an active order could be one of them but cannot be read, or its use
+    cannot be dated."""
     evidence: list[Evidence] = []
     unsure = any(OPAQUE in h.sets and h.active for h in ctx.scan.medications)
     year_ago = ctx.now - timedelta(days=365)
@@ -280,7 +305,9 @@ def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence
         active = [h for h in hits if h.active]
         if not active:
             continue
-        starts = [h.start for h in hits if h.start and year_ago <= h.start <= ctx.now]
+        # an order still active counts from its date, however old (taken since then)
+        starts = [h.start for h in hits if h.start and h.start <= ctx.now
+                  and (h.active or year_ago <= h.start)]
         if days and not starts:
             unsure = True  # ordered now, since when is not recorded
         elif not days or ctx.now - min(starts) >= timedelta(days=days):
@@ -459,23 +486,61 @@ def candidate_fact(ctx: RuleContext) -> Fact:
 
 
 def prior_surgery_fact(ctx: RuleContext) -> Fact:
-    """Lumbar-specific codes (even resolved) or a completed lumbar surgery; a fusion code that
-    names no site leaves it unknown."""
+    """Lumbar-specific codes (even resolved) or a completed lumbar surgery. A code that names no
+    site (Z98.1 arthrodesis status, an add-on procedure code) counts when its text names the
+    lumbar spine, or (an add-on) beside a lumbar primary code on the same date; not when it names
+    another site or sits beside another region's primary code; otherwise it leaves the fact
+    unknown."""
     rec, now = ctx.scan.record, ctx.now
     fact = coded_fact(spec("prior_surgery"), ctx)
-    ev = list(fact.evidence) + [
-        h.evidence("completed surgery") for h in ctx.scan.procedures
-        if h.usable and "lumbar_surgery_procedure" in h.sets and h.readable
-        and (h.start is None or h.start <= now)]
+    done = [h for h in ctx.scan.procedures if h.usable and h.readable
+            and (h.start is None or h.start <= now)]
+    ev = list(fact.evidence) + [h.evidence("completed surgery") for h in done
+                                if "lumbar_surgery_procedure" in h.sets]
+    unsure: list[Evidence] = []  # codes whose site the record does not tell
+    for h in done:
+        if ADDON in h.sets and "lumbar_surgery_procedure" not in h.sets:
+            site = _addon_site(ctx, h, done)
+            if site == "lumbar":
+                ev.append(h.evidence("completed surgery"))
+            elif site is None:
+                unsure.append(h.evidence("completed surgery (no region named)"))
+    for h, on_order in _set_hits(ctx, FUSION, Scope.HISTORY).found:
+        site = ctx.knowledge.site_terms.site_of(_site_text(h))
+        if site == "other":
+            continue
+        display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
+        e = (ctx.reason_evidence(h, display) if on_order
+             else h.evidence("condition" if h.active else "condition (history)", display))
+        (ev if site == "lumbar" else unsure).append(e)
     bad = ("unreadable resource" in fact.missing
-           or ctx.unreadable(frozenset({"lumbar_surgery_procedure"})))
+           or ctx.unreadable(frozenset({"lumbar_surgery_procedure", ADDON})))
     result = settle("prior_surgery", ev, {"conditions": rec.conditions,
                                           "procedures": rec.procedures}, bad)
-    if result.value is Tri.NO:
-        unsure = coded_fact(FUSION, ctx)
-        if unsure.value is Tri.YES:
-            return Fact("prior_surgery", Tri.UNKNOWN, unsure.evidence, ["site of the fusion"])
+    if result.value is Tri.NO and unsure:
+        return Fact("prior_surgery", Tri.UNKNOWN, unsure, ["site of the surgery"])
     return result
+
+
+def _site_text(hit: Hit) -> str:
+    """The words that may name a site: the code's text and displays, and the body site."""
+    return f"{hit.text} {text_of(*as_list(hit.raw.get('bodySite')))}"
+
+
+def _addon_site(ctx: RuleContext, hit: Hit, done: list[Hit]) -> str | None:
+    """The site of an add-on procedure code: named by its text, else that of a primary code
+    (lumbar or another region) in the same resource or on the same date; None: not told."""
+    site = ctx.knowledge.site_terms.site_of(_site_text(hit))
+    if site is not None:
+        return site
+    day = hit.start.date() if hit.start and hit.start != MIN_TIME else None
+    same = [hit] + [h for h in done if day is not None and h.start is not None
+                    and h.start != MIN_TIME and h.start.date() == day]
+    if any("lumbar_surgery_procedure" in h.sets for h in same):
+        return "lumbar"
+    if any(OTHER_REGION in h.sets for h in same):
+        return "other"
+    return None
 
 
 def elderly_fact(ctx: RuleContext) -> tuple[Fact, tuple[int, int] | None]:

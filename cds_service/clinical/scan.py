@@ -205,8 +205,14 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
         sets = knowledge.screen(raw.get("code"))[0]
         if not sets:
             if not _opaque(raw.get("code"), knowledge):
-                continue  # coded in a system the knowledge reads, and in no value set: no
-            sets = frozenset({OPAQUE})
+                # coded in a system the knowledge reads, and in no value set: no, unless its
+                # text names a finding (injection drug use under another code)
+                sets = (knowledge.sets_by_text(text_of(raw.get("code")))
+                        if knowledge.text_finds else sets)
+                if not sets:
+                    continue
+            else:
+                sets = frozenset({OPAQUE})
         hit = _condition_hit(raw, sets, birth, knowledge)
         if hit is not None:
             (opaque if OPAQUE in sets else conditions).append(hit)
@@ -282,7 +288,7 @@ def _condition_hit(raw: Mapping[str, Any], sets: frozenset[str], birth: Span | N
     lo, hi = _condition_onset(raw, birth)
     codings = codings_of(raw.get("code"))
     coding = _first_matching(knowledge, codings)
-    if not coding and OPAQUE in sets and codings:  # shown as the record codes it
+    if not coding and codings:  # unreadable, or found by its text: shown as the record codes it
         coding = dict(codings[0])
     return Hit("Condition", str(raw.get("id", "?")), sets, coding, active, True, lo, hi,
                raw=raw, text=text_of(raw.get("code")))

@@ -47,6 +47,27 @@ class ValueSetRule:
     # when its own text names one of these words
     benign_causes: frozenset[str] = frozenset()
     benign_terms: tuple[str, ...] = ()
+    alone_unknown: bool = False  # without companion or words: the fact is unknown, not no
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class SiteTerms:
+    """Words that place a code naming no site in the lumbar spine or elsewhere."""
+
+    lumbar: frozenset[str] = frozenset()
+    other: frozenset[str] = frozenset()
+
+    def site_of(self, text: str) -> str | None:
+        """"lumbar" or "other" when the text names only one of them; None when it names
+        neither, or both (a descriptor listing "cervical, thoracic, or lumbar")."""
+        words = set(_WORD.findall(text.lower()))
+        lumbar, other = bool(words & self.lumbar), bool(words & self.other)
+        if lumbar == other:
+            return None
+        return "lumbar" if lumbar else "other"
 
 
 @dataclass(frozen=True)
@@ -126,6 +147,9 @@ class Knowledge:
     # classes of drugs read as facts (systemic_corticosteroids, immunosuppressive_drugs), by id
     medication_classes: dict[str, MedicationClass] = field(default_factory=dict)
     combinations: tuple[Combination, ...] = ()
+    site_terms: SiteTerms = field(default_factory=SiteTerms)
+    # (value set, phrases that find it in a Condition's text, phrases that exclude it)
+    text_finds: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()
     directory: Path | None = None  # where the files were read (named in messages)
     _displays: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     # Results of pure functions of the knowledge (the clinical core's outcomes per scenario):
@@ -259,6 +283,14 @@ class Knowledge:
                 if hit:
                     found = found | hit
         return found
+
+    def sets_by_text(self, text: str) -> frozenset[str]:
+        """The value sets whose phrases a Condition's text names (for a code in no value set:
+        injection drug use recorded under a code no set lists)."""
+        lowered = text.lower()
+        return frozenset(vs for vs, finds, excludes in self.text_finds
+                         if any(f in lowered for f in finds)
+                         and not any(x in lowered for x in excludes))
 
     def screen(self, concept: Any) -> tuple[frozenset[str], Procedure | None]:
         """Value sets and catalog procedure of a CodeableConcept's codings, in one pass.

@@ -39,6 +39,7 @@ from cds_service.knowledge.index import (
     MedicationClass,
     MedicationMatcher,
     Procedure,
+    SiteTerms,
     ValueSetRule,
 )
 from cds_service.knowledge.models import MedicationClass as MedicationClassModel
@@ -144,12 +145,19 @@ def _index_valuesets(knowledge: Knowledge, doc: ValueSetsFile, path: Path,
             if name not in doc.valuesets:
                 raise BENIGN_CAUSE.fail(path, f"valuesets.{vs_id}.benign_causes", name=name,
                                         fix=fix_for(name, set(doc.valuesets) - {vs_id}))
+        if vs.text_finds:
+            knowledge.text_finds += ((vs_id, tuple(t.lower() for t in vs.text_finds),
+                                      tuple(t.lower() for t in vs.text_excludes)),)
         terms = tuple(t.lower() for t in vs.text_terms)
         benign = tuple(t.lower() for t in vs.benign_terms)
         if vs.needs_companion or terms or vs.benign_causes or benign:
-            knowledge.rules[vs_id] = ValueSetRule(frozenset(vs.needs_companion), terms,
-                                                  frozenset(vs.benign_causes), benign)
+            knowledge.rules[vs_id] = ValueSetRule(
+                frozenset(vs.needs_companion), terms, benign_causes=frozenset(vs.benign_causes),
+                benign_terms=benign, alone_unknown=vs.alone == "unknown")
     knowledge._excluded = excluded
+    if doc.site_terms is not None:
+        knowledge.site_terms = SiteTerms(frozenset(t.lower() for t in doc.site_terms.lumbar),
+                                         frozenset(t.lower() for t in doc.site_terms.other))
     meds = doc.medication_terms
     knowledge.medication_terms = tuple(t.lower() for t in meds.terms) if meds else ()
     knowledge.medication_classes = {

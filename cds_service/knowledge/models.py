@@ -114,6 +114,15 @@ class ValueSet(FileModel):
     benign_terms: list[Name] = Field(
         default_factory=list, description="... or when its own text names such a cause "
                                           "(words)")
+    text_finds: list[Name] = Field(
+        default_factory=list, description="phrases (lower case) that put a Condition whose code "
+                                          "is in no value set into this one by its text")
+    text_excludes: list[Name] = Field(
+        default_factory=list, description="... unless its text also names one of these "
+                                          "(`remission`, `history of`)")
+    alone: Literal["ignored", "unknown"] = Field(
+        "ignored", description="what a code of the set means without its companion or words: "
+                               "`ignored` (nothing), or `unknown` (the fact is left open: ask)")
 
 
 class MedicationTerms(FileModel):
@@ -136,6 +145,16 @@ class MedicationClass(FileModel):
                                           "...")
 
 
+class SiteTerms(FileModel):
+    """Words that tell which site a code naming no site (Z98.1, an add-on procedure) is about."""
+
+    source: Name = Field(description="where the words come from")
+    lumbar: list[Name] = Field(min_length=1, description="words (whole, lower case) that name "
+                                                         "the lumbar spine: `lumbar`, `l4` ...")
+    other: list[Name] = Field(min_length=1, description="words that name another site: "
+                                                        "`cervical`, `ankle` ...")
+
+
 class ValueSetsFile(FileModel):
     """``valuesets.yaml``: which codes count as evidence for each clinical fact."""
 
@@ -150,6 +169,9 @@ class ValueSetsFile(FileModel):
         default_factory=dict, description="classes of drugs read as facts from the medication "
                                           "list, by id (`systemic_corticosteroids`, "
                                           "`immunosuppressive_drugs`)")
+    site_terms: SiteTerms | None = Field(
+        None, description="words that place a code naming no site (arthrodesis status, an "
+                          "add-on procedure) in the lumbar spine or elsewhere")
 
 
 # ------------------------------------------------------------------ procedures.yaml
