@@ -201,9 +201,12 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     for vs, hits in per_set.items():
         rule = ctx.knowledge.rules.get(vs)
         if rule is not None:
-            companion = any(per_set.get(c) for c in rule.needs_companion)
-            hits = [(h, on_order) for h, on_order in hits if companion or any(
+            counts, beside = (_companions(ctx, rule.needs_companion, per_set) if hits
+                              else (False, []))
+            hits = [(h, on_order) for h, on_order in hits if counts or any(
                 term in h.text.lower() for term in rule.text_terms)]
+            if hits:  # a companion outside the row is shown beside what it lets count
+                hits += [pair for pair in beside if pair not in hits]
         for h, on_order in hits:
             display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
             ev = (ctx.reason_evidence(h, display) if on_order
@@ -211,6 +214,18 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
             if ev not in evidence:
                 evidence.append(ev)
     return settle(row.name, evidence + medicated, sources, unreadable, opaque)
+
+
+def _companions(ctx: RuleContext, needs: frozenset[str],
+                per_set: dict[str, list[tuple[Hit, bool]]]) -> tuple[bool, list[tuple[Hit, bool]]]:
+    """Whether a companion-bound set counts: beside a hit of one of the row's own companion
+    sets, else beside an active condition of a companion set the row does not read (an
+    ankylosed spine lets any recent trauma count), returned to be shown beside it."""
+    if any(per_set.get(c) for c in needs):
+        return True, []
+    found = [pair for c in sorted(needs - per_set.keys())
+             for pair in _set_hits(ctx, c, Scope.ACTIVE)[0]]
+    return bool(found), found
 
 
 def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
@@ -418,6 +433,22 @@ def elderly_fact(ctx: RuleContext) -> tuple[Fact, tuple[int, int] | None]:
     if age[1] <= limit:
         return Fact("elderly", Tri.NO), age
     return Fact("elderly", Tri.UNKNOWN, [], ["exact date of birth"]), age
+
+
+def child_fact(ctx: RuleContext, age: tuple[int, int] | None) -> Fact:
+    """Younger than the adult age (these criteria are for adults): yes when every age the
+    date of birth allows is younger, no when every one is adult, else unknown."""
+    adult = ctx.params.adult_age
+    if age is None:
+        missing = ["patient"] if ctx.scan.record.patient.state is not SourceState.COMPLETE else [
+            "date of birth"]
+        return Fact("child", Tri.UNKNOWN, [], missing)
+    if age[1] < adult:
+        return Fact("child", Tri.YES, [Evidence(f"Patient/{ctx.scan.record.patient_id}", "", "",
+                                                f"age {age[1]}", None, "age")])
+    if age[0] >= adult:
+        return Fact("child", Tri.NO)
+    return Fact("child", Tri.UNKNOWN, [], ["exact date of birth"])
 
 
 def recent_mri_fact(ctx: RuleContext) -> Fact:
