@@ -57,8 +57,9 @@ if set(WORLD_FACTS) != _folded | set(GROUPS) | set(STATES):  # a registry edit m
 def variants_of(world: World, assume_candidate: bool = True) -> frozenset[str]:
     """The ACR variants that apply in a world.
 
-    Empty when the indication is not LBP, and when a severe or progressive neurological deficit
-    puts the patient outside V1-V3 with none of V4-V7 applying (no criteria apply).
+    Empty when the indication is not LBP, when the patient is outside these criteria (a child,
+    high-energy trauma), and when a severe or progressive neurological deficit puts the patient
+    outside V1-V3 with none of V4-V7 applying (no criteria apply).
     """
     if not world.indication or world.child or world.high_energy_trauma:
         return frozenset()
