@@ -89,6 +89,7 @@ def params_from(settings: Settings) -> ClinicalParams:
     return ClinicalParams(
         conservative_care_weeks=settings.conservative_care_weeks,
         elderly_over_age=settings.elderly_over_age, episode_grace_days=settings.episode_grace_days,
+        adult_age=settings.adult_age,
         care_window_days=settings.care_window_days,
         recent_mri_months=settings.recent_mri_months,
         recent_trauma_days=settings.recent_trauma_days,

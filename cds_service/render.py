@@ -30,7 +30,10 @@ from cds_service.knowledge.vocabulary import CATEGORIES
 from cds_service.knowledge.yaml import read_model
 
 KINDS = ("not-appropriate", "better-alternative", "cauda-equina", "mri-safety", "recent-mri",
-         "missing-data", "urgent-order", "duplicate")
+         "missing-data", "urgent-order", "duplicate",
+         "suspicion", "neuro-deficit")
+# Kinds whose cards always carry a suggestion (their templates may read it unguarded).
+ALWAYS_SUGGEST = ("better-alternative", "suspicion", "neuro-deficit")
 INDICATORS = {"info", "warning", "critical"}
 TEXT_FIELDS = ("summary", "detail", "suggestion_label", "action_description", "cancel_label",
                "cancel_description")
@@ -46,7 +49,8 @@ PHRASES: dict[str, tuple[str, ...]] = {
     "if-candidate": (), "suggest-if-candidate": (), "smart-link": ("questions",),
     "smart-link-scenario": ("questions",), "unreadable": ("entries",),
     "conflict-duration": ("answered", "day", "span"), "conflict-care": ("answered", "day", "span"),
-    "date-before-episode": ("date",), "date-undated": ()}
+    "date-before-episode": ("date",), "date-undated": (),
+    "age-unknown": ()}
 # The assumptions the clinical rules make (common.yaml "assumptions"), with their placeholders.
 ASSUMPTIONS: dict[str, tuple[str, ...]] = {
     "candidate-after-failed-care": ("weeks",), "duration-from-recorded-date": ()}
@@ -378,6 +382,7 @@ def sample_context() -> dict[str, Any]:
         "duplicate": {"resource": "ServiceRequest/sample", "name": "MRI lumbar spine without "
                       "IV contrast", "short": "MRI without contrast", "date": "2026-01-01",
                       "drafted": False},
+        "suspected": "cancer",
     }
 
 
@@ -391,7 +396,7 @@ def _test_render(templates: CardTemplates, directory: Path) -> None:
                 if ctx["suggestion"] is None and name in ("suggestion_label",
                                                           "action_description"):
                     continue
-                if kind.name == "better-alternative" and ctx["suggestion"] is None:
+                if kind.name in ALWAYS_SUGGEST and ctx["suggestion"] is None:
                     continue
                 try:
                     templates.render(kind.name, name, ctx)

@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     assume_candidate_after_failed_care: bool = True
     conservative_care_weeks: int = 6
     elderly_over_age: int = 70  # the fracture red flag: older than this many years
+    adult_age: int = Field(default=18, ge=0)  # younger: outside the adult criteria, no card
     recent_red_flag_days: int = 90  # red-flag symptoms this recent count (as do this episode's)
     # A clinician's answer (QuestionnaireResponse of lbp-imaging-auc) counts this long
     answer_valid_days: int = 30

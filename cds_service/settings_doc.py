@@ -118,7 +118,7 @@ DESCRIPTIONS: dict[str, str] = {
                                "read and its source stays missing.",
     "knowledge_dir": "Folder of the clinical knowledge: `valuesets.yaml`, `procedures.yaml`, "
                      "`ratings.yaml` and `questions.yaml`, all four (docs/editing-knowledge.md).",
-    "cards_dir": "Folder of the card wording: the seven card kinds, `common.yaml` and "
+    "cards_dir": "Folder of the card wording: the card kinds, `common.yaml` and "
                  "`evidence.j2` (docs/editing-knowledge.md).",
     "qcdsm_id": "Identifier sent in each rating's `pama-rating-qcdsm-consulted` extension.",
     "auc_applied": "URI sent in each rating's `pama-rating-auc-applied` extension; empty: the "
@@ -129,6 +129,9 @@ DESCRIPTIONS: dict[str, str] = {
                                           "says so where this changes the answer.",
     "conservative_care_weeks": "Weeks of conservative care the core scenario (V3) needs.",
     "elderly_over_age": "Older than this many years, age is a fracture red flag (V6).",
+    "adult_age": "The ACR Low Back Pain criteria are for adults: a patient younger than this "
+                 "many years is outside them (`no-criteria-apply`, no card). With no date of "
+                 "birth the order is rated as for an adult, but no cancel is offered.",
     "recent_red_flag_days": "A red-flag symptom this recent counts (as does one of the current "
                             "episode).",
     "answer_valid_days": "A clinician's answer (a QuestionnaireResponse to `lbp-imaging-auc`) "

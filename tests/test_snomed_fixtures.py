@@ -51,6 +51,15 @@ ICD_TO_SNOMED = {
     "M46.26": ("203241002", "Osteomyelitis of vertebra"),  # the free set names no region
     "F11.21": ("191821007", "Opioid dependence in remission"),
     "Z94.0": ("161665007", "History of renal transplant"),
+    # issue 21: dorsalgia with no region is backache; trauma; an ankylosed spine; metastases
+    "M54.9": ("161891005", "Backache"),
+    "M54.89": ("161891005", "Backache"),
+    "C79.51": ("94222008", "Metastatic malignant neoplasm to bone"),
+    "R50.82": ("386661006", "Fever"),  # postprocedural fever: the free set's nearest, fever
+    "M45.9": ("9631008", "Ankylosing spondylitis"),
+    "M48.16": ("31487001", "Disseminated idiopathic skeletal hyperostosis"),
+    "W01.0XXA": ("217154006", "Fall on same level from slipping, tripping or stumbling"),
+    "W19.XXXA": ("1912002", "Fall"),
 }
 SCENARIO_FIXTURES = sorted(p.stem for p in (FIXTURES / "requests").glob("v[1-7]-*.json"))
 ENGINE = Engine(load_knowledge(), load_templates(ROOT / "cards"), dev_settings())

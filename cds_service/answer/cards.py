@@ -15,9 +15,9 @@ from cds_service.answer.policy import CardChoice
 from cds_service.answer.rating import Rated
 from cds_service.clinical.answers import denies, is_attested
 from cds_service.clinical.facts import Evidence, Facts, Tri
-from cds_service.clinical.registry import NAMES
+from cds_service.clinical.registry import GROUPS, NAMES
 from cds_service.clinical.rules import NOT_IN_EPISODE
-from cds_service.clinical.scenario import Alternative, Decision
+from cds_service.clinical.scenario import CANCEL, Alternative, Decision, rated_by
 from cds_service.codesystems import SystemUrls
 from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
 from cds_service.protocol import Action, Card, CardSource, Coding, Link, Suggestion
@@ -168,7 +168,8 @@ class CardBuilder:
                       "priority": str(order.get("priority") or "routine")},
             "rating": {"pama": decision.pama, "category": category,
                        "category_label": t.categories.get(category or "", "not rated")},
-            "scenario": self._scenario(decision), "why": self._why(facts, rated.now),
+            "scenario": self._scenario(decision),
+            "why": self._why(facts, rated.now, self._age_note(rated, kind)),
             # determinately outside every variant (a severe neurological deficit alone)
             "outside": decision.variants is not None and not decision.variants,
             "conditional": t.phrase("if-candidate") if decision.assumption_rates else "",
@@ -191,6 +192,9 @@ class CardBuilder:
             "recent": {"date": mri.date, "resource": mri.resource} if mri else None,
             "already": already,
             "duplicate": self._duplicate(rated),
+            "suspected": " and ".join(t.fact_short(n) for n in GROUPS["v7"]
+                                      if facts.fact(n).value is Tri.YES)
+            or "cancer, infection or immunosuppression",
         }
 
     @staticmethod
@@ -202,6 +206,14 @@ class CardBuilder:
         return {"resource": dup.resource, "name": dup.procedure.name,
                 "short": dup.procedure.short_name, "date": dup.date, "drafted": dup.drafted}
 
+    @staticmethod
+    def _age_note(rated: Rated, kind: str) -> bool:
+        """The card tells the clinician no imaging is needed yet, by criteria for adults, and
+        the age is not recorded as adult (so no cancel is offered)."""
+        return (kind in ("not-appropriate", "urgent-order")
+                and rated.decision.alternatives == CANCEL
+                and rated.facts.child.value is Tri.UNKNOWN)
+
     def _scenario(self, decision: Decision) -> str | None:
         if not decision.variants:
             return None
@@ -211,7 +223,8 @@ class CardBuilder:
         """The studies not usually inappropriate in the scenario, best first."""
         if not decision.variants:
             return []
-        rated = [(p, self.knowledge.category(p.id, decision.variants))
+        variants = rated_by(decision.variants)
+        rated = [(p, self.knowledge.category(p.id, variants))
                  for p in self.knowledge.procedures.values()
                  if p.region == "lumbar" or p is proc]  # the ordered study is always listed
         rated = [(p, c) for p, c in rated if c != "UNA"]
@@ -234,7 +247,7 @@ class CardBuilder:
                 not_sent.append(SOURCE_NAMES[key])
         return document, not_sent
 
-    def _why(self, facts: Facts, now: datetime | None) -> str:
+    def _why(self, facts: Facts, now: datetime | None, age_unknown: bool = False) -> str:
         """The first line of every card: what the rating rests on, and what was checked."""
         t = self.templates
         parts = [self._duration_text(facts, now)]
@@ -255,6 +268,8 @@ class CardBuilder:
                 finding(e) for e in facts.unreadable)))
         parts += [self._conflict_text(facts, code, params, now)
                   for code, params in facts.conflicts]
+        if age_unknown:
+            parts.append(t.phrase("age-unknown"))
         if facts.urgent:
             parts.append(t.phrase("urgent"))
         return "; ".join(p for p in parts if p) + "."

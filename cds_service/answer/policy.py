@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from cds_service.answer.rating import Rated
 from cds_service.clinical.facts import Facts, Tri
+from cds_service.clinical.registry import OUTSIDE
 from cds_service.clinical.scenario import CANCEL, Alternative
 from cds_service.knowledge import Knowledge
 
@@ -27,8 +28,10 @@ class CardChoice(NamedTuple):
 
 def may_cancel(facts: Facts) -> bool:
     """A cancel suggestion only for a routine order, with every red flag recorded as absent, a
-    dated onset and no conservative care under way."""
+    dated onset, no conservative care under way, and the patient known to be in the criteria's
+    population (an adult; no high-energy trauma)."""
     return (not facts.urgent and all(f.value is Tri.NO for f in facts.red_flags())
+            and all(facts.fact(n).value is Tri.NO for n in OUTSIDE)
             and facts.duration_dated and facts.care_weeks is None
             and facts.care_states == ("none",))
 
@@ -60,11 +63,14 @@ def choose_card(rated: Rated, knowledge: Knowledge) -> CardChoice | None:
 def rating_card(rated: Rated, knowledge: Knowledge) -> CardChoice | None:
     """The card the rating calls for (the card table without duplicates), or None."""
     proc, facts, decision = rated.procedure, rated.facts, rated.decision
-    if facts.indication.value is Tri.NO or decision.pama == "no-criteria-apply":
-        return None
+    if facts.indication.value is Tri.NO or any(facts.fact(n).value is Tri.YES for n in OUTSIDE):
+        return None  # not low back pain, a child, high-energy trauma: no card at all
     alts = decision.alternatives
     options = [a for a in alts if a.procedure.id not in rated.drafted] if isinstance(
         alts, tuple) else []
+    if decision.pama == "no-criteria-apply":
+        # only a new severe deficit outside V4-V7 carries a study (MRI for an X-ray or CT)
+        return CardChoice("neuro-deficit", options[:1]) if options else None
     mri_unsafe = proc.modality == "MR" and facts.mri_safety.value is Tri.YES
     if facts.cauda_equina.value is Tri.YES:
         if knowledge.category(proc.id, ("V4",)) == "UA":  # already the right study
@@ -82,6 +88,9 @@ def rating_card(rated: Rated, knowledge: Knowledge) -> CardChoice | None:
         return CardChoice("not-appropriate", options)
     if mri_unsafe:
         return CardChoice("mri-safety", options)
+    suspicion = decision.suspicion
+    if suspicion is not None and suspicion.procedure.id not in rated.drafted:
+        return CardChoice("suspicion", [suspicion])
     if decision.category in MAY_BE and options and options[0].category == "UA":
         return CardChoice("better-alternative", options[:1])
     if proc.modality == "MR" and facts.recent_mri.value is Tri.YES:

@@ -20,6 +20,7 @@ from cds_service.clinical.registry import CODED_FACTS, VALUESETS_READ
 from cds_service.clinical.rules import (
     candidate_fact,
     care_fact,
+    child_fact,
     coded_fact,
     duration_fact,
     elderly_fact,
@@ -62,6 +63,7 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any],
         assumptions.append(("candidate-after-failed-care",
                             {"weeks": int(care_weeks or params.conservative_care_weeks)}))
     found["elderly"], age = elderly_fact(ctx)
+    found["child"] = child_fact(ctx, age)
     found["prior_surgery"] = prior_surgery_fact(ctx)
     found["recent_mri"] = recent_mri_fact(ctx)
     return Facts(

@@ -27,6 +27,7 @@ class ClinicalParams:
 
     conservative_care_weeks: int = 6
     elderly_over_age: int = 70
+    adult_age: int = 18  # younger: outside these criteria (the fact "child")
     episode_grace_days: int = 14
     care_window_days: int = 180  # with no dated episode: how far back care and candidacy count
     recent_mri_months: int = 12
@@ -89,6 +90,8 @@ class Facts:
     steroids: Fact
     mri_safety: Fact
     recent_mri: Fact
+    child: Fact  # younger than the adult age: outside these criteria
+    high_energy_trauma: Fact  # a vehicle crash, a fall from a height: outside these criteria
     # the categories the pain duration may fall in ("acute", "subacute", "chronic")
     duration_categories: frozenset[str] = frozenset({"acute", "subacute", "chronic"})
     duration_dated: bool = False  # the duration comes from a dated onset, not a bound

@@ -53,6 +53,14 @@ class FactSpec:
     # medication classes (knowledge: medication_classes) that count for a CODED rule while
     # ordered, each with the days of use it takes (0: any active order)
     medications: tuple[tuple[str, int], ...] = ()
+    # procedure value sets that treat a finding: one completed after a finding recorded before
+    # this episode makes that finding history (cauda equina two years ago, decompressed), not a
+    # finding to ask about
+    treated_by: tuple[str, ...] = ()
+    # yes puts the order outside these criteria (no-criteria-apply, no card that steers away
+    # from imaging); unknown is rated as no, so an unrecorded age or mechanism never leaves
+    # every order undecidable (a cancel still needs it recorded as no)
+    outside: bool = False
 
 
 # In the order of the evidence rows on a card.
@@ -66,7 +74,8 @@ FACTS: tuple[FactSpec, ...] = (
     FactSpec("intervention_candidate", "candidate", decides=True, answer=CANDIDATE),
     FactSpec("cauda_equina", CODED, red_flag=True, decides=True, answer=FINDING,
              sets=(("cauda_equina", Scope.CURRENT), ("ces_bladder_bowel", Scope.CURRENT),
-                   ("ces_sensory", Scope.CURRENT))),
+                   ("ces_sensory", Scope.CURRENT)),
+             treated_by=("lumbar_surgery_procedure",)),
     FactSpec("neuro_deficit", CODED, red_flag=True, decides=True, answer=FINDING,
              sets=(("neuro_deficit", Scope.CURRENT),)),
     FactSpec("cancer", CODED, red_flag=True, group="v7", decides=True, answer=FINDING,
@@ -80,7 +89,7 @@ FACTS: tuple[FactSpec, ...] = (
     FactSpec("prior_surgery", "prior_surgery", red_flag=True, decides=True, answer=FINDING,
              sets=(("prior_lumbar_surgery", Scope.HISTORY),)),
     FactSpec("trauma", CODED, red_flag=True, group="v6", decides=True, answer=FINDING,
-             sets=(("recent_trauma", Scope.RECENT),)),
+             sets=(("recent_trauma", Scope.RECENT), ("ankylosed_trauma", Scope.RECENT))),
     FactSpec("osteoporosis", CODED, red_flag=True, group="v6", decides=True, answer=FINDING,
              sets=(("osteoporosis", Scope.ACTIVE),)),
     FactSpec("elderly", "age", red_flag=True, group="v6", decides=True),
@@ -90,6 +99,11 @@ FACTS: tuple[FactSpec, ...] = (
     FactSpec("mri_safety", CODED, decides=True, answer=FINDING,
              sets=(("mri_safety", Scope.ACTIVE),)),
     FactSpec("recent_mri", "recent_mri"),
+    # The population of the criteria: adults (CDS_ADULT_AGE), and not high-energy trauma (the
+    # spine-trauma criteria apply). Low-velocity trauma in an ankylosed spine is in "trauma".
+    FactSpec("child", "child", decides=True, outside=True),
+    FactSpec("high_energy_trauma", CODED, decides=True, outside=True,
+             sets=(("high_energy_trauma", Scope.RECENT),)),
 )
 
 BY_NAME = {spec.name: spec for spec in FACTS}
@@ -102,6 +116,7 @@ GROUPS = {group: tuple(s.name for s in FACTS if s.group == group)
 # The facts whose value the decision reads one by one (red flags too: the facts that decide a
 # rating name the unknown members of a group).
 DECISION_FACTS = tuple(spec.name for spec in FACTS if spec.decides)
+OUTSIDE = tuple(spec.name for spec in FACTS if spec.outside)  # yes: no criteria apply
 FINDINGS = tuple(spec.name for spec in FACTS if spec.answer == FINDING)
 ASKED = frozenset(spec.name for spec in FACTS if spec.answer)  # a question may settle these
 # Every value set a fact's row names (the rules read more: cds_service.clinical.rules).

@@ -259,10 +259,11 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     undated: list[Evidence] = []
     alone: list[Evidence] = []  # codes that, without their companion, leave the fact open
     for vs, hits in per_set.items():
-        found, stale = hits.found, hits.undated
+        found, stale = hits.found, [h for h in hits.undated if not _treated(ctx, row, h)]
         rule = ctx.knowledge.rules.get(vs)
         if rule is not None and (rule.needs_companion or rule.text_terms):
-            companion = any(per_set[c].found for c in rule.needs_companion if c in per_set)
+            companion, beside = (_companions(ctx, rule.needs_companion, per_set)
+                                 if found or stale else (False, []))
             maybe = companion or any(per_set[c].undated for c in rule.needs_companion
                                      if c in per_set)
             named = [h for h in stale if any(t in h.text.lower() for t in rule.text_terms)]
@@ -277,6 +278,8 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
                     h.coding.get("system"), h.coding.get("code"))) for h, _ in found
                     if id(h) not in counted]
             found = kept
+            if found:  # a companion outside the row is shown beside what it lets count
+                found += [pair for pair in beside if pair not in found]
         for h, on_order in found:
             display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
             ev = (ctx.reason_evidence(h, display) if on_order
@@ -290,6 +293,29 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     if alone and fact.value is Tri.NO:  # drug use without fever: ask, never rule it out
         return Fact(row.name, Tri.UNKNOWN, alone, ["a finding to go with it"])
     return fact
+
+
+def _treated(ctx: RuleContext, row: FactSpec, hit: Hit) -> bool:
+    """A finding from before this episode that a procedure of the row's ``treated_by`` sets,
+    completed after it, has treated: history, not a finding of this episode."""
+    since = hit.start if hit.start not in (None, MIN_TIME) else hit.end
+    if not row.treated_by or since is None:
+        return False
+    return any(h.usable and h.start is not None and since <= h.start <= ctx.now
+               and h.sets.intersection(row.treated_by) and h.readable
+               for h in ctx.scan.procedures)
+
+
+def _companions(ctx: RuleContext, needs: frozenset[str],
+                per_set: dict[str, _SetHits]) -> tuple[bool, list[tuple[Hit, bool]]]:
+    """Whether a companion-bound set counts: beside a hit of one of the row's own companion
+    sets, else beside an active condition of a companion set the row does not read (an
+    ankylosed spine lets any recent trauma count), returned to be shown beside it."""
+    if any(per_set[c].found for c in needs if c in per_set):
+        return True, []
+    found = [pair for c in sorted(needs - per_set.keys())
+             for pair in _set_hits(ctx, c, Scope.ACTIVE).found]
+    return bool(found), found
 
 
 def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
@@ -558,6 +584,22 @@ def elderly_fact(ctx: RuleContext) -> tuple[Fact, tuple[int, int] | None]:
     if age[1] <= limit:
         return Fact("elderly", Tri.NO), age
     return Fact("elderly", Tri.UNKNOWN, [], ["exact date of birth"]), age
+
+
+def child_fact(ctx: RuleContext, age: tuple[int, int] | None) -> Fact:
+    """Younger than the adult age (these criteria are for adults): yes when every age the
+    date of birth allows is younger, no when every one is adult, else unknown."""
+    adult = ctx.params.adult_age
+    if age is None:
+        missing = ["patient"] if ctx.scan.record.patient.state is not SourceState.COMPLETE else [
+            "date of birth"]
+        return Fact("child", Tri.UNKNOWN, [], missing)
+    if age[1] < adult:
+        return Fact("child", Tri.YES, [Evidence(f"Patient/{ctx.scan.record.patient_id}", "", "",
+                                                f"age {age[1]}", None, "age")])
+    if age[0] >= adult:
+        return Fact("child", Tri.NO)
+    return Fact("child", Tri.UNKNOWN, [], ["exact date of birth"])
 
 
 def recent_mri_fact(ctx: RuleContext) -> Fact:

@@ -14,11 +14,16 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from cds_service.clinical.model import Facts, Tri
-from cds_service.clinical.registry import DECISION_FACTS, GROUPS
+from cds_service.clinical.registry import DECISION_FACTS, GROUPS, OUTSIDE
 from cds_service.knowledge import CATEGORY_RANK, PAMA_CODE, Knowledge, Procedure
 
 CANCEL = "cancel"
 NO_IMAGING_YET = frozenset({"V1", "V2"})  # the variants where no study is appropriate
+EMERGENCY = "V4"  # suspected cauda equina: the order is rated by it alone
+SUSPICION = "V7"  # cancer, infection, immunosuppression: the study it needs is pointed to
+DEFICIT_STUDY = "mri-wo"  # a severe or progressive deficit outside V4-V7 (the ACR narrative)
+# Studies that do not show the nerve roots (CT myelography does: MRI may be contraindicated)
+DEFICIT_NUDGED = frozenset({"xr-lumbar", "ct-wo", "ct-w"})
 
 
 class World(NamedTuple):
@@ -36,6 +41,8 @@ class World(NamedTuple):
     conservative_care: str  # "none", "under-way" or "done"
     intervention_candidate: bool
     mri_safety: bool
+    child: bool  # outside these criteria (rated as no when unknown)
+    high_energy_trauma: bool  # outside these criteria (rated as no when unknown)
 
 
 WORLD_FACTS = World._fields
@@ -50,10 +57,11 @@ if set(WORLD_FACTS) != _folded | set(GROUPS) | set(STATES):  # a registry edit m
 def variants_of(world: World, assume_candidate: bool = True) -> frozenset[str]:
     """The ACR variants that apply in a world.
 
-    Empty when the indication is not LBP, and when a severe or progressive neurological deficit
-    puts the patient outside V1-V3 with none of V4-V7 applying (no criteria apply).
+    Empty when the indication is not LBP, when the patient is outside these criteria (a child,
+    high-energy trauma), and when a severe or progressive neurological deficit puts the patient
+    outside V1-V3 with none of V4-V7 applying (no criteria apply).
     """
-    if not world.indication:
+    if not world.indication or world.child or world.high_energy_trauma:
         return frozenset()
     out = set()
     if world.cauda_equina:
@@ -98,6 +106,8 @@ def possible_worlds(facts: Facts) -> list[World]:
             choices.append(_group_possible(facts, GROUPS[name]))
         elif name == "conservative_care":
             choices.append(facts.care_states)
+        elif name in OUTSIDE:  # only a recorded yes puts the order outside the criteria
+            choices.append((getattr(facts, name).value is Tri.YES,))
         else:
             choices.append(getattr(facts, name).possible())
     return [World(*combo) for combo in itertools.product(*choices)]  # type: ignore[arg-type]
@@ -118,6 +128,8 @@ class Outcome:
     category: str | None
     alternatives: tuple[Alternative, ...] | str  # or CANCEL
     fallback: bool  # alternatives are only MBA because the UA ones are unsafe (MRI)
+    # V7 applies and the order is not UA there: the study UA in every applicable variant
+    suspicion: Alternative | None = None
 
 
 IV_CONTRAST = {"iv", "iv-wo-w"}
@@ -132,6 +144,7 @@ def _alternatives(knowledge: Knowledge, ordered: Procedure, variants: frozenset[
     contrast -> MRI without and with), then less radiation. Never radiography in place of a
     cross-sectional study.
     """
+    variants = rated_by(variants)
     every = [(p, knowledge.category(p.id, variants)) for p in knowledge.procedures.values()]
     rated = [(p, c) for p, c in every if p.id != ordered.id
              and not (p.modality == "XR" and ordered.modality in CROSS_SECTIONAL)]
@@ -139,13 +152,7 @@ def _alternatives(knowledge: Knowledge, ordered: Procedure, variants: frozenset[
     ua_any = [p for p, c in every if c == "UA" and mri_unsafe and p.modality == "MR"]
     safe = [(p, c) for p, c in rated if not (mri_unsafe and p.modality == "MR")]
     ua = [p for p, c in safe if c == "UA"]
-    wants_contrast = ordered.contrast in IV_CONTRAST
-
-    def key(p: Procedure) -> tuple[int, int, int, int]:
-        same = p.modality == ordered.modality
-        contrast = (p.contrast in IV_CONTRAST) != wants_contrast
-        return (0 if same else 1, 1 if contrast else 0, p.rrl_rank, p.preference)
-
+    key = functools.partial(_closeness, ordered)
     if ua:
         return (Alternative(min(ua, key=key), "UA"),), False
     if ua_any:  # every UA study is an MRI and MRI is unsafe: offer the MBA ones
@@ -159,20 +166,70 @@ def _alternatives(knowledge: Knowledge, ordered: Procedure, variants: frozenset[
     return (), False
 
 
+def _closeness(ordered: Procedure, p: Procedure) -> tuple[int, int, int, int]:
+    """How close a study is to the ordered one (smaller is closer): same modality, then the same
+    contrast intent, then less radiation."""
+    contrast = (p.contrast in IV_CONTRAST) != (ordered.contrast in IV_CONTRAST)
+    return (0 if p.modality == ordered.modality else 1, 1 if contrast else 0, p.rrl_rank,
+            p.preference)
+
+
+def rated_by(variants: frozenset[str]) -> frozenset[str]:
+    """The variants an order is rated by: suspected cauda equina (V4) alone when it applies (an
+    emergency pathway: age or prior surgery must not make an X-ray appropriate there), else
+    every applicable variant (the best category over them)."""
+    return frozenset({EMERGENCY}) if EMERGENCY in variants else variants
+
+
+def suspicion_study(knowledge: Knowledge, ordered: Procedure, variants: frozenset[str],
+                    mri_unsafe: bool) -> Alternative | None:
+    """When V7 applies (and V4 does not) and the ordered study is not Usually Appropriate for
+    it: the closest safe study that is Usually Appropriate in every applicable variant."""
+    row = knowledge.ratings.get(ordered.id)
+    if (row is None or SUSPICION not in variants or EMERGENCY in variants
+            or row[SUSPICION] == "UA"):
+        return None
+    fits = [p for p in knowledge.procedures.values()
+            if p.id != ordered.id and p.id in knowledge.ratings
+            and all(knowledge.ratings[p.id][v] == "UA" for v in variants)
+            and not (mri_unsafe and p.modality == "MR")
+            and not (p.modality == "XR" and ordered.modality in CROSS_SECTIONAL)]
+    if not fits:
+        return None
+    return Alternative(min(fits, key=functools.partial(_closeness, ordered)), "UA")
+
+
+def _deficit_only(world: World, variants: frozenset[str]) -> bool:
+    """No variant applies because of a severe or progressive neurological deficit alone."""
+    return (not variants and world.indication and world.neuro_deficit
+            and not any(getattr(world, name) for name in OUTSIDE))
+
+
+def _deficit_study(knowledge: Knowledge, ordered: Procedure,
+                   world: World) -> tuple[Alternative, ...]:
+    """The study a new deficit needs in place of a radiograph or CT (MRI, when it is safe)."""
+    study = knowledge.procedures.get(DEFICIT_STUDY)
+    if study is None or world.mri_safety or ordered.id not in DEFICIT_NUDGED:
+        return ()
+    return (Alternative(study, "UA"),)
+
+
 def outcome_in(world: World, knowledge: Knowledge, ordered: Procedure,
                assume_candidate: bool = True, other_indication: bool = False) -> Outcome:
     variants = variants_of(world, assume_candidate)
-    if not variants and world.indication and world.neuro_deficit and all(
-            c == "UNA" for c in knowledge.ratings[ordered.id].values()):
+    deficit = _deficit_only(world, variants)
+    if deficit and all(c == "UNA" for c in knowledge.ratings[ordered.id].values()):
         # A deficit sends the patient to imaging, but never to a study no variant supports.
         return Outcome(variants, "not-appropriate", "UNA", (), False)
     if not variants:
         pama = ("no-criteria-apply" if ordered.region == "lumbar" or other_indication
                 else None)
-        return Outcome(variants, pama, None, (), False)
-    category = knowledge.category(ordered.id, variants)
+        alts = _deficit_study(knowledge, ordered, world) if deficit else ()
+        return Outcome(variants, pama, None, alts, False)
+    category = knowledge.category(ordered.id, rated_by(variants))
     alts, fallback = _alternatives(knowledge, ordered, variants, world.mri_safety)
-    return Outcome(variants, PAMA_CODE[category], category, alts, fallback)
+    return Outcome(variants, PAMA_CODE[category], category, alts, fallback,
+                   suspicion_study(knowledge, ordered, variants, world.mri_safety))
 
 
 @dataclass
@@ -192,6 +249,7 @@ class Decision:
     assumption_rates: bool = False
     assumption_suggests: bool = False
     explain: bool = False  # the worlds disagree: say which facts would decide
+    suspicion: Alternative | None = None  # the study V7 needs, when every world agrees
 
     @property
     def assumption_drives(self) -> bool:
@@ -253,7 +311,7 @@ def _outcome(world: World, variants: frozenset[str], facts: Facts, knowledge: Kn
              ordered: Procedure, assume: bool) -> Outcome:
     """outcome_in, memoised on everything it reads (no variant: and why not)."""
     key = ("outcome", ordered.id, variants, world.mri_safety, facts.other_indication,
-           not variants and world.indication and world.neuro_deficit)
+           _deficit_only(world, variants))
     outcome = knowledge.memo.get(key)
     if outcome is None:
         outcome = knowledge.memo[key] = outcome_in(world, knowledge, ordered, assume,
@@ -267,6 +325,7 @@ def _summarise(distinct: set[Outcome], ordered: Procedure, worlds: int) -> Decis
     categories = {o.category for o in distinct}
     variant_sets = {o.variants for o in distinct}
     alt_sets = {(o.alternatives, o.fallback) for o in distinct}
+    suspicions = {o.suspicion for o in distinct}
     determinate = len(pamas) == 1
     alternatives, fallback = (next(iter(alt_sets)) if len(alt_sets) == 1 else (None, False))
     decision = Decision(
@@ -274,7 +333,8 @@ def _summarise(distinct: set[Outcome], ordered: Procedure, worlds: int) -> Decis
         pama=next(iter(pamas)) if determinate else None,
         category=next(iter(categories)) if determinate and len(categories) == 1 else None,
         variants=next(iter(variant_sets)) if len(variant_sets) == 1 else None,
-        alternatives=alternatives, fallback=fallback, worlds=worlds)
+        alternatives=alternatives, fallback=fallback, worlds=worlds,
+        suspicion=next(iter(suspicions)) if len(suspicions) == 1 else None)
     decision.explain = not determinate or len(alt_sets) > 1 or len(variant_sets) > 1
     return decision
 
