@@ -30,7 +30,7 @@ from cds_service.knowledge.vocabulary import CATEGORIES
 from cds_service.knowledge.yaml import read_model
 
 KINDS = ("not-appropriate", "better-alternative", "cauda-equina", "mri-safety", "recent-mri",
-         "missing-data", "urgent-order")
+         "missing-data", "urgent-order", "contrast-risk", "mri-scanned")
 INDICATORS = {"info", "warning", "critical"}
 TEXT_FIELDS = ("summary", "detail", "suggestion_label", "action_description", "cancel_label",
                "cancel_description")
@@ -44,13 +44,16 @@ PHRASES: dict[str, tuple[str, ...]] = {
     "red-flags-unknown": ("unknown",), "no-red-flags": ("checked",), "urgent": (),
     "care-none": (), "care-done": ("weeks",), "care-under-way": ("weeks", "needed"),
     "if-candidate": (), "suggest-if-candidate": (), "smart-link": ("questions",),
-    "smart-link-scenario": ("questions",), "unreadable": ("entries",)}
+    "smart-link-scenario": ("questions",), "unreadable": ("entries",),
+    "contrast-risk": ("contrast", "found"), "contrast-gadolinium": (), "contrast-iodinated": (),
+    "contrast-intrathecal": ()}
 # The assumptions the clinical rules make (common.yaml "assumptions"), with their placeholders.
 ASSUMPTIONS: dict[str, tuple[str, ...]] = {
     "candidate-after-failed-care": ("weeks",), "duration-from-recorded-date": ()}
 PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer",
                  "checked": "cancer", "weeks": 3, "needed": 6, "questions": "2 questions",
-                 "day": "2026-01-01", "entries": "Breast cancer, on treatment"}
+                 "day": "2026-01-01", "entries": "Breast cancer, on treatment",
+                 "contrast": "gadolinium contrast"}
 
 
 class TemplateProblem(StartupError, ValueError):
@@ -372,6 +375,9 @@ def sample_context() -> dict[str, Any]:
         "unavailable": "procedures",
         "recent": {"date": "2026-01-01", "resource": "Procedure/sample"},
         "already": "MRI lumbar spine without IV contrast",
+        "contrast": "Without gadolinium contrast: pregnancy (Z33.1) on record",
+        "contrast_reason": "pregnancy",
+        "scanned": {"date": "2026-01-01", "resource": "Procedure/sample"},
     }
 
 

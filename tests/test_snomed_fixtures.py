@@ -48,6 +48,10 @@ ICD_TO_SNOMED = {
     "E78.5": ("55822004", "Hyperlipidemia"),
     "I10": ("38341003", "Hypertensive disorder"),
     "J45.909": ("195967001", "Asthma"),
+    "Z33.1": ("77386006", "Pregnancy"),
+    "Z3A.20": ("77386006", "Pregnancy"),  # weeks of gestation: the free set's, pregnancy
+    "N18.6": ("46177005", "End-stage renal disease"),
+    "Z99.2": ("428982002", "Dependence on hemodialysis due to end stage renal disease"),
 }
 SCENARIO_FIXTURES = sorted(p.stem for p in (FIXTURES / "requests").glob("v[1-7]-*.json"))
 ENGINE = Engine(load_knowledge(), load_templates(ROOT / "cards"), dev_settings())

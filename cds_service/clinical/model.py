@@ -88,6 +88,10 @@ class Facts:
     steroids: Fact
     mri_safety: Fact
     recent_mri: Fact
+    pregnancy: Fact
+    iodinated_allergy: Fact
+    gadolinium_allergy: Fact
+    renal_impairment: Fact
     # the categories the pain duration may fall in ("acute", "subacute", "chronic")
     duration_categories: frozenset[str] = frozenset({"acute", "subacute", "chronic"})
     duration_dated: bool = False  # the duration comes from a dated onset, not a bound
@@ -103,6 +107,11 @@ class Facts:
     # (code, parameters); the wording is in cards/common.yaml "assumptions"
     assumptions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     assume_candidate: bool = True  # candidate assumed after failed care (ClinicalParams)
+    # lumbar surgery planned (a procedure in preparation, an active surgery order, a spine
+    # referral): a pre-operative MRI is no repeat to question
+    surgery_planned: bool = False
+    # a completed MRI dated after every MRI-unsafe device on record: the device was scanned
+    device_scanned: Evidence | None = None
 
     def fact(self, name: str) -> Fact:
         """The fact of that registry name."""
