@@ -31,7 +31,7 @@ from cds_service.knowledge.yaml import read_model
 
 KINDS = ("not-appropriate", "better-alternative", "cauda-equina", "mri-safety", "recent-mri",
          "missing-data", "urgent-order", "duplicate",
-         "suspicion", "neuro-deficit")
+         "suspicion", "neuro-deficit", "contrast-risk", "mri-scanned")
 # Kinds whose cards always carry a suggestion (their templates may read it unguarded).
 ALWAYS_SUGGEST = ("better-alternative", "suspicion", "neuro-deficit")
 INDICATORS = {"info", "warning", "critical"}
@@ -50,14 +50,17 @@ PHRASES: dict[str, tuple[str, ...]] = {
     "smart-link-scenario": ("questions",), "unreadable": ("entries",),
     "conflict-duration": ("answered", "day", "span"), "conflict-care": ("answered", "day", "span"),
     "date-before-episode": ("date",), "date-undated": (),
-    "age-unknown": ()}
+    "age-unknown": (),
+    "contrast-risk": ("contrast", "found"), "contrast-gadolinium": (), "contrast-iodinated": (),
+    "contrast-intrathecal": ()}
 # The assumptions the clinical rules make (common.yaml "assumptions"), with their placeholders.
 ASSUMPTIONS: dict[str, tuple[str, ...]] = {
     "candidate-after-failed-care": ("weeks",), "duration-from-recorded-date": ()}
 PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer",
                  "checked": "cancer", "weeks": 3, "needed": 6, "questions": "2 questions",
                  "day": "2026-01-01", "entries": "Breast cancer, on treatment",
-                 "answered": "more than 12 weeks", "date": "2026-01-01"}
+                 "answered": "more than 12 weeks", "date": "2026-01-01",
+                 "contrast": "gadolinium contrast"}
 
 
 class TemplateProblem(StartupError, ValueError):
@@ -383,6 +386,9 @@ def sample_context() -> dict[str, Any]:
                       "IV contrast", "short": "MRI without contrast", "date": "2026-01-01",
                       "drafted": False},
         "suspected": "cancer",
+        "contrast": "Without gadolinium contrast: pregnancy (Z33.1) on record",
+        "contrast_reason": "pregnancy",
+        "scanned": {"date": "2026-01-01", "resource": "Procedure/sample"},
     }
 
 

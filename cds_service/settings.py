@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     smart_client_id: str = "cds-lbp-imaging"
     smart_scopes: str = ("launch openid fhirUser patient/Patient.rs patient/Condition.rs "
                          "patient/Procedure.rs patient/ServiceRequest.rs "
-                         "patient/MedicationRequest.rs patient/QuestionnaireResponse.crs")
+                         "patient/MedicationRequest.rs patient/QuestionnaireResponse.crs "
+                         "patient/AllergyIntolerance.rs")
     smart_session_seconds: int = 900  # the app's server-side session (holds the access token)
     # secret that signs the app's session cookie and encrypts its stored tokens (32+ characters);
     # unset: derived from the audit hash key

@@ -64,6 +64,7 @@ def seed_prefetch(now: datetime) -> dict[str, Any]:
         "servicerequests": bundle(),
         "medications": bundle(),
         "questionnaireresponses": bundle(),  # no answers given (the key is optional)
+        "allergies": bundle(),  # no allergies recorded (the key is optional)
     }
 
 

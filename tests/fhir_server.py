@@ -18,7 +18,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from tests.loopback import LoopbackServer
 
 TYPES = {"Condition": "conditions", "Procedure": "procedures",
-         "ServiceRequest": "servicerequests", "MedicationRequest": "medications"}
+         "ServiceRequest": "servicerequests", "MedicationRequest": "medications",
+         "AllergyIntolerance": "allergies"}
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,12 @@ class FhirTestServer(LoopbackServer):
             {"severity": "error", "code": "not-found"}]}
 
 
+class BacklogTCPServer(socketserver.ThreadingTCPServer):
+    """A listen backlog of 128 (seven searches connect at once; see BacklogHTTPServer)."""
+
+    request_queue_size = 128
+
+
 class ScriptedServer(LoopbackServer):
     """An HTTP/1.1 server on loopback whose every answer is written by ``script(server, send)``.
 
@@ -158,7 +165,7 @@ class ScriptedServer(LoopbackServer):
                 except OSError:  # the client went away: what a script is often waiting for
                     pass
 
-        self.tcp = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.tcp = BacklogTCPServer(("127.0.0.1", 0), Handler)
         self.tcp.daemon_threads = True
         self._serve(self.tcp)
         self.base = f"http://127.0.0.1:{self.port}/fhir"

@@ -117,6 +117,7 @@ class SmartTestServer(LoopbackServer):
             self.token_mode = "ok"  # or: http-400, no-access-token, bad-json, slow
             self.user: str | None = PRACTITIONER  # the id_token's fhirUser (None: no id_token)
             self.write_status = 201  # the answer to POST QuestionnaireResponse
+            self.refused_searches: set[str] = set()  # resource types whose search answers 403
             self.authorize_error: str | None = None  # e.g. access_denied
             self.smart_config_extra: dict[str, Any] = {}
             self.codes: dict[str, dict[str, str]] = {}
@@ -223,6 +224,8 @@ class SmartTestServer(LoopbackServer):
         if len(segments) == 2 and segments[0] == "ServiceRequest" and segments[1] in self.orders:
             return 200, self.orders[segments[1]], FHIR
         if len(segments) == 1 and query.get("patient") == PATIENT:
+            if segments[0] in self.refused_searches:
+                return 403, outcome("forbidden"), FHIR
             if segments[0] == "QuestionnaireResponse":
                 return 200, bundle(*deepcopy(self.responses)), FHIR
             if segments[0] in TYPES:

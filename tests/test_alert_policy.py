@@ -73,7 +73,7 @@ def test_every_kind_has_an_indicator_as_the_table_says() -> None:
         "not-appropriate": "warning", "better-alternative": "info", "cauda-equina": "critical",
         "mri-safety": "warning", "recent-mri": "info", "missing-data": "info",
         "urgent-order": "info", "duplicate": "info", "suspicion": "info",
-        "neuro-deficit": "info"}
+        "neuro-deficit": "info", "contrast-risk": "info", "mri-scanned": "info"}
 
 
 def test_order_una_gets_a_warning_with_the_closest_ua_alternative() -> None:

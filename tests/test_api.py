@@ -50,6 +50,7 @@ def test_discovery_lists_one_service_per_hook_with_prefetch(client: ValidatingCl
         "servicerequests": "ServiceRequest?patient={{context.patientId}}",
         "medications": "MedicationRequest?patient={{context.patientId}}",
         "questionnaireresponses": "QuestionnaireResponse?patient={{context.patientId}}",
+        "allergies": "AllergyIntolerance?patient={{context.patientId}}",
     }
 
 

@@ -53,6 +53,8 @@ def mock_all(router: respx.Router, prefetch: dict[str, Any]) -> None:
         200, json=prefetch["medications"])
     router.get(f"{BASE}/QuestionnaireResponse", params={"patient": PATIENT}).respond(
         200, json=prefetch["questionnaireresponses"])
+    router.get(f"{BASE}/AllergyIntolerance", params={"patient": PATIENT}).respond(
+        200, json=prefetch["allergies"])
 
 
 def test_fetches_every_missing_key_with_the_bearer_token() -> None:

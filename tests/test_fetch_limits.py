@@ -148,9 +148,10 @@ def test_a_trickling_server_is_cut_off_at_the_budget(script: Any, timeout: float
         record, report, seconds = fetch_all(server.base, pol)
     assert seconds < pol.budget_seconds + 0.25, seconds
     assert set(report.outcomes.values()) == {"timeout"}
-    # every source, the optional answers too (which are never "missing": they only add)
-    assert record.missing_keys() + ["questionnaireresponses"] == list(report.outcomes)
-    assert len(server.requests) == 6  # one per source, no retry of a timeout
+    # every source, the optional answers and allergies too (never "missing": they only add)
+    assert record.missing_keys() + ["questionnaireresponses", "allergies"] == list(
+        report.outcomes)
+    assert len(server.requests) == 7  # one per source, no retry of a timeout
 
 
 def test_a_trickled_next_page_leaves_the_source_partial_within_the_budget() -> None:

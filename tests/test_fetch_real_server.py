@@ -67,14 +67,14 @@ def test_no_412_and_the_same_answer_when_a_slow_server_pages_the_record(
             r = c.post(SELECT, json=fetched_body(body, server))
             assert r.status_code == 200, r.text  # never a 412: the server answers
             assert comparable(r.json()) == comparable(expected.json())
-        # the patient and four searches; this server has no QuestionnaireResponse endpoint
+        # the patient and five searches; this server has no QuestionnaireResponse endpoint
         # (the clinician's answers are optional: a 404 changes nothing)
-        assert fetch_outcomes(c) == {"fetched": 3.0 * 5, "http-404": 3.0}
+        assert fetch_outcomes(c) == {"fetched": 3.0 * 6, "http-404": 3.0}
     searches = [urlsplit(p) for p, _ in server.requests if "/Patient/" not in p]
     assert all(parse_qs(s.query)["_count"] == ["200"] for s in searches
                if "page=" not in s.query)  # every search asked for pages of 200
     if server.max_count:  # a server that honours _count: one page per search
-        assert len(server.requests) == 3 * 6
+        assert len(server.requests) == 3 * 7
 
 
 def test_the_next_pages_of_different_searches_are_in_flight_together() -> None:
@@ -89,7 +89,7 @@ def test_the_next_pages_of_different_searches_are_in_flight_together() -> None:
     assert len(record.conditions.resources) == 160 and len(record.procedures.resources) == 180
     first = [s for s in fhir.served if "page=" not in s.path]
     following = [s for s in fhir.served if "page=" in s.path]
-    assert len(first) == 6 and len(following) == 7 + 8 + 1
+    assert len(first) == 7 and len(following) == 7 + 8 + 1
     assert peak_overlap(first) >= 2
     assert peak_overlap(following) >= 2
 
@@ -122,7 +122,7 @@ def test_the_searches_ask_for_the_page_size_set(page_size: int, count: list[str]
         elif "page" not in query:
             assert query.get("_count") == count
     pages = len(fhir.requests) - 1
-    assert pages == {200: 5, 50: 5 + 1, 0: 5 + 1 + 2}[page_size]
+    assert pages == {200: 6, 50: 6 + 1, 0: 6 + 1 + 2}[page_size]
 
 
 def test_the_page_cap_holds_with_the_defaults() -> None:

@@ -29,7 +29,7 @@ HOSTILE_IDS = UNFETCHABLE_IDS + ["%2e%2e", "..%2f..%2fescaped", "x&_count=1000",
                                  "x#frag", "x y", "x;y=1", "pt-é", "..."]
 CONTROL_IDS = ["x\ny", "x\r\ny", "x\ty", "x\x00y", "x\x7fy", "x\x85y", "\n"]
 SEARCHES = ("/fhir/Condition", "/fhir/Procedure", "/fhir/ServiceRequest",
-            "/fhir/MedicationRequest", "/fhir/QuestionnaireResponse")
+            "/fhir/MedicationRequest", "/fhir/QuestionnaireResponse", "/fhir/AllergyIntolerance")
 
 
 @pytest.fixture

@@ -321,6 +321,18 @@ def test_without_the_write_scope_the_rating_is_still_shown(browser: httpx.Client
     assert not any(method == "POST" for method, _, _ in ehr.fhir_requests)
 
 
+def test_allergies_refused_by_the_ehr_still_rate(browser: httpx.Client,
+                                                ehr: SmartTestServer) -> None:
+    """A token without the allergy scope: the allergies only add (a contrast allergy stays
+    unknown), so the app still shows the questions; a refused problem list does not."""
+    ehr.refused_searches = {"AllergyIntolerance"}
+    sign_in(browser, ehr)
+    assert browser.get("/app/questions").status_code == 200
+    ehr.refused_searches = {"Condition"}
+    sign_in(browser, ehr)
+    assert_page(browser.get("/app/questions"), 401, "The EHR no longer accepts the app's access")
+
+
 def test_no_session_and_a_missing_csrf_token(browser: httpx.Client, ehr: SmartTestServer) -> None:
     assert_page(browser.get("/app/questions"), 401, "Your session has ended")
     browser.cookies.set("cds_app_session", "forged.signature", path="/app")

@@ -194,7 +194,8 @@ def test_medication_classes_of(knowledge: Any, text: str, classes: set[str]) -> 
 
 def test_medication_classes_are_exposed(knowledge: Any) -> None:
     assert set(knowledge.medication_classes) == {"systemic_corticosteroids",
-                                                 "immunosuppressive_drugs"}
+                                                 "immunosuppressive_drugs",
+                                                 "iodinated_contrast", "gadolinium_contrast"}
     for mc in knowledge.medication_classes.values():
         assert mc.source and mc.description and mc.terms
         assert all(t == t.lower() for t in mc.terms + mc.exclude_terms)

@@ -60,6 +60,10 @@ ICD_TO_SNOMED = {
     "M48.16": ("31487001", "Disseminated idiopathic skeletal hyperostosis"),
     "W01.0XXA": ("217154006", "Fall on same level from slipping, tripping or stumbling"),
     "W19.XXXA": ("1912002", "Fall"),
+    "Z33.1": ("77386006", "Pregnancy"),
+    "Z3A.20": ("77386006", "Pregnancy"),  # weeks of gestation: the free set's, pregnancy
+    "N18.6": ("46177005", "End-stage renal disease"),
+    "Z99.2": ("428982002", "Dependence on hemodialysis due to end stage renal disease"),
 }
 SCENARIO_FIXTURES = sorted(p.stem for p in (FIXTURES / "requests").glob("v[1-7]-*.json"))
 ENGINE = Engine(load_knowledge(), load_templates(ROOT / "cards"), dev_settings())

@@ -15,9 +15,16 @@ from cds_service.answer.policy import CardChoice
 from cds_service.answer.rating import Rated
 from cds_service.clinical.answers import denies, is_attested
 from cds_service.clinical.facts import Evidence, Facts, Tri
-from cds_service.clinical.registry import GROUPS, NAMES
+from cds_service.clinical.registry import CONTRAST_FACTS, CONTRASTS, GROUPS, NAMES, spec
 from cds_service.clinical.rules import NOT_IN_EPISODE
-from cds_service.clinical.scenario import CANCEL, Alternative, Decision, rated_by
+from cds_service.clinical.scenario import (
+    CANCEL,
+    Alternative,
+    Decision,
+    agents_of,
+    contrast_risks,
+    rated_by,
+)
 from cds_service.codesystems import SystemUrls
 from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
 from cds_service.protocol import Action, Card, CardSource, Coding, Link, Suggestion
@@ -28,7 +35,7 @@ from cds_service.settings import Settings
 ASKING_KINDS = ("missing-data", "not-appropriate")  # cards that link to the questions
 SOURCE_NAMES = {"patient": "demographics", "conditions": "problem list",
                 "procedures": "procedures", "servicerequests": "orders and referrals",
-                "medications": "medication orders"}
+                "medications": "medication orders", "allergies": "allergies"}
 
 
 def finding(e: Evidence) -> str:
@@ -195,6 +202,10 @@ class CardBuilder:
             "suspected": " and ".join(t.fact_short(n) for n in GROUPS["v7"]
                                       if facts.fact(n).value is Tri.YES)
             or "cancer, infection or immunosuppression",
+            **self._contrast(facts, proc, decision),
+            "scanned": {"date": facts.device_scanned.date,
+                        "resource": facts.device_scanned.resource}
+            if facts.device_scanned else None,
         }
 
     @staticmethod
@@ -213,6 +224,29 @@ class CardBuilder:
         return (kind in ("not-appropriate", "urgent-order")
                 and rated.decision.alternatives == CANCEL
                 and rated.facts.child.value is Tri.UNKNOWN)
+
+    def _contrast(self, facts: Facts, proc: Procedure, decision: Decision) -> dict[str, str]:
+        """The line that says why the study offered avoids a contrast ("Without gadolinium
+        contrast: Pregnant state (Z33.1) on record"), when the ordered study or one of the
+        scenario's gives a contrast the record makes a risk; and the findings in a word."""
+        avoid = contrast_risks(facts)
+        if not avoid:
+            return {"contrast": "", "contrast_reason": ""}
+        studies = [proc]
+        if decision.variants:
+            studies += [p for p in self.knowledge.procedures.values()
+                        if self.knowledge.category(p.id, rated_by(decision.variants)) != "UNA"]
+        given = frozenset().union(*(agents_of(p) for p in studies)) & avoid
+        if not given:
+            return {"contrast": "", "contrast_reason": ""}
+        t = self.templates
+        found = [facts.fact(n) for n in CONTRAST_FACTS if facts.fact(n).value is Tri.YES
+                 and given & set(spec(n).avoids)]
+        findings = list(dict.fromkeys(finding(e) for f in found for e in f.evidence))
+        agents = " or ".join(t.phrase(f"contrast-{a}") for a in CONTRASTS if a in given)
+        return {"contrast": t.phrase("contrast-risk", contrast=agents,
+                                     found="; ".join(findings)),
+                "contrast_reason": " and ".join(t.fact_label(f.name).lower() for f in found)}
 
     def _scenario(self, decision: Decision) -> str | None:
         if not decision.variants:

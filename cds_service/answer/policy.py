@@ -12,7 +12,7 @@ from typing import NamedTuple
 from cds_service.answer.rating import Rated
 from cds_service.clinical.facts import Facts, Tri
 from cds_service.clinical.registry import OUTSIDE
-from cds_service.clinical.scenario import CANCEL, Alternative
+from cds_service.clinical.scenario import CANCEL, Alternative, agents_of, contrast_risks
 from cds_service.knowledge import Knowledge
 
 MAY_BE = ("MBA", "MBA(D)")
@@ -72,11 +72,20 @@ def rating_card(rated: Rated, knowledge: Knowledge) -> CardChoice | None:
         # only a new severe deficit outside V4-V7 carries a study (MRI for an X-ray or CT)
         return CardChoice("neuro-deficit", options[:1]) if options else None
     mri_unsafe = proc.modality == "MR" and facts.mri_safety.value is Tri.YES
+    # the ordered study gives a contrast the record makes a risk, and a study without it is
+    # offered: an info card (never a warning: the order may be right for the scenario)
+    contrast = (CardChoice("contrast-risk", options[:1])
+                if options and agents_of(proc) & contrast_risks(facts) else None)
     if facts.cauda_equina.value is Tri.YES:
         if knowledge.category(proc.id, ("V4",)) == "UA":  # already the right study
-            return CardChoice("mri-safety", options) if mri_unsafe else None
+            return mri_safety(facts, options) if mri_unsafe else contrast
         if facts.mri_safety.value is Tri.YES:  # MRI unsafe: CT myelography first
-            options.sort(key=lambda a: a.procedure.id != "ct-myelo")
+            if proc.contrast == "intrathecal":  # ... and it is what was ordered
+                return contrast
+            if any(knowledge.procedures[p].contrast == "intrathecal" for p in rated.drafted
+                   if p in knowledge.procedures):
+                options = []  # ... or drafted beside it: nothing second-best to offer
+            options.sort(key=lambda a: a.procedure.contrast != "intrathecal")
         return CardChoice("cauda-equina", options[:1])
     if not decision.determinate:
         return CardChoice("missing-data", [])
@@ -87,12 +96,23 @@ def rating_card(rated: Rated, knowledge: Knowledge) -> CardChoice | None:
             return CardChoice("not-appropriate", [], may_cancel(facts))
         return CardChoice("not-appropriate", options)
     if mri_unsafe:
-        return CardChoice("mri-safety", options)
+        return mri_safety(facts, options)
     suspicion = decision.suspicion
     if suspicion is not None and suspicion.procedure.id not in rated.drafted:
         return CardChoice("suspicion", [suspicion])
     if decision.category in MAY_BE and options and options[0].category == "UA":
         return CardChoice("better-alternative", options[:1])
-    if proc.modality == "MR" and facts.recent_mri.value is Tri.YES:
+    if contrast:
+        return contrast
+    if (proc.modality == "MR" and facts.recent_mri.value is Tri.YES
+            and not facts.surgery_planned):  # a surgeon's pre-operative MRI is no repeat
         return CardChoice("recent-mri", [])
     return None
+
+
+def mri_safety(facts: Facts, options: list[Alternative]) -> CardChoice:
+    """MRI ordered with an MRI-unsafe device on record: a warning with the studies that avoid
+    MRI; an info reminder, with no change suggested, when an MRI was done with it in place."""
+    if facts.device_scanned is not None:
+        return CardChoice("mri-scanned", [])
+    return CardChoice("mri-safety", options)

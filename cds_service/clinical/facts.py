@@ -16,18 +16,20 @@ from datetime import datetime
 from typing import Any
 
 from cds_service.clinical.model import ClinicalParams, Evidence, Fact, Facts, Tri
-from cds_service.clinical.registry import CODED_FACTS, VALUESETS_READ
+from cds_service.clinical.registry import CODED_FACTS, CONTRAST_FACTS, VALUESETS_READ
 from cds_service.clinical.rules import (
     candidate_fact,
     care_fact,
     child_fact,
     coded_fact,
+    device_scanned,
     duration_fact,
     elderly_fact,
     indication_fact,
     prior_surgery_fact,
     recent_mri_fact,
     rule_context,
+    surgery_planned,
     unreadable_entries,
 )
 from cds_service.clinical.scan import DraftScan, RecordScan, scan_drafts, scan_record, str_field
@@ -72,4 +74,8 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any],
         other_indication=other_indication,
         urgent=(str_field(order, "priority") or "").lower() in URGENT,
         assumptions=assumptions, assume_candidate=params.assume_candidate_after_failed_care,
-        unreadable=unreadable_entries(ctx, found.values()))
+        # (what is unreadable is said for the facts that decide; a contrast risk only avoids)
+        unreadable=unreadable_entries(
+            ctx, [f for name, f in found.items() if name not in CONTRAST_FACTS]),
+        surgery_planned=surgery_planned(ctx),
+        device_scanned=device_scanned(ctx, found["mri_safety"]))

@@ -92,6 +92,10 @@ class Facts:
     recent_mri: Fact
     child: Fact  # younger than the adult age: outside these criteria
     high_energy_trauma: Fact  # a vehicle crash, a fall from a height: outside these criteria
+    pregnancy: Fact
+    iodinated_allergy: Fact
+    gadolinium_allergy: Fact
+    renal_impairment: Fact
     # the categories the pain duration may fall in ("acute", "subacute", "chronic")
     duration_categories: frozenset[str] = frozenset({"acute", "subacute", "chronic"})
     duration_dated: bool = False  # the duration comes from a dated onset, not a bound
@@ -110,6 +114,11 @@ class Facts:
     # (code, parameters) of an answer that disagrees with the record (the record is used); the
     # wording is in cards/common.yaml "phrases"
     conflicts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # lumbar surgery planned (a procedure in preparation, an active surgery order, a spine
+    # referral): a pre-operative MRI is no repeat to question
+    surgery_planned: bool = False
+    # a completed MRI dated after every MRI-unsafe device on record: the device was scanned
+    device_scanned: Evidence | None = None
 
     def fact(self, name: str) -> Fact:
         """The fact of that registry name."""

@@ -27,6 +27,7 @@ class Scope(StrEnum):
     # active (any date), or resolved within the relapse window (a spinal infection treated in
     # the last 12 months)
     RELAPSE = "relapse"
+    GESTATION = "gestation"  # active and dated within a pregnancy's length, or undated
 
 
 # How a rule reads a fact (each rule is one function of cds_service.clinical.rules).
@@ -61,6 +62,12 @@ class FactSpec:
     # from imaging); unknown is rated as no, so an unrecorded age or mechanism never leaves
     # every order undecidable (a cancel still needs it recorded as no)
     outside: bool = False
+    # classes of substances (knowledge: medication_classes) an AllergyIntolerance names that
+    # count for a CODED rule (an allergy to iodinated contrast media)
+    allergies: tuple[str, ...] = ()
+    # the contrast agents a yes makes a risk (CONTRASTS): a suggestion avoids them, and the card
+    # says why; such a fact never decides the rating (it is not a variant of the criteria)
+    avoids: tuple[str, ...] = ()
 
 
 # In the order of the evidence rows on a card.
@@ -104,6 +111,16 @@ FACTS: tuple[FactSpec, ...] = (
     FactSpec("child", "child", decides=True, outside=True),
     FactSpec("high_energy_trauma", CODED, decides=True, outside=True,
              sets=(("high_energy_trauma", Scope.RECENT),)),
+    # Contrast safety: read as yes only from the record (unknown avoids nothing), never asked.
+    FactSpec("pregnancy", CODED, sets=(("pregnancy", Scope.GESTATION),),
+             avoids=("gadolinium",)),
+    FactSpec("iodinated_allergy", CODED, sets=(("iodinated_contrast_allergy", Scope.ACTIVE),),
+             allergies=("iodinated_contrast",), avoids=("iodinated", "intrathecal")),
+    FactSpec("gadolinium_allergy", CODED,
+             sets=(("gadolinium_contrast_allergy", Scope.ACTIVE),),
+             allergies=("gadolinium_contrast",), avoids=("gadolinium",)),
+    FactSpec("renal_impairment", CODED, sets=(("severe_renal_impairment", Scope.ACTIVE),),
+             avoids=("gadolinium", "iodinated")),
 )
 
 BY_NAME = {spec.name: spec for spec in FACTS}
@@ -122,6 +139,12 @@ ASKED = frozenset(spec.name for spec in FACTS if spec.answer)  # a question may 
 # Every value set a fact's row names (the rules read more: cds_service.clinical.rules).
 ROW_VALUESETS = frozenset(vs for spec in FACTS for vs, _ in spec.sets)
 MEDICATION_CLASSES = frozenset(cls for spec in FACTS for cls, _ in spec.medications)
+ALLERGY_CLASSES = frozenset(cls for spec in FACTS for cls in spec.allergies)
+# The contrast agents a study may carry (cds_service.clinical.scenario.agents_of): gadolinium
+# (MRI with IV contrast), iodinated IV contrast (CT with IV contrast), intrathecal iodinated
+# contrast (CT myelography).
+CONTRASTS = ("gadolinium", "iodinated", "intrathecal")
+CONTRAST_FACTS = tuple(spec.name for spec in FACTS if spec.avoids)
 BACK_PAIN_MEDICATION = "back_pain_medication"  # a medication for back pain (conservative care)
 OPAQUE = "unreadable"  # a record entry with nothing the service can read it by
 

@@ -56,6 +56,8 @@ NOT_IN_EPISODE = "not dated in this episode"  # a Fact.missing note
 FUSION = "fusion_any_site"
 ADDON = "spine_addon_procedure"  # add-on surgery codes that name no region
 OTHER_REGION = "spine_surgery_other_region"  # cervical and thoracic primary surgery codes
+GESTATION_DAYS = 300  # a pregnancy code dated longer ago than a pregnancy lasts is not current
+SURGERY_PLANS = frozenset({"lumbar_surgery_procedure", "spine_referral"})
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ class RuleContext:
         if scope in EPISODIC:
             latest = hit.latest
             return latest is not None and latest >= self.window(scope)
+        if scope is Scope.GESTATION:
+            latest = hit.latest
+            return latest is None or latest >= self.now - timedelta(days=GESTATION_DAYS)
         return True
 
     def undated(self, hit: Hit, scope: Scope) -> bool:
@@ -251,6 +256,10 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     medicated, unsure = _medication_evidence(row, ctx) if row.medications else ([], False)
     if row.medications:
         sources["medications"] = ctx.scan.record.medications
+    if row.allergies:
+        allergic, unsure_allergy = _allergy_evidence(row, ctx)
+        medicated, unsure = medicated + allergic, unsure or unsure_allergy
+        sources["allergies"] = ctx.scan.record.allergies
     if not ctx.reasons and not ctx.scan.conditions:  # nothing coded to look at
         return settle(row.name, medicated, sources, unsure, opaque)
     per_set: dict[str, _SetHits] = {vs: _set_hits(ctx, vs, scope) for vs, scope in row.sets}
@@ -338,6 +347,17 @@ def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence
             unsure = True  # ordered now, since when is not recorded
         elif not days or ctx.now - min(starts) >= timedelta(days=days):
             evidence.append(active[0].evidence("medication ordered"))
+    return evidence, unsure
+
+
+def _allergy_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
+    """Current allergies to the row's substance classes (or coded in its value sets); and
+    whether one could be such an allergy but cannot be read."""
+    wanted = frozenset(row.allergies) | {vs for vs, _ in row.sets}
+    hits = [h for h in ctx.scan.allergies if h.sets & wanted]
+    evidence = [h.evidence("allergy") for h in hits if h.readable]
+    unsure = any(not h.readable for h in hits) or any(OPAQUE in h.sets
+                                                      for h in ctx.scan.allergies)
     return evidence, unsure
 
 
@@ -612,6 +632,41 @@ def recent_mri_fact(ctx: RuleContext) -> Fact:
     return settle("recent_mri", ev, {"procedures": rec.procedures,
                                      "servicerequests": rec.service_requests},
                   any(h.procedure in LUMBAR_MRI and not h.readable for h in ctx.orders))
+
+
+def surgery_planned(ctx: RuleContext) -> bool:
+    """Lumbar surgery planned in this episode: a surgery procedure in preparation, an active
+    surgery order, or a spine referral (an MRI before it is the surgeon's, no repeat)."""
+    for h in ctx.orders:
+        if not h.sets & SURGERY_PLANS or not h.readable:
+            continue
+        status = str_field(h.raw, "status")
+        planned = (status == "preparation" if h.rtype == "Procedure"
+                   else status in {"active", "on-hold"}
+                   or (status == "completed" and "spine_referral" in h.sets))
+        if planned and (h.start is None or (h.end or h.start) >= ctx.care_since):
+            return True
+    return False
+
+
+def device_scanned(ctx: RuleContext, mri_safety: Fact) -> Evidence | None:
+    """The latest completed MRI (any MRI of the catalog) done after every MRI-unsafe device on
+    record: the device has been scanned (dated devices only; an undated one may be newer)."""
+    if mri_safety.value is not Tri.YES or not mri_safety.evidence:
+        return None
+    dates = [e.date for e in mri_safety.evidence]
+    if any(d is None for d in dates):
+        return None
+    placed = max(d for d in dates if d is not None)
+    mri = {p.id for p in ctx.knowledge.procedures.values() if p.modality == "MR"}
+    scans = [h for h in ctx.orders
+             if h.procedure in mri and str_field(h.raw, "status") == "completed"
+             and h.start is not None and h.start <= ctx.now
+             and h.start.date().isoformat() > placed and h.readable]
+    if not scans:
+        return None
+    latest = max(scans, key=lambda h: h.start or ctx.now)
+    return latest.evidence("MRI done with the device in place")
 
 
 def unreadable_entries(ctx: RuleContext, facts: Iterable[Fact], keep: int = 3) -> list[Evidence]:

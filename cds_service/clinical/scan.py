@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from fhir.resources.R4B.allergyintolerance import AllergyIntolerance
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.procedure import Procedure as FhirProcedure
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 from cds_service.clinical.dates import add_age, parse_span, period_start
 from cds_service.clinical.model import MIN_TIME, Evidence, Span
 from cds_service.clinical.registry import (
+    ALLERGY_CLASSES,
     BACK_PAIN_MEDICATION,
     INTERVENTION_SETS,
     LBP_SETS,
@@ -43,7 +45,7 @@ DAYS_PER = {"d": 1, "day": 1, "days": 1, "wk": 7, "week": 7, "weeks": 7, "mo": 3
 THERAPY_REFERRAL = ("physio", "physical therap", "chiropract", "manual therap", "exercise therap")
 EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
 MODELS = {"Condition": Condition, "Procedure": FhirProcedure, "ServiceRequest": ServiceRequest,
-          "MedicationRequest": MedicationRequest}
+          "MedicationRequest": MedicationRequest, "AllergyIntolerance": AllergyIntolerance}
 
 
 @dataclass
@@ -103,6 +105,9 @@ class RecordScan:
     # active conditions coded in no system the knowledge reads (text only, a local code): they
     # may be anything, so the facts read from conditions cannot be "no" beside them
     opaque_conditions: list[Hit] = field(default_factory=list)
+    # allergies and intolerances to a substance class a fact reads (contrast media), or that
+    # name no substance the service can read (OPAQUE)
+    allergies: list[Hit] = field(default_factory=list)
     _by_set: dict[str, list[Hit]] | None = field(default=None, repr=False)
 
     def conditions_in(self, vs: str) -> list[Hit]:
@@ -228,8 +233,39 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
                         if h]
     medications = [h for h in (_medication_hit(raw, knowledge, reasons)
                                for raw in record.medications.resources) if h]
+    allergies = [h for h in (_allergy_hit(raw, knowledge)
+                             for raw in record.allergies.resources) if h]
     return RecordScan(record, conditions, procedures, service_requests, birth, medications,
-                      opaque_conditions=opaque)
+                      opaque_conditions=opaque, allergies=allergies)
+
+
+NOT_CURRENT_ALLERGY = {"inactive", "resolved"}
+
+
+def _allergy_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
+    """An allergy or intolerance the rules read: to a substance class a fact counts (iodinated
+    or gadolinium contrast, by the names in its code or its reactions' substances), or coded in a
+    value set; refuted, entered-in-error, inactive and resolved ones do not count. One with no
+    name at all is unreadable (OPAQUE): the allergy it records may be anything."""
+    if (_status_code(raw.get("verificationStatus")) in EXCLUDED_VERIFICATION
+            or _status_code(raw.get("clinicalStatus")) in NOT_CURRENT_ALLERGY):
+        return None
+    concept = raw.get("code")
+    substances = [r.get("substance") for r in as_list(raw.get("reaction"))
+                  if isinstance(r, Mapping)]
+    text = text_of(concept, *substances)
+    codings = codings_of(concept)
+    sets = knowledge.medication_classes_of(text) & ALLERGY_CLASSES
+    sets |= knowledge.valuesets_of_codings(codings)
+    if not sets:
+        if text.strip():
+            return None  # another substance (penicillin, peanut)
+        sets = frozenset({OPAQUE})  # a bare code: the substances are read by name
+    span = parse_span(raw.get("onsetDateTime")) or parse_span(raw.get("recordedDate"))
+    lo, hi = span if span else (None, None)
+    coding = _first_matching(knowledge, codings) or (dict(codings[0]) if codings else {})
+    return Hit("AllergyIntolerance", str(raw.get("id", "?")), sets, coding, active=True,
+               usable=True, start=lo, end=hi, raw=raw, text=text.strip() or "allergy")
 
 
 @dataclass(frozen=True)

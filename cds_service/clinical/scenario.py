@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from cds_service.clinical.model import Facts, Tri
-from cds_service.clinical.registry import DECISION_FACTS, GROUPS, OUTSIDE
+from cds_service.clinical.registry import CONTRAST_FACTS, DECISION_FACTS, GROUPS, OUTSIDE, spec
 from cds_service.knowledge import CATEGORY_RANK, PAMA_CODE, Knowledge, Procedure
 
 CANCEL = "cancel"
@@ -134,34 +134,63 @@ class Outcome:
 
 IV_CONTRAST = {"iv", "iv-wo-w"}
 CROSS_SECTIONAL = {"CT", "MR", "NM", "PET"}
+NONE: frozenset[str] = frozenset()
+
+
+def agents_of(proc: Procedure) -> frozenset[str]:
+    """The contrast agents a study gives (registry.CONTRASTS): gadolinium for an MRI with IV
+    contrast, iodinated contrast for a CT with IV contrast, intrathecal iodinated contrast for
+    CT myelography."""
+    if proc.contrast in IV_CONTRAST:
+        return frozenset({"gadolinium" if proc.modality == "MR" else "iodinated"}) \
+            if proc.modality in ("MR", "CT") else NONE
+    return frozenset({"intrathecal"}) if proc.contrast == "intrathecal" else NONE
+
+
+def contrast_risks(facts: Facts) -> frozenset[str]:
+    """The contrast agents the record makes a risk (pregnancy, a contrast allergy, severe renal
+    impairment): only facts recorded as yes (an unknown one avoids nothing)."""
+    return frozenset(agent for name in CONTRAST_FACTS if facts.fact(name).value is Tri.YES
+                     for agent in spec(name).avoids)
 
 
 def _alternatives(knowledge: Knowledge, ordered: Procedure, variants: frozenset[str],
-                  mri_unsafe: bool) -> tuple[tuple[Alternative, ...] | str, bool]:
-    """Closest alternatives that are UA and safe, else (MRI unsafe) MBA ones, else cancel.
+                  mri_unsafe: bool, avoid: frozenset[str] = NONE,
+                  ) -> tuple[tuple[Alternative, ...] | str, bool]:
+    """Closest alternatives that are UA and safe, else (MRI unsafe, or the UA studies give a
+    contrast at risk) MBA ones, else cancel.
 
     Closest: same modality first, then the same contrast intent (also across modalities: CT with
     contrast -> MRI without and with), then less radiation. Never radiography in place of a
-    cross-sectional study.
+    cross-sectional study. Safe: no MRI when MRI is unsafe, no study giving a contrast agent in
+    ``avoid``. With suspected cauda equina the alternatives are those of V4 alone (an emergency
+    pathway: another variant must not make CT without contrast the study), and with MRI unsafe
+    CT myelography comes first (CT without contrast does not show the cauda equina).
     """
-    variants = rated_by(variants)
-    every = [(p, knowledge.category(p.id, variants)) for p in knowledge.procedures.values()]
+    basis = rated_by(variants)
+    every = [(p, knowledge.category(p.id, basis)) for p in knowledge.procedures.values()]
     rated = [(p, c) for p, c in every if p.id != ordered.id
              and not (p.modality == "XR" and ordered.modality in CROSS_SECTIONAL)]
-    # An MRI that is UA but unsafe for this patient (the ordered one included).
-    ua_any = [p for p, c in every if c == "UA" and mri_unsafe and p.modality == "MR"]
-    safe = [(p, c) for p, c in rated if not (mri_unsafe and p.modality == "MR")]
+
+    def unsafe(p: Procedure) -> bool:
+        return (mri_unsafe and p.modality == "MR") or bool(agents_of(p) & avoid)
+
+    # A study that is UA but unsafe for this patient (the ordered one included).
+    ua_any = [p for p, c in every if c == "UA" and unsafe(p)]
+    safe = [(p, c) for p, c in rated if not unsafe(p)]
+    myelography_first = mri_unsafe and "V4" in variants
     ua = [p for p, c in safe if c == "UA"]
     key = functools.partial(_closeness, ordered)
     if ua:
         return (Alternative(min(ua, key=key), "UA"),), False
-    if ua_any:  # every UA study is an MRI and MRI is unsafe: offer the MBA ones
+    if ua_any:  # every UA study is unsafe (MRI, a contrast at risk): offer the MBA ones
         mba = [(p, c) for p, c in safe if c in ("MBA", "MBA(D)") and p.region == "lumbar"]
-        mba.sort(key=lambda pc: (key(pc[0]), -CATEGORY_RANK[pc[1]]))
+        mba.sort(key=lambda pc: (not (myelography_first and pc[0].contrast == "intrathecal"),
+                                 key(pc[0]), -CATEGORY_RANK[pc[1]]))
         if mba:
             return tuple(Alternative(p, c) for p, c in mba[:3]), True
     if (ordered.id in knowledge.ratings and variants <= NO_IMAGING_YET
-            and knowledge.category(ordered.id, variants) == "UNA"):
+            and knowledge.category(ordered.id, variants) == "UNA"):  # (never with V4)
         return CANCEL, False
     return (), False
 
@@ -182,7 +211,7 @@ def rated_by(variants: frozenset[str]) -> frozenset[str]:
 
 
 def suspicion_study(knowledge: Knowledge, ordered: Procedure, variants: frozenset[str],
-                    mri_unsafe: bool) -> Alternative | None:
+                    mri_unsafe: bool, avoid: frozenset[str] = NONE) -> Alternative | None:
     """When V7 applies (and V4 does not) and the ordered study is not Usually Appropriate for
     it: the closest safe study that is Usually Appropriate in every applicable variant."""
     row = knowledge.ratings.get(ordered.id)
@@ -192,7 +221,7 @@ def suspicion_study(knowledge: Knowledge, ordered: Procedure, variants: frozense
     fits = [p for p in knowledge.procedures.values()
             if p.id != ordered.id and p.id in knowledge.ratings
             and all(knowledge.ratings[p.id][v] == "UA" for v in variants)
-            and not (mri_unsafe and p.modality == "MR")
+            and not (mri_unsafe and p.modality == "MR") and not agents_of(p) & avoid
             and not (p.modality == "XR" and ordered.modality in CROSS_SECTIONAL)]
     if not fits:
         return None
@@ -215,7 +244,8 @@ def _deficit_study(knowledge: Knowledge, ordered: Procedure,
 
 
 def outcome_in(world: World, knowledge: Knowledge, ordered: Procedure,
-               assume_candidate: bool = True, other_indication: bool = False) -> Outcome:
+               assume_candidate: bool = True, other_indication: bool = False,
+               avoid: frozenset[str] = NONE) -> Outcome:
     variants = variants_of(world, assume_candidate)
     deficit = _deficit_only(world, variants)
     if deficit and all(c == "UNA" for c in knowledge.ratings[ordered.id].values()):
@@ -227,9 +257,9 @@ def outcome_in(world: World, knowledge: Knowledge, ordered: Procedure,
         alts = _deficit_study(knowledge, ordered, world) if deficit else ()
         return Outcome(variants, pama, None, alts, False)
     category = knowledge.category(ordered.id, rated_by(variants))
-    alts, fallback = _alternatives(knowledge, ordered, variants, world.mri_safety)
+    alts, fallback = _alternatives(knowledge, ordered, variants, world.mri_safety, avoid)
     return Outcome(variants, PAMA_CODE[category], category, alts, fallback,
-                   suspicion_study(knowledge, ordered, variants, world.mri_safety))
+                   suspicion_study(knowledge, ordered, variants, world.mri_safety, avoid))
 
 
 @dataclass
@@ -264,7 +294,7 @@ def decision_key(facts: Facts, ordered: Procedure) -> tuple[object, ...]:
     fact of the registry, the duration categories and the states of care)."""
     return ("decision", ordered.id, tuple(getattr(facts, n).value for n in DECISION_FACTS),
             facts.duration_categories, facts.care_states, facts.assume_candidate,
-            facts.candidate_assumed, facts.other_indication)
+            facts.candidate_assumed, facts.other_indication, contrast_risks(facts))
 
 
 def decide(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decision:
@@ -289,14 +319,16 @@ def _decide_all(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decis
     assume = facts.assume_candidate
     compare = facts.candidate_assumed and assume
     worlds = possible_worlds(facts)
+    avoid = contrast_risks(facts)
     outcomes: dict[World, Outcome] = {}
     plain: set[Outcome] = set()
     for w in worlds:
-        outcomes[w] = _outcome(w, variants_of(w, assume), facts, knowledge, ordered, assume)
+        outcomes[w] = _outcome(w, variants_of(w, assume), facts, knowledge, ordered, assume,
+                               avoid)
         if compare:
             without = variants_of(w, False)
             plain.add(outcomes[w] if without == outcomes[w].variants else
-                      _outcome(w, without, facts, knowledge, ordered, False))
+                      _outcome(w, without, facts, knowledge, ordered, False, avoid))
     decision = _summarise(set(outcomes.values()), ordered, len(worlds))
     if decision.explain:
         decision.deciding = _deciding_facts(worlds, outcomes, facts)
@@ -308,14 +340,14 @@ def _decide_all(facts: Facts, knowledge: Knowledge, ordered: Procedure) -> Decis
 
 
 def _outcome(world: World, variants: frozenset[str], facts: Facts, knowledge: Knowledge,
-             ordered: Procedure, assume: bool) -> Outcome:
+             ordered: Procedure, assume: bool, avoid: frozenset[str] = NONE) -> Outcome:
     """outcome_in, memoised on everything it reads (no variant: and why not)."""
     key = ("outcome", ordered.id, variants, world.mri_safety, facts.other_indication,
-           _deficit_only(world, variants))
+           _deficit_only(world, variants), avoid)
     outcome = knowledge.memo.get(key)
     if outcome is None:
         outcome = knowledge.memo[key] = outcome_in(world, knowledge, ordered, assume,
-                                                   facts.other_indication)
+                                                   facts.other_indication, avoid)
     return outcome
 
 

@@ -23,13 +23,17 @@ PREFETCH_TEMPLATES: dict[str, tuple[str, str]] = {
     # the clinician's answers to the service's Questionnaire (the SMART app writes them)
     "questionnaireresponses": ("QuestionnaireResponse",
                                "QuestionnaireResponse?patient={{context.patientId}}"),
+    # allergies and intolerances (contrast media): optional; without them a contrast allergy is
+    # unknown, which avoids nothing and asks for nothing
+    "allergies": ("AllergyIntolerance", "AllergyIntolerance?patient={{context.patientId}}"),
 }
 # prefetch key -> PatientRecord attribute
 SOURCE_ATTRS = {"patient": "patient", "conditions": "conditions", "procedures": "procedures",
                 "servicerequests": "service_requests", "medications": "medications",
-                "questionnaireresponses": "questionnaire_responses"}
-# Sources that only add (answers): without them nothing is unknown, so nothing is asked for
-OPTIONAL_KEYS = frozenset({"questionnaireresponses"})
+                "questionnaireresponses": "questionnaire_responses", "allergies": "allergies"}
+# Sources that only add (answers, allergies): without them nothing the rating reads is unknown,
+# so nothing is asked for
+OPTIONAL_KEYS = frozenset({"questionnaireresponses", "allergies"})
 
 
 class SourceState(StrEnum):
@@ -64,6 +68,8 @@ class PatientRecord:
     medications: Source = field(default_factory=lambda: Source(SourceState.MISSING,
                                                                note="not prefetched"))
     questionnaire_responses: Source = field(
+        default_factory=lambda: Source(SourceState.MISSING, note="not prefetched"))
+    allergies: Source = field(
         default_factory=lambda: Source(SourceState.MISSING, note="not prefetched"))
 
     def sources(self) -> dict[str, Source]:
