@@ -197,6 +197,24 @@ def test_long_standing_conditions_count_whatever_their_date() -> None:
         assert facts.fact(fact).value is Tri.YES, code
 
 
+def test_cauda_equina_before_the_episode_treated_by_lumbar_surgery_is_history() -> None:
+    """Cauda equina two years ago, decompressed days later (the G83.4 still active on the list):
+    history, not a finding to ask about; untreated, or treated before it was recorded, it is
+    unknown; in this episode it counts whatever was done before."""
+    ces = symptom("ces", "G83.4", 730)
+    decompressed = procedure("decomp", "63005", day(NOW, 725))
+    facts, _ = rate(record(10, ces, procedures=[decompressed]), "xr-lumbar")
+    assert facts.cauda_equina.value is Tri.NO and facts.prior_surgery.value is Tri.YES
+    facts, _ = rate(record(10, copy.deepcopy(ces)), "xr-lumbar")
+    assert facts.cauda_equina.value is Tri.UNKNOWN
+    earlier = procedure("decomp", "63005", day(NOW, 900))  # the surgery before the finding
+    facts, _ = rate(record(10, copy.deepcopy(ces), procedures=[earlier]), "xr-lumbar")
+    assert facts.cauda_equina.value is Tri.UNKNOWN
+    now_ces = symptom("ces", "G83.4", 2)
+    facts, _ = rate(record(10, now_ces, procedures=[decompressed]), "xr-lumbar")
+    assert facts.cauda_equina.value is Tri.YES
+
+
 def test_a_clinicians_no_settles_an_undated_symptom_never_an_order_reason() -> None:
     undated = record(10, symptom("i", "R32", None, "Urinary incontinence"))
     assert rated(undated).facts.cauda_equina.value is Tri.UNKNOWN

@@ -170,16 +170,16 @@ def test_a_fall_from_standing_is_low_velocity_trauma() -> None:
 def test_an_unstated_fall_counts_only_in_an_ankylosed_spine() -> None:
     fall = condition("fall", "W19.XXXA", day(NOW, 2))
     f, _ = rate(with_conditions(seed_prefetch(NOW), copy.deepcopy(fall)), "xr-lumbar")
-    assert f.trauma.value is Tri.NO
+    assert f.trauma.value is Tri.UNKNOWN  # an unstated fall alone: asked, never no
     for spine in ("M45.9", "M45.6", "M48.16"):
         f, decision = rate(with_conditions(seed_prefetch(NOW), copy.deepcopy(fall),
                                            condition("as", spine, day(NOW, 4000))), "xr-lumbar")
         assert f.trauma.value is Tri.YES and decision.variants == {"V6"}, spine
         assert {e.code for e in f.trauma.evidence} == {"W19.XXXA", spine}
-    # non-radiographic axial spondyloarthritis is not an ankylosed spine
+    # non-radiographic axial spondyloarthritis is not an ankylosed spine: as without one
     f, _ = rate(with_conditions(seed_prefetch(NOW), copy.deepcopy(fall),
                                 condition("nr", "M45.A6", day(NOW, 4000))), "xr-lumbar")
-    assert f.trauma.value is Tri.NO
+    assert f.trauma.value is Tri.UNKNOWN
     # an old fall (still active on the list) is not this episode's trauma: unknown (asked),
     # never yes, ankylosed spine or not
     f, _ = rate(with_conditions(seed_prefetch(NOW), condition("fall", "W19.XXXA", day(NOW, 400)),

@@ -54,9 +54,12 @@ def choose_card(rated: Rated, knowledge: Knowledge) -> CardChoice | None:
     choice = rating_card(rated, knowledge)
     if rated.duplicate is None or (choice is not None and choice.kind in KEEP_OVER_DUPLICATE):
         return choice
-    facts = rated.facts
+    facts, dup = rated.facts, rated.duplicate
     if facts.indication.value is Tri.NO or rated.decision.pama == "no-criteria-apply":
         return choice  # not a low back pain order: these criteria say nothing of it
+    if (dup.drafted and dup.procedure.id != rated.procedure.id
+            and rated.decision.category == "UA"):
+        return choice  # another MRI drafted beside the right one: that one is to reconsider
     return CardChoice("duplicate", [], may_cancel_duplicate(facts))
 
 
@@ -78,7 +81,9 @@ def rating_card(rated: Rated, knowledge: Knowledge) -> CardChoice | None:
                 if options and agents_of(proc) & contrast_risks(facts) else None)
     if facts.cauda_equina.value is Tri.YES:
         if knowledge.category(proc.id, ("V4",)) == "UA":  # already the right study
-            return mri_safety(facts, options) if mri_unsafe else contrast
+            # MRI unsafe: CT myelography only (CT without contrast does not show the cauda)
+            myelo = [a for a in options if a.procedure.contrast == "intrathecal"]
+            return mri_safety(facts, myelo) if mri_unsafe else contrast
         if facts.mri_safety.value is Tri.YES:  # MRI unsafe: CT myelography first
             if proc.contrast == "intrathecal":  # ... and it is what was ordered
                 return contrast

@@ -253,7 +253,8 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     # would make the fact unknown if it could be read)
     opaque = any(ctx.in_scope(h, scope) or ctx.undated(h, scope)
                  for h in ctx.scan.opaque_conditions for _, scope in row.sets)
-    medicated, unsure = _medication_evidence(row, ctx) if row.medications else ([], False)
+    medicated, unsure, short = (_medication_evidence(row, ctx) if row.medications
+                                else ([], False, []))
     if row.medications:
         sources["medications"] = ctx.scan.record.medications
     if row.allergies:
@@ -261,7 +262,7 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
         medicated, unsure = medicated + allergic, unsure or unsure_allergy
         sources["allergies"] = ctx.scan.record.allergies
     if not ctx.reasons and not ctx.scan.conditions:  # nothing coded to look at
-        return settle(row.name, medicated, sources, unsure, opaque)
+        return _short_use(settle(row.name, medicated, sources, unsure, opaque), short)
     per_set: dict[str, _SetHits] = {vs: _set_hits(ctx, vs, scope) for vs, scope in row.sets}
     unreadable = unsure or any(hits.unreadable for hits in per_set.values())
     evidence: list[Evidence] = []
@@ -301,6 +302,14 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
         return Fact(row.name, Tri.UNKNOWN, list(dict.fromkeys(undated)), [NOT_IN_EPISODE])
     if alone and fact.value is Tri.NO:  # drug use without fever: ask, never rule it out
         return Fact(row.name, Tri.UNKNOWN, alone, ["a finding to go with it"])
+    return _short_use(fact, short)
+
+
+def _short_use(fact: Fact, short: list[Evidence]) -> Fact:
+    """A drug of the class still ordered, for fewer days than the class takes so far (prednisone
+    for a month): not yet chronic use on record, but not ruled out either (ask)."""
+    if short and fact.value is Tri.NO:
+        return Fact(fact.name, Tri.UNKNOWN, short, ["duration of use"])
     return fact
 
 
@@ -327,12 +336,14 @@ def _companions(ctx: RuleContext, needs: frozenset[str],
     return bool(found), found
 
 
-def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
+def _medication_evidence(row: FactSpec,
+                         ctx: RuleContext) -> tuple[list[Evidence], bool, list[Evidence]]:
     """Active orders of the row's medication classes, used for as many days as the class takes
     (counted from the first order of the class in the last year, or from an older order still
     active); and whether an active order could be one of them but cannot be read, or its use
-    cannot be dated."""
+    cannot be dated; and the active orders used for fewer days than the class takes so far."""
     evidence: list[Evidence] = []
+    short: list[Evidence] = []
     unsure = any(OPAQUE in h.sets and h.active for h in ctx.scan.medications)
     year_ago = ctx.now - timedelta(days=365)
     for cls, days in row.medications:
@@ -347,7 +358,9 @@ def _medication_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence
             unsure = True  # ordered now, since when is not recorded
         elif not days or ctx.now - min(starts) >= timedelta(days=days):
             evidence.append(active[0].evidence("medication ordered"))
-    return evidence, unsure
+        else:
+            short.append(active[0].evidence(f"ordered for under {days} days so far"))
+    return evidence, unsure, short
 
 
 def _allergy_evidence(row: FactSpec, ctx: RuleContext) -> tuple[list[Evidence], bool]:
