@@ -152,6 +152,7 @@ class Knowledge:
     text_finds: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()
     directory: Path | None = None  # where the files were read (named in messages)
     _displays: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _by_text: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
     # Results of pure functions of the knowledge (the clinical core's outcomes per scenario):
     # bounded by procedures x variant sets x a few flags.
     memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
@@ -287,10 +288,17 @@ class Knowledge:
     def sets_by_text(self, text: str) -> frozenset[str]:
         """The value sets whose phrases a Condition's text names (for a code in no value set:
         injection drug use recorded under a code no set lists)."""
+        known = self._by_text.get(text)
+        if known is not None:
+            return known
         lowered = text.lower()
-        return frozenset(vs for vs, finds, excludes in self.text_finds
-                         if any(f in lowered for f in finds)
-                         and not any(x in lowered for x in excludes))
+        found = frozenset(vs for vs, finds, excludes in self.text_finds
+                          if any(f in lowered for f in finds)
+                          and not any(x in lowered for x in excludes))
+        if len(self._by_text) > 20_000:  # a chart repeats its texts; many charts do not
+            self._by_text.clear()
+        self._by_text[text] = found
+        return found
 
     def screen(self, concept: Any) -> tuple[frozenset[str], Procedure | None]:
         """Value sets and catalog procedure of a CodeableConcept's codings, in one pass.
