@@ -130,6 +130,7 @@ class Rater:
         scan = scan_record(record, self.knowledge)
         drafts = scan_drafts(draft_orders, self.knowledge)
         counts = self._drafted_counts(draft_orders)
+        drafted_dups = drafted_duplicates(draft_orders, self.knowledge)
         answers = self.answers(record, now)
         missing = tuple(record.missing_keys())
         results = []
@@ -145,7 +146,8 @@ class Rater:
             own = self.knowledge.procedure_of(order_codings(order))
             drafted = frozenset(p for p, n in counts.items()
                                 if n - (own is not None and own.id == p) > 0)
-            duplicate = find_duplicate(order, proc, scan, draft_orders, self.knowledge)
+            duplicate = find_duplicate(order, proc, scan, draft_orders, self.knowledge,
+                                       drafted_dups)
             results.append(Rated(order, proc, facts, decision, missing, drafted, now,
                                  duplicate))
         return results
@@ -168,24 +170,45 @@ class Rater:
         return counts
 
 
+def drafted_duplicates(drafts: list[dict[str, Any]],
+                       knowledge: Knowledge) -> dict[str, Duplicate]:
+    """One pass over a request's drafts: draft id -> the earlier draft it likely duplicates (the
+    same lumbar study, or another lumbar MRI: two MRIs signed together, the later one gets it)."""
+    out: dict[str, Duplicate] = {}
+    first: dict[str, tuple[int, dict[str, Any], Procedure]] = {}  # study -> its first draft
+    first_mri: tuple[int, dict[str, Any], Procedure] | None = None
+    for i, d in enumerate(drafts):
+        if d.get("resourceType") != "ServiceRequest":
+            continue
+        proc = knowledge.procedure_of(order_codings(d))
+        if proc is None or proc.region != "lumbar":
+            continue
+        mri = proc.id in LUMBAR_MRI
+        earlier = [c for c in (first.get(proc.id), first_mri if mri else None) if c]
+        oid = d.get("id")
+        if earlier and isinstance(oid, str) and oid not in out:
+            _, other, other_proc = min(earlier, key=lambda c: c[0])
+            out[oid] = Duplicate(f"ServiceRequest/{other.get('id')}", other_proc, None, True)
+        first.setdefault(proc.id, (i, d, proc))
+        if mri and first_mri is None:
+            first_mri = (i, d, proc)
+    return out
+
+
 def find_duplicate(order: Mapping[str, Any], proc: Procedure, scan: RecordScan,
-                   drafts: list[dict[str, Any]], knowledge: Knowledge) -> Duplicate | None:
+                   drafts: list[dict[str, Any]], knowledge: Knowledge,
+                   drafted: dict[str, Duplicate] | None = None) -> Duplicate | None:
     """The order a lumbar study likely duplicates (product.md, the card table): a lumbar MRI
-    drafted before it in the same bundle (two MRIs signed together: the later one gets the
-    card), else the same study already ordered and still active in the record (the latest).
+    drafted before it in the same bundle (``drafted``: :func:`drafted_duplicates`, found once per
+    request), else the same study already ordered and still active in the record (the latest).
     A completed earlier study is not a duplicate (the recent-MRI card says it)."""
     if proc.region != "lumbar":
         return None
+    if drafted is None:
+        drafted = drafted_duplicates(drafts, knowledge)
     oid = order.get("id")
-    for d in drafts:
-        if d is order or (d.get("resourceType") == "ServiceRequest" and d.get("id") == oid):
-            break  # only the drafts before this one
-        if d.get("resourceType") != "ServiceRequest":
-            continue
-        other = knowledge.procedure_of(order_codings(d))
-        if other is not None and (other.id == proc.id
-                                  or {other.id, proc.id} <= LUMBAR_MRI):
-            return Duplicate(f"ServiceRequest/{d.get('id')}", other, None, True)
+    if isinstance(oid, str) and oid in drafted:
+        return drafted[oid]
     earlier = [h for h in scan.service_requests
                if h.procedure == proc.id and h.rid != oid
                and str_field(h.raw, "status") == ACTIVE_ORDER and h.readable]
