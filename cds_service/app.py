@@ -79,6 +79,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # cyclic garbage collector's full passes (which otherwise stall requests for ~50 ms).
     gc.collect()
     gc.freeze()
+    # A hook call's parsed chart is thousands of short-lived dicts and lists: collect the young
+    # generation every 20,000 allocations rather than 700 (a few MB, and 2 % less CPU per call).
+    gc.set_threshold(20_000, 10, 10)
     yield
     await s.audits.stop()
     await s.fetcher.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,11 @@ def parse_span(value: Any) -> tuple[datetime, datetime] | None:
     """
     if not isinstance(value, str) or not value or len(value) > 64:
         return None
+    return _parse_text(value)
+
+
+@functools.lru_cache(maxsize=8192)  # a chart repeats its dates; the answer is immutable
+def _parse_text(value: str) -> tuple[datetime, datetime] | None:
     m = _DATE.match(value)
     if m:
         year = int(m.group(1))

@@ -211,11 +211,12 @@ class _SetHits:
 def _set_hits(ctx: RuleContext, vs: str, scope: Scope) -> _SetHits:
     """The order's reasons and the problem list's conditions of one value set, in its scope."""
     out = _SetHits()
-    reason_ids = {id(h) for h in ctx.reasons}
     for h in ctx.reasons:
         if vs in h.sets:
             out.found.append((h, True))
-    for h in ctx.scan.conditions_in(vs):
+    conditions = ctx.scan.conditions_in(vs)
+    reason_ids = {id(h) for h in ctx.reasons} if conditions and ctx.reasons else ()
+    for h in conditions:
         if id(h) in reason_ids or _benign(ctx, h):
             continue
         if not ctx.in_scope(h, scope):
@@ -249,6 +250,10 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     """One fact from its value sets (hits in scope, then the companion and text rules) and from
     the medication classes that count for it."""
     sources = {"conditions": ctx.scan.record.conditions}
+    if not (row.medications or row.allergies or ctx.scan.opaque_conditions) and not any(
+            ctx.scan.conditions_in(vs) or any(vs in h.sets for h in ctx.reasons)
+            for vs, _ in row.sets):  # most facts of most charts: nothing recorded either way
+        return settle(row.name, [], sources)
     # an entry the service cannot read may be the finding: in scope, or undated or older (which
     # would make the fact unknown if it could be read)
     opaque = any(ctx.in_scope(h, scope) or ctx.undated(h, scope)
@@ -265,6 +270,8 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
         return _short_use(settle(row.name, medicated, sources, unsure, opaque), short)
     per_set: dict[str, _SetHits] = {vs: _set_hits(ctx, vs, scope) for vs, scope in row.sets}
     unreadable = unsure or any(hits.unreadable for hits in per_set.values())
+    if not any(hits.found or hits.undated for hits in per_set.values()):  # most facts
+        return _short_use(settle(row.name, medicated, sources, unreadable, opaque), short)
     evidence: list[Evidence] = []
     undated: list[Evidence] = []
     alone: list[Evidence] = []  # codes that, without their companion, leave the fact open

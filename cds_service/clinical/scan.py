@@ -140,11 +140,18 @@ def text_of(*concepts: Any) -> str:
     """The human text of codeable concepts (text and displays), for matching words."""
     parts: list[str] = []
     for concept in concepts:
-        if isinstance(concept, dict):
-            if isinstance(concept.get("text"), str):
-                parts.append(concept["text"])
-            parts += [c["display"] for c in codings_of(concept)
-                      if isinstance(c.get("display"), str)]
+        if not isinstance(concept, dict):
+            continue
+        text = concept.get("text")
+        if isinstance(text, str):
+            parts.append(text)
+        codings = concept.get("coding")
+        for c in codings if isinstance(codings, list) else ():
+            display = c.get("display") if isinstance(c, dict) else None
+            if isinstance(display, str):
+                parts.append(display)
+    if len(parts) == 1:
+        return parts[0]
     return " ".join(dict.fromkeys(parts))  # a display repeated as the text: once
 
 
@@ -206,26 +213,32 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
     birth = _birth(record)
     conditions: list[Hit] = []
     opaque: list[Hit] = []
+    screen, by_text = knowledge.screen, knowledge.text_finds and knowledge.sets_by_text
     for raw in record.conditions.resources:
-        sets = knowledge.screen(raw.get("code"))[0]
+        code = raw.get("code")
+        sets, _, readable = screen(code)
         if not sets:
-            if not _opaque(raw.get("code"), knowledge):
+            if readable:
                 # coded in a system the knowledge reads, and in no value set: no, unless its
                 # text names a finding (injection drug use under another code)
-                sets = (knowledge.sets_by_text(text_of(raw.get("code")))
-                        if knowledge.text_finds else sets)
+                sets = by_text(text_of(code)) if by_text else sets
                 if not sets:
                     continue
             else:
-                sets = frozenset({OPAQUE})
+                sets = OPAQUE_SETS
         hit = _condition_hit(raw, sets, birth, knowledge)
         if hit is not None:
             (opaque if OPAQUE in sets else conditions).append(hit)
     reasons = _ConditionReasons(
         frozenset(str(raw.get("id")) for raw in record.conditions.resources),
         frozenset(h.rid for h in conditions if h.sets & LBP_SETS))
-    procedures = [h for h in (_order_like_hit(raw, "Procedure", knowledge)
-                              for raw in record.procedures.resources) if h]
+    procedures = []
+    for raw in record.procedures.resources:  # most of a chart: one screen, nothing more
+        screened = screen(raw.get("code"))
+        if screened[0] or screened[1] is not None:
+            hit = _order_like_hit(raw, "Procedure", knowledge, screened)
+            if hit is not None:
+                procedures.append(hit)
     service_requests = [h for h in (_order_like_hit(raw, "ServiceRequest", knowledge)
                                     for raw in record.service_requests.resources) if h]
     procedures = [h for h in (_back_care(h, knowledge, reasons) for h in procedures) if h]
@@ -240,6 +253,7 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
 
 
 NOT_CURRENT_ALLERGY = {"inactive", "resolved"}
+OPAQUE_SETS = frozenset({OPAQUE})
 
 
 def _allergy_hit(raw: Mapping[str, Any], knowledge: Knowledge) -> Hit | None:
@@ -308,12 +322,6 @@ def _reason_refs(raw: Mapping[str, Any]) -> list[str]:
             and "Condition" in str(r["reference"])]
 
 
-def _opaque(concept: Any, knowledge: Knowledge) -> bool:
-    """No coding in a system the knowledge reads (text only, a local code, nothing at all)."""
-    return not any(knowledge.reads_system(c.get("system")) and isinstance(c.get("code"), str)
-                   for c in codings_of(concept))
-
-
 def _condition_hit(raw: Mapping[str, Any], sets: frozenset[str], birth: Span | None,
                    knowledge: Knowledge) -> Hit | None:
     if _status_code(raw.get("verificationStatus")) in EXCLUDED_VERIFICATION:
@@ -344,8 +352,9 @@ def _condition_onset(raw: Mapping[str, Any],
     return None, None
 
 
-def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge) -> Hit | None:
-    sets, proc = knowledge.screen(raw.get("code"))
+def _order_like_hit(raw: Mapping[str, Any], rtype: str, knowledge: Knowledge,
+                    screened: tuple[frozenset[str], Any, bool] | None = None) -> Hit | None:
+    sets, proc, _ = screened or knowledge.screen(raw.get("code"))
     if not sets and proc is None and rtype != "ServiceRequest":
         return None  # most of a chart (visits, labs): one cached lookup per coding, no more
     codings = codings_of(raw.get("code"))

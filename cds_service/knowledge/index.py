@@ -165,7 +165,7 @@ class Knowledge:
     _procedure_codes: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     # (system, code) -> value sets, and ("procedure", system, code) -> procedure: bounded
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
-    _screened: dict[tuple[str, str], tuple[frozenset[str], Any]] = field(
+    _screened: dict[tuple[str, str], tuple[frozenset[str], Any, bool]] = field(
         default_factory=dict, repr=False)
     _medication_matcher: MedicationMatcher = field(default_factory=MedicationMatcher,
                                                    repr=False)
@@ -300,17 +300,26 @@ class Knowledge:
         self._by_text[text] = found
         return found
 
-    def screen(self, concept: Any) -> tuple[frozenset[str], Procedure | None]:
-        """Value sets and catalog procedure of a CodeableConcept's codings, in one pass.
+    def screen(self, concept: Any) -> tuple[frozenset[str], Procedure | None, bool]:
+        """Value sets and catalog procedure of a CodeableConcept's codings, and whether any
+        coding is a code of a system the knowledge reads (else the concept is unreadable: text
+        only, a local code), in one pass.
 
         The per-resource screen of a chart: one cached lookup per coding, nothing else for
         the visits and labs that make most of a record.
         """
+        codings = concept.get("coding") if type(concept) is dict else None
+        if type(codings) is list and len(codings) == 1 and type(codings[0]) is dict:
+            system, code = codings[0].get("system"), codings[0].get("code")
+            if type(system) is str and type(code) is str:  # the usual concept: one coding
+                known = self._screened.get((system, code))
+                if known is not None:
+                    return known
         sets: frozenset[str] = frozenset()
         proc: Procedure | None = None
-        codings = concept.get("coding") if type(concept) is dict else None
+        readable = False
         if type(codings) is not list:
-            return sets, proc
+            return sets, proc, readable
         for c in codings:
             if type(c) is not dict:
                 continue
@@ -324,10 +333,13 @@ class Knowledge:
                 sets = sets | found[0]
             if proc is None:
                 proc = found[1]
-        return sets, proc
+            readable = readable or found[2]
+        return sets, proc, readable
 
-    def _screen_one(self, system: str, code: str) -> tuple[frozenset[str], Procedure | None]:
-        found = (self.valuesets_of(system, code), self._procedure_of(system, code))
+    def _screen_one(self, system: str,
+                    code: str) -> tuple[frozenset[str], Procedure | None, bool]:
+        found = (self.valuesets_of(system, code), self._procedure_of(system, code),
+                 self.reads_system(system))
         if len(code) <= self._longest[1] and len(system) <= self._longest[0]:
             if len(self._screened) > 50_000:
                 self._screened.clear()
