@@ -11,6 +11,7 @@ holds it under.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -68,6 +69,11 @@ class FactSpec:
     # the contrast agents a yes makes a risk (CONTRASTS): a suggestion avoids them, and the card
     # says why; such a fact never decides the rating (it is not a variant of the criteria)
     avoids: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def set_names(self) -> frozenset[str]:
+        """The value sets of a CODED rule, without their scopes."""
+        return frozenset(vs for vs, _ in self.sets)
 
 
 # In the order of the evidence rows on a card.

@@ -135,6 +135,11 @@ class RuleContext:
         return hit.evidence("reason for this order", display)
 
     @functools.cached_property
+    def recorded_sets(self) -> frozenset[str]:
+        """The value sets of the order's reasons and of the record's condition hits."""
+        return self.scan.condition_sets().union(*(h.sets for h in self.reasons))
+
+    @functools.cached_property
     def care_since(self) -> datetime:
         """Care (and candidacy) counts from the episode's onset less the grace period; with no
         dated episode, from the end of the latest resolved one, within the care window at most
@@ -250,10 +255,9 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     """One fact from its value sets (hits in scope, then the companion and text rules) and from
     the medication classes that count for it."""
     sources = {"conditions": ctx.scan.record.conditions}
-    if not (row.medications or row.allergies or ctx.scan.opaque_conditions) and not any(
-            ctx.scan.conditions_in(vs) or any(vs in h.sets for h in ctx.reasons)
-            for vs, _ in row.sets):  # most facts of most charts: nothing recorded either way
-        return settle(row.name, [], sources)
+    if (not (row.medications or row.allergies or ctx.scan.opaque_conditions)
+            and row.set_names.isdisjoint(ctx.recorded_sets)):
+        return settle(row.name, [], sources)  # most facts of most charts: nothing recorded
     # an entry the service cannot read may be the finding: in scope, or undated or older (which
     # would make the fact unknown if it could be read)
     opaque = any(ctx.in_scope(h, scope) or ctx.undated(h, scope)

@@ -112,13 +112,20 @@ class RecordScan:
 
     def conditions_in(self, vs: str) -> list[Hit]:
         """The condition hits of one value set, in record order (indexed once per scan)."""
+        return self._index().get(vs, [])
+
+    def condition_sets(self) -> frozenset[str]:
+        """The value sets some condition hit is in."""
+        return frozenset(self._index())
+
+    def _index(self) -> dict[str, list[Hit]]:
         if self._by_set is None:
             index: dict[str, list[Hit]] = {}
             for h in self.conditions:
                 for name in h.sets:
                     index.setdefault(name, []).append(h)
             self._by_set = index
-        return self._by_set.get(vs, [])
+        return self._by_set
 
 
 def codings_of(concept: Any) -> list[Mapping[str, Any]]:
