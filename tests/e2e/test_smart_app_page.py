@@ -32,7 +32,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
                                "(pip install -e '.[test]'; make test installs it)")
 expect = sync_api.expect
 DOCS = ROOT / "docs"
-SAVED = "Saved. Close this window; the order will be rated with your answers."
+SAVED = ("Saved. Close this window; the order is rated with these answers when you next "
+         "select or sign it.")
 
 
 @pytest.fixture(scope="module")
