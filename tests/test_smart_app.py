@@ -627,3 +627,30 @@ def test_cookie_signature_and_write_scopes() -> None:
     for scope in ("patient/QuestionnaireResponse.rs", "patient/QuestionnaireResponse.read",
                   "patient/Observation.c", "launch openid", ""):
         assert not can_write_responses(scope), scope
+
+
+def test_in_a_frame_the_cookie_is_probed_and_a_new_window_offered(
+        browser: httpx.Client, ehr: SmartTestServer) -> None:
+    """Item 7: launched in an EHR's frame, the app first sees whether the browser keeps its
+    cookie there (SameSite=None; Secure; Partitioned); where it does not (this client keeps no
+    Secure cookie over http), it says so and offers the same launch in a new window. Only the
+    allow-listed EHRs may frame it (frame-ancestors)."""
+    framed = {"Sec-Fetch-Dest": "iframe"}
+    probe = browser.get("/app/launch", params={"iss": ehr.base, "launch": LAUNCH},
+                        headers=framed)
+    assert probe.status_code == 303
+    assert probe.headers["location"].startswith("launch?") and "probe=1" in probe.headers[
+        "location"]
+    cookie = probe.headers["set-cookie"].lower()
+    assert "cds_app_probe=" in cookie and "samesite=none" in cookie and "secure" in cookie \
+        and "partitioned" in cookie
+    refused = browser.get("/app/" + probe.headers["location"], headers=framed)
+    assert_page(refused, 200, "The app cannot work inside this panel", "Open in a new window")
+    link = re.search(r'href="(launch\?[^"]+)" target="_blank"', refused.text)
+    assert link and parse_qs(urlsplit(html.unescape(link.group(1))).query) == {
+        "iss": [ehr.base], "launch": [LAUNCH]}
+    assert not ehr.authorize_requests  # the launch is not spent
+    assert refused.headers["content-security-policy"].endswith(
+        f"frame-ancestors 'self' {ehr.origin}")
+    window = launch(browser, ehr)  # a window of its own: SameSite=Lax as before
+    assert window.status_code == 302 and "samesite=lax" in window.headers["set-cookie"].lower()

@@ -41,6 +41,8 @@ input[type=number] { font: inherit; width: 6rem; padding: .2rem .3rem; margin-to
 button { font: inherit; padding: .5rem 1.1rem; border-radius: 6px; border: 2px solid #1a5fb4;
          background: #fff; color: #1a5fb4; cursor: pointer; }
 button.primary { background: #1a5fb4; color: #fff; }
+a.button { display: inline-block; padding: .5rem 1.1rem; border-radius: 6px;
+           background: #1a5fb4; color: #fff; text-decoration: none; }
 :focus-visible { outline: 3px solid #e66100; outline-offset: 2px; }
 .notice { border-left: 6px solid #1a5fb4; background: #eef4fb; padding: .6rem 1rem;
           margin: 1rem 0; }
@@ -119,6 +121,17 @@ def problem_page(problem: Problem) -> str:
     return layout(problem.title, f"""<h1>{escape(problem.title)}</h1>
 <p>{escape(problem.text)}</p>
 <p>{escape(problem.advice)}</p>""")
+
+
+def framed_page(launch: str) -> str:
+    """In an EHR's frame where the browser keeps no cookie for the app: say so, and offer the
+    same launch in a new window (the launch has not been used yet)."""
+    return layout("Open in a new window", f"""<h1>The app cannot work inside this panel</h1>
+<p>This browser does not let the app keep your sign-in inside the EHR's page (it blocks
+cookies of other sites in frames), so the answers could not be kept or saved here.</p>
+<p><a class="button primary" href="{escape(launch)}" target="_blank">Open in a new window</a></p>
+<p>In a new window the answers are saved the same way; the order is rated with them when you
+next select or sign it.</p>""")
 
 
 def _rating(view: RatingView) -> str:

@@ -16,7 +16,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from fastapi import APIRouter, Request
@@ -41,6 +41,7 @@ from cds_service.smart.pages import (
     Messages,
     Notice,
     QuestionsView,
+    framed_page,
     orders_page,
     problem_page,
     questions_page,
@@ -56,7 +57,7 @@ from cds_service.smart.rating import (
     unavailable_view,
     why_line,
 )
-from cds_service.smart.service import Session, SmartApp
+from cds_service.smart.service import PROBE, Session, SmartApp
 from cds_service.store import StoreUnavailable
 
 log = logging.getLogger("cds_service.smart")
@@ -82,26 +83,36 @@ def explained(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def run(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Problem as problem:
-            log.info("app page refused", extra={"route": request.url.path,
-                                                "status": problem.status,
-                                                "problem": problem.title})
-            return page(problem_page(problem), problem.status)
-        except StoreUnavailable:
-            log.error("app session store unavailable", extra={"route": request.url.path})
-            return page(problem_page(Problem(
-                503, "The service cannot keep your session right now",
-                "Its database is not available.", "Try again in a minute.")), 503)
-        except Exception as exc:  # never a trace on a page; the type name in the log
-            log.error("app page failed", extra={"route": request.url.path,
-                                                "error": type(exc).__name__})
-            return page(problem_page(Problem(
-                500, "Something went wrong", "The app could not show this page.",
-                "Close this window and open the app again from the card.")), 500)
+        response = await _explain(handler, request)
+        # (frame-ancestors: only the EHRs it works with may show the app in a frame)
+        smart = _smart(request)
+        response.headers["Content-Security-Policy"] = (
+            f"{CSP}; frame-ancestors {smart.frame_ancestors}")
+        return response
 
     return run
+
+
+async def _explain(handler: Handler, request: Request) -> Response:
+    """The handler's response, or its failure as a page (a Problem's own, or 503 / 500)."""
+    try:
+        return await handler(request)
+    except Problem as problem:
+        log.info("app page refused", extra={"route": request.url.path,
+                                            "status": problem.status,
+                                            "problem": problem.title})
+        return page(problem_page(problem), problem.status)
+    except StoreUnavailable:
+        log.error("app session store unavailable", extra={"route": request.url.path})
+        return page(problem_page(Problem(
+            503, "The service cannot keep your session right now",
+            "Its database is not available.", "Try again in a minute.")), 503)
+    except Exception as exc:  # never a trace on a page; the type name in the log
+        log.error("app page failed", extra={"route": request.url.path,
+                                            "error": type(exc).__name__})
+        return page(problem_page(Problem(
+            500, "Something went wrong", "The app could not show this page.",
+            "Close this window and open the app again from the card.")), 500)
 
 
 def _smart(request: Request) -> SmartApp:
@@ -128,6 +139,10 @@ async def launch(request: Request) -> Response:
                       "The FHIR server that opened the app (iss) is not one the service is "
                       "configured to work with.", "Ask the service's administrators to add it "
                       "to CDS_FHIR_ALLOWED_SERVERS, or open the app from your own EHR.")
+    if request.headers.get("sec-fetch-dest") == "iframe":  # a side panel in the EHR's page
+        framed = _framed(smart, request, iss, launch_id)
+        if framed is not None:
+            return framed
     async with smart.outbound() as out:
         config = await discover(out, iss)
     redirect_uri = f"{smart.base_url(request)}/app/callback"
@@ -141,6 +156,21 @@ async def launch(request: Request) -> Response:
     await smart.begin(response, request, state=state, verifier=verifier, iss=iss,
                       token_endpoint=config.token_endpoint, redirect_uri=redirect_uri)
     return response
+
+
+def _framed(smart: SmartApp, request: Request, iss: str, launch_id: str) -> Response | None:
+    """In a frame, first see whether the browser keeps the app's cookie there (a probe cookie,
+    then the launch again); where it does not, say so and offer a new window. None: go on."""
+    again = {"iss": iss, "launch": launch_id}
+    if not _param(request, "probe"):
+        response = RedirectResponse(f"launch?{urlencode({**again, 'probe': '1'})}",
+                                    status_code=303, headers=HEADERS)
+        smart.set_cookie(response, request, PROBE, "1")
+        return response
+    if request.cookies.get(PROBE):
+        return None
+    log.info("app cookie not kept in a frame")
+    return page(framed_page(f"launch?{urlencode(again)}"))
 
 
 @router.get("/callback")

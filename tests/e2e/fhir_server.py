@@ -154,9 +154,10 @@ class SandboxFhirServer(LoopbackServer):
                     server.seen.append(Seen(method, path.removeprefix("/fhir/"), params,
                                             self.headers.get("Authorization"),
                                             self.headers.get("Origin"), status))
-                raw = json.dumps(body).encode()
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/fhir+json; charset=utf-8")
+                if "Content-Type" not in extra:
+                    self.send_header("Content-Type", "application/fhir+json; charset=utf-8")
                 self.send_header("Content-Length", str(len(raw)))
                 for name, value in {**CORS, **extra}.items():
                     self.send_header(name, value)
@@ -240,6 +241,11 @@ class SandboxEhr:
                          "capabilities": ["launch-ehr", "context-ehr-patient"]}, {}
         if method == "GET" and path == "/auth/jwks":
             return 200, JWKS, {}
+        if method == "GET" and path == "/ehr":  # the EHR's page, the app in a side panel
+            src = query.get("app", "").replace('"', "%22")
+            return 200, (f'<!doctype html><title>EHR</title><h1>EHR</h1><iframe id="panel" '
+                         f'src="{src}" width="900" height="900"></iframe>').encode(), {
+                "Content-Type": "text/html; charset=utf-8"}
         if method == "GET" and path == "/auth/authorize":
             return self.authorize(query)
         if method == "POST" and path == "/auth/token":

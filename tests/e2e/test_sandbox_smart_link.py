@@ -9,12 +9,15 @@ rating and closes the app's window, with no further click.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
+import httpx
 import pytest
 
 from tests.e2e.fhir_server import PRACTITIONER, SEED_PATIENT, SandboxFhirServer, seed_patient
@@ -66,6 +69,7 @@ def fhir() -> Iterator[SandboxFhirServer]:
 def service(tmp_path_factory: pytest.TempPathFactory, fhir: SandboxFhirServer) -> Iterator[str]:
     data = tmp_path_factory.mktemp("sandbox-smart")
     with served(data, CDS_FHIR_ALLOWED_SERVERS=fhir.base, CDS_PUBLIC_BASE_URL="{base}",
+                CDS_SMART_FRAME_ANCESTORS=f"http://localhost:{fhir.port}",
                 CDS_LOG_LEVEL="WARNING") as base:
         yield base
 
@@ -116,6 +120,41 @@ def test_the_cards_link_opens_the_app_and_the_sandbox_shows_the_new_rating(
         page.screenshot(path=str(tmp_path / "sandbox.png"), full_page=True)
         for extra in context.pages[1:]:
             extra.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        print(f"saved in {tmp_path}")
+        raise
+    finally:
+        context.close()
+
+
+def test_the_app_works_in_a_side_panel_of_another_site(browser: Any, fhir: SandboxFhirServer,
+                                                        service: str, tmp_path: Path) -> None:
+    """Item 7: the EHR's page (http://localhost:port, another site than the app's 127.0.0.1)
+    shows the app in a frame: its Partitioned cookie is kept there, the answers are saved, and
+    the saved page says when the order is rated (no SMART Web Messaging from this EHR)."""
+    fhir.ehr.reset()
+    launch = httpx.post(f"{fhir.base}/_services/smart/Launch", json={
+        "launchUrl": f"{service}/app/launch", "parameters": {
+            "patient": SEED_PATIENT, "appContext": json.dumps({
+                "order": "ServiceRequest/draft-1", "procedure": "mri-wo",
+                "ask": ["conservative-care"]})}}).json()["launch_id"]
+    app = f"{service}/app/launch?" + urlencode({"iss": fhir.base, "launch": launch})
+    context = browser.new_context(viewport={"width": 1000, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        page.goto(f"http://localhost:{fhir.port}/ehr?" + urlencode({"app": app}))
+        panel = page.frame_locator("#panel")
+        expect(panel.locator("h1")).to_have_text("Questions that decide the rating")
+        panel.locator('input[name="conservative-care"][value="no"]').check()
+        panel.get_by_role("button", name="Save answers").click()
+        expect(panel.locator(".notice.saved")).to_contain_text(
+            "the order is rated with these answers when you next select or sign it")
+        expect(panel.get_by_role("button", name="Close")).to_be_visible()
+        (saved,) = fhir.ehr.responses
+        assert saved["item"] == [{"linkId": "conservative-care", "text": saved["item"][0]["text"],
+                                  "answer": [{"valueBoolean": False}]}]
+    except Exception:
+        page.screenshot(path=str(tmp_path / "ehr.png"), full_page=True)
         print(f"saved in {tmp_path}")
         raise
     finally:
