@@ -22,12 +22,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cds_service.app import ConfigurationError, create_app
+from cds_service.engine import Engine
+from cds_service.knowledge import load_knowledge
+from cds_service.record import record_from_prefetch
+from cds_service.render import load_templates
 from cds_service.settings import Settings
 from cds_service.smart.keys import SessionKeys
 from cds_service.smart.oauth import can_write_responses
+from cds_service.smart.rating import rating_view
 from cds_service.store import Store
 from tests.builders import PATIENT, bundle, hook_request, order
-from tests.conftest import SELECT, dev_settings
+from tests.conftest import ROOT, SELECT, dev_settings
 from tests.served import served
 from tests.smart_server import CLIENT_ID, LAUNCH, ORDER_ID, SmartTestServer, challenge_of
 from tests.test_store import BACKENDS, database
@@ -654,3 +659,16 @@ def test_in_a_frame_the_cookie_is_probed_and_a_new_window_offered(
         f"frame-ancestors 'self' {ehr.origin}")
     window = launch(browser, ehr)  # a window of its own: SameSite=Lax as before
     assert window.status_code == 302 and "samesite=lax" in window.headers["set-cookie"].lower()
+
+
+def test_still_open_lists_only_what_a_question_settles(ehr: SmartTestServer) -> None:
+    """Item 9: a fact no question settles (the age band, from the birth date) is not listed
+    as "Still open" on the page: the clinician could do nothing about it there."""
+    engine = Engine(load_knowledge(), load_templates(ROOT / "cards"), dev_settings())
+    record = record_from_prefetch(ehr.data, PATIENT)
+    rated = engine.rate_order(order(ORDER_ID, cpt="72148"), record, datetime.now(UTC))
+    assert rated is not None
+    open_ = dataclasses.replace(rated.decision, determinate=False, pama=None,
+                                deciding=["elderly", "conservative_care"])
+    view = rating_view(engine, dataclasses.replace(rated, decision=open_))
+    assert view.still_open == [engine.templates.fact_label("conservative_care")]

@@ -140,8 +140,9 @@ async def saved_answers(call: HookRequest, record: PatientRecord, rated: list[Ra
     prefetch lacks them and the answer would otherwise ask questions (the SMART app saves them
     there; an EHR need not prefetch them): True when any came."""
     key = "questionnaireresponses"
-    if record.questionnaire_responses.state is SourceState.COMPLETE or key in outcomes:
-        return False  # received, or already asked for with the rest
+    if (record.questionnaire_responses.state is SourceState.COMPLETE or key in outcomes
+            or not call.fhirServer):
+        return False  # received, already asked for with the rest, or nowhere to ask
     if not any(s.engine.questions.for_facts(r.decision.deciding) for r in rated):
         return False  # nothing would be asked: the answers change nothing
     auth = call.fhirAuthorization

@@ -1,9 +1,13 @@
 """The app's routes under /app/: the SMART EHR launch, its callback, and the questions page.
 
-    GET  /app/launch?iss&launch  -> 302 to the EHR's authorize endpoint (PKCE S256, state)
-    GET  /app/callback?code&state -> the code exchanged for a token -> 303 to questions
-    GET  /app/questions           -> the questions this order needs, pre-filled, and its rating
-    POST /app/questions           -> "Update rating" (re-rated) or "Save answers" (written)
+    GET  /app/launch?iss&launch  -> 302 to the EHR's authorize endpoint (PKCE S256, state);
+                                    in a frame, first a probe that the cookie is kept there
+    GET  /app/callback?code&state -> the code exchanged for a token, the id_token validated
+                                    -> 303 to questions
+    GET  /app/questions[?order=]  -> the questions this order needs, pre-filled, and its
+                                    rating; with no order in the launch, the patient's orders
+    POST /app/questions           -> "Update rating" (re-rated) or "Save answers" (written
+                                    first, then re-rated; the EHR told where it listens)
 
 Every failure is a page with its status (4xx, 502, 503), never a 500 or a trace; nothing
 logged names a patient, a URL with parameters or a token.
