@@ -515,6 +515,11 @@ def test_after_saving_the_ehr_is_sent_the_order_re_rated(browser: httpx.Client,
                for c in e["valueCodeableConcept"]["coding"]]
     assert "appropriate" in ratings and resource["reasonCode"][0]["coding"][0]
     assert 'id="close"' not in saved.text
+    sign_in(browser, ehr)  # answers that leave the order unrated: nothing to send, a Close
+    page = browser.get("/app/questions")
+    still = answer(browser, page, "save", conservative_care="")
+    assert_page(still, 200, SAVED, "not rated yet")
+    assert 'id="messages"' not in still.text and 'id="close"' in still.text
 
 
 # ------------------------------------------------------------------ in-process

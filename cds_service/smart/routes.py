@@ -315,6 +315,10 @@ async def answer(request: Request) -> Response:
     if status != 200:
         return page(questions_page(view), status)
     view.messages = _messages(smart, grant, view)
+    if view.messages is not None and grant.user:  # the EHR is sent the order re-rated
+        view.notice = Notice("saved", "Saved. The order is re-rated with your answers.",
+                             "The answers are in the patient's record as a questionnaire "
+                             "response; the EHR is sent the rating below.")
     return page(saved_page(view))
 
 
@@ -378,10 +382,6 @@ async def _write(smart: SmartApp, out: Outbound, session: Session,
                       "patient's record as a questionnaire response, but no practitioner is "
                       "known to be signed in: they are read as patient-reported and do not "
                       "change the rating."), 200
-    if grant.messaging_origin:
-        return Notice("saved", "Saved. The order is re-rated with your answers.",
-                      "The answers are in the patient's record as a questionnaire response; "
-                      "the EHR is sent the rating below."), 200
     return Notice("saved", "Saved. Close this window; the order is rated with these answers "
                   "when you next select or sign it.", "The answers are in the patient's "
                   "record as a questionnaire response; the rating below is the one they "
