@@ -12,6 +12,7 @@ when the order is rated.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from tests.e2e.smart_launcher import SmartLauncher, dependencies, ehr_launch, la
 from tests.e2e.test_sandbox_smart_link import undecided_patient
 from tests.served import served
 
-CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TREE = launcher_tree()
 pytestmark = [
     pytest.mark.skipif(TREE is None, reason="the SMART launcher is not in ../shared/tools"),
