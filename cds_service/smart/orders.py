@@ -42,8 +42,9 @@ async def lumbar_orders(out: Outbound, iss: str, grant: Grant,
     for order in record.service_requests.resources:
         rid, status = order.get("id"), order.get("status")
         procedure = knowledge.procedure_of(order_codings(order))
-        if (procedure is None or status not in OPEN_STATUSES or not isinstance(rid, str)
-                or not FHIR_ID.fullmatch(rid) or not belongs_to(order, grant.patient)):
+        if (procedure is None or procedure.region != "lumbar" or status not in OPEN_STATUSES
+                or not isinstance(rid, str) or not FHIR_ID.fullmatch(rid)
+                or not belongs_to(order, grant.patient)):
             continue
         authored = order.get("authoredOn")
         found.append(OrderChoice(rid, procedure.name, status,
