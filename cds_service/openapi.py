@@ -167,6 +167,10 @@ def build_openapi(app: FastAPI, service_ids: Iterable[str]) -> dict[str, Any]:
         "200": {"description": "The FHIR R4 Questionnaire lbp-imaging-auc",
                 "content": {FHIR_JSON: {"schema": {"type": "object"}}}},
         **_errors("404")}
+    paths[QUESTIONNAIRE_PATH]["get"]["responses"] = {
+        "200": {"description": "A searchset Bundle holding the Questionnaire whose canonical "
+                               "url (with or without |version) is url=",
+                "content": {FHIR_JSON: {"schema": {"type": "object"}}}}}
     report = paths["/admin/report"]["get"]
     report["responses"] = {
         "200": {"description": "The feedback report (JSON with Accept: application/json)",

@@ -154,7 +154,7 @@ def answers_code_system(questions: Questions, canonical_root: str,
 def build_response(questions: Questions, canonical_root: str, answers: Mapping[str, Answer],
                    patient_id: str, authored: datetime,
                    order_reference: str | None = None,
-                   author: str | None = None) -> dict[str, Any]:
+                   author: str | None = None, encounter: str | None = None) -> dict[str, Any]:
     """A completed QuestionnaireResponse holding the given answers (unanswered items left out,
     as are those a false enableWhen hides), authored by the practitioner signed in (``author``:
     ``Practitioner/123``; without one the answers read as not a clinician's)."""
@@ -183,6 +183,8 @@ def build_response(questions: Questions, canonical_root: str, answers: Mapping[s
         response["basedOn"] = [{"reference": order_reference}]
     if author:
         response["author"] = {"reference": author}
+    if encounter:  # the encounter of the launch (``Encounter/123``)
+        response["encounter"] = {"reference": encounter}
     return response
 
 

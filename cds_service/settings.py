@@ -93,6 +93,9 @@ class Settings(BaseSettings):
                          "patient/MedicationRequest.rs patient/QuestionnaireResponse.crs "
                          "patient/AllergyIntolerance.rs")
     smart_session_seconds: int = 900  # the app's server-side session (holds the access token)
+    # web origins of EHR pages that may show the app in a frame (a side panel), comma-separated,
+    # besides the origins of CDS_FHIR_ALLOWED_SERVERS (Content-Security-Policy frame-ancestors)
+    smart_frame_ancestors: str = ""
     # secret that signs the app's session cookie and encrypts its stored tokens (32+ characters);
     # unset: derived from the audit hash key
     smart_session_secret: str | None = None

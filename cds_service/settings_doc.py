@@ -142,6 +142,10 @@ DESCRIPTIONS: dict[str, str] = {
     "smart_scopes": "Scopes the SMART app asks for, space-separated.",
     "smart_session_seconds": "Lifetime of the SMART app's server-side session (it holds the "
                              "EHR's access token, encrypted).",
+    "smart_frame_ancestors": "Web origins of EHR pages that may show the SMART app in a frame "
+                             "(a side panel), comma-separated, besides the origins of "
+                             "CDS_FHIR_ALLOWED_SERVERS (the app's frame-ancestors); no other "
+                             "site can frame it.",
     "smart_session_secret": "Signs the SMART app's session cookie and encrypts the access "
                             "token it keeps; at least 32 characters (checked outside "
                             "development).",

@@ -1,10 +1,12 @@
 """The tests' own SMART authorisation server and FHIR server, on one loopback port.
 
-    GET  {base}/.well-known/smart-configuration   the SMART configuration (PKCE S256)
+    GET  {base}/.well-known/smart-configuration   the SMART configuration (PKCE S256, jwks_uri)
+    GET  /auth/jwks             the keys that sign its id_tokens (RS256)
     GET  /auth/authorize?...   auto-approves: 302 to redirect_uri with code and state
     POST /auth/token            checks the grant, redirect_uri, client_id and that
                                 SHA-256(code_verifier) is the challenge; answers the token,
-                                scope, patient and appContext (or fails as told)
+                                scope, patient, encounter, appContext or fhirContext, and an
+                                id_token signed with its key (or fails as told)
     GET  {base}/Patient/{id}, {base}/{Type}?patient={id}   the patient's resources
     GET  {base}/ServiceRequest/{id}                        an order
     POST {base}/QuestionnaireResponse                      stored, 201 (or refused as told)
@@ -19,11 +21,15 @@ import hashlib
 import json
 import secrets
 import threading
+import time
 from copy import deepcopy
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.builders import PATIENT, bundle, order, seed_prefetch
 from tests.loopback import LoopbackServer
@@ -62,8 +68,14 @@ def challenge_of(verifier: str) -> str:
 PRACTITIONER = "Practitioner/dr-1"  # the clinician signed in
 
 
-def id_token(claims: dict[str, Any]) -> str:
-    """An (unsigned) OpenID Connect id_token carrying these claims."""
+ENCOUNTER = "enc-1"
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+JWKS = {"keys": [{**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(KEY.public_key())),
+                  "kid": "test-1", "use": "sig", "alg": "RS256"}]}
+
+
+def unsigned_token(claims: dict[str, Any]) -> str:
+    """An unsigned (alg none) JWT carrying these claims: never to be believed."""
     def part(value: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
     return f"{part({'alg': 'none'})}.{part(claims)}."
@@ -116,6 +128,12 @@ class SmartTestServer(LoopbackServer):
                                                 "procedure": "mri-wo", "ask": ASK})
             self.token_mode = "ok"  # or: http-400, no-access-token, bad-json, slow
             self.user: str | None = PRACTITIONER  # the id_token's fhirUser (None: no id_token)
+            self.id_token_mode = "signed"  # or: unsigned, wrong-aud, wrong-key, expired
+            self.fhir_context: list[dict[str, str]] | None = None  # SMART 2.1 fhirContext
+            self.messaging_origin: str | None = None  # smart_web_messaging_origin
+            self.list_orders = False  # the ServiceRequest search also lists ``orders``
+            self.failing: set[str] = set()  # types whose reads and searches answer 500
+            # ("order": the read of an order only)
             self.write_status = 201  # the answer to POST QuestionnaireResponse
             self.refused_searches: set[str] = set()  # resource types whose search answers 403
             self.authorize_error: str | None = None  # e.g. access_denied
@@ -134,6 +152,7 @@ class SmartTestServer(LoopbackServer):
         return {"issuer": self.base, "authorization_endpoint": f"{self.origin}/auth/authorize",
                 "token_endpoint": f"{self.origin}/auth/token",
                 "code_challenge_methods_supported": ["S256"],
+                "jwks_uri": f"{self.origin}/auth/jwks",
                 "capabilities": ["launch-ehr", "context-ehr-patient", "client-public"],
                 **self.smart_config_extra}
 
@@ -171,12 +190,31 @@ class SmartTestServer(LoopbackServer):
         token = secrets.token_urlsafe(24)
         self.tokens.add(token)
         body = {"access_token": token, "token_type": "Bearer", "expires_in": 3600,
-                "scope": self.scope, "patient": PATIENT, "appContext": self.app_context}
+                "scope": self.scope, "patient": PATIENT, "encounter": ENCOUNTER}
+        if self.app_context is not None:
+            body["appContext"] = self.app_context
+        if self.fhir_context is not None:
+            body["fhirContext"] = self.fhir_context
+        if self.messaging_origin is not None:
+            body["smart_web_messaging_origin"] = self.messaging_origin
+            body["smart_web_messaging_handle"] = "handle-1"
         if self.user is not None:
-            body["id_token"] = id_token({"sub": "u1", "fhirUser": self.user})
+            body["id_token"] = self.id_token(form.get("client_id", ""))
         if mode == "no-access-token":
             del body["access_token"]
         return 200, body, {"Cache-Control": "no-store"}
+
+    def id_token(self, client_id: str) -> str:
+        mode = self.id_token_mode
+        claims = {"iss": self.base, "sub": "u1", "fhirUser": self.user,
+                  "aud": "someone-else" if mode == "wrong-aud" else client_id,
+                  "exp": int(time.time()) + (-3600 if mode == "expired" else 3600),
+                  "iat": int(time.time())}
+        if mode == "unsigned":
+            return unsigned_token(claims)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048) \
+            if mode == "wrong-key" else KEY
+        return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "test-1"})
 
     # ------------------------------------------------------------------ HTTP
 
@@ -187,6 +225,8 @@ class SmartTestServer(LoopbackServer):
             return 200, self.smart_configuration(), {}
         if parts.path == "/auth/authorize":
             return self.authorize(query)
+        if parts.path == "/auth/jwks":
+            return 200, JWKS, {}
         with self.lock:
             self.fhir_requests.append(("GET", path, authorization))
         if not self._authorised(authorization):
@@ -219,6 +259,9 @@ class SmartTestServer(LoopbackServer):
 
     def fhir_read(self, segments: list[str],
                   query: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        read_order = len(segments) == 2 and segments[0] == "ServiceRequest"
+        if ("order" if read_order else segments[0]) in self.failing:
+            return 500, outcome("exception"), FHIR
         if segments == ["Patient", PATIENT]:
             return 200, self.data["patient"], FHIR
         if len(segments) == 2 and segments[0] == "ServiceRequest" and segments[1] in self.orders:
@@ -228,6 +271,12 @@ class SmartTestServer(LoopbackServer):
                 return 403, outcome("forbidden"), FHIR
             if segments[0] == "QuestionnaireResponse":
                 return 200, bundle(*deepcopy(self.responses)), FHIR
+            if segments[0] == "AllergyIntolerance":
+                return 200, self.data.get("allergies") or bundle(), FHIR
+            if segments[0] == "ServiceRequest" and self.list_orders:
+                found = self.data["servicerequests"]
+                return 200, bundle(*[e["resource"] for e in found["entry"]],
+                                   *self.orders.values()), FHIR
             if segments[0] in TYPES:
                 return 200, self.data[TYPES[segments[0]]], FHIR
         return 404, outcome("not-found"), FHIR

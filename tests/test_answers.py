@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.codesystem import CodeSystem
 from fhir.resources.R4B.questionnaire import Questionnaire
 from fhir.resources.R4B.questionnaireresponse import QuestionnaireResponse
@@ -91,6 +92,21 @@ def test_the_questionnaire_is_served_valid_and_generated_from_the_knowledge(clie
     codes = {c.code for c in CodeSystem.model_validate(answers.json()).concept}
     assert codes == {"acute", "subacute", "chronic"}
     assert client.get("/fhir/Questionnaire/other").status_code == 404
+
+
+def test_the_questionnaire_is_found_by_its_canonical_url(client: Any) -> None:
+    """Issue 23 item 10: EHR form renderers look a questionnaire up by ``url``."""
+    for url in (QUESTIONNAIRE, f"{QUESTIONNAIRE}|{QUESTIONS.version}"):
+        r = client.get("/fhir/Questionnaire", params={"url": url})
+        assert r.status_code == 200 and r.headers["content-type"].startswith(
+            "application/fhir+json")
+        found = Bundle.model_validate(r.json())
+        assert found.type == "searchset" and found.total == 1
+        assert found.entry[0].resource.url == QUESTIONNAIRE
+        assert found.entry[0].fullUrl == QUESTIONNAIRE
+    for url in (f"{QUESTIONNAIRE}-other", f"{QUESTIONNAIRE}|0.0.0-not"):
+        none = client.get("/fhir/Questionnaire", params={"url": url}).json()
+        assert none["type"] == "searchset" and none["total"] == 0 and none["entry"] == []
 
 
 def test_a_questionnaire_response_we_build_is_valid_fhir() -> None:

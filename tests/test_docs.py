@@ -42,6 +42,7 @@ OTHER_VARIABLES = frozenset({
     "CDS_SCHEMATHESIS_EXAMPLES",  # tests/test_schemathesis.py
     "CDS_SANDBOX_BUILD", "CDS_SANDBOX_DOCS",  # tests/e2e/test_sandbox.py
     "CDS_SMART_APP_DOCS",  # tests/e2e/test_smart_app_page.py
+    "CDS_SMART_LAUNCHER_DEPS",  # tests/e2e/smart_launcher.py
 })
 # Where the code, tests and deployment name variables (this file aside: it lists them)
 CODE_GLOBS = ("cds_service/**/*.py", "tests/**/*.py", "bench/**/*.py", "bench/*.lua",

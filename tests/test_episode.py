@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 from datetime import timedelta
@@ -32,7 +31,7 @@ from cds_service.questionnaire import build_response, load_questions
 from cds_service.record import record_from_prefetch
 from cds_service.render import load_templates
 from cds_service.settings import DEV_BASE_URL
-from cds_service.smart.oauth import practitioner_of
+from cds_service.smart.identity import practitioner_named
 from tests.builders import (
     ICD,
     PATIENT,
@@ -381,16 +380,12 @@ def test_a_practitioners_answer_outranks_a_later_patients() -> None:
 
 
 def test_the_app_names_the_practitioner_signed_in_as_the_author() -> None:
-    def token(claims: dict[str, Any]) -> str:
-        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
-        return f"eyJhbGciOiJub25lIn0.{body}."
-    assert practitioner_of({"id_token": token({"fhirUser": "Practitioner/7"})}) == \
-        "Practitioner/7"
-    assert practitioner_of({"id_token": token(
-        {"fhirUser": "https://ehr.example/fhir/PractitionerRole/r-1"})}) == "PractitionerRole/r-1"
-    for claims in ({"fhirUser": "Patient/1"}, {"fhirUser": "Practitioner/../x y"}, {}):
-        assert practitioner_of({"id_token": token(claims)}) is None
-    assert practitioner_of({"id_token": "not a token"}) is None and practitioner_of({}) is None
+    # (the id_token's signature, issuer and audience: tests/test_smart_app.py)
+    assert practitioner_named("Practitioner/7") == "Practitioner/7"
+    assert practitioner_named("https://ehr.example/fhir/PractitionerRole/r-1") == \
+        "PractitionerRole/r-1"
+    for user in ("Patient/1", "Practitioner/../x y", None, 7):
+        assert practitioner_named(user) is None
     qr = build_response(QUESTIONS, DEV_BASE_URL, {"cauda-equina": False}, PATIENT, NOW,
                         author="Practitioner/7")
     assert qr["author"] == {"reference": "Practitioner/7"} and by_clinician(qr)

@@ -22,18 +22,24 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cds_service.app import ConfigurationError, create_app
+from cds_service.engine import Engine
+from cds_service.knowledge import load_knowledge
+from cds_service.record import record_from_prefetch
+from cds_service.render import load_templates
 from cds_service.settings import Settings
 from cds_service.smart.keys import SessionKeys
 from cds_service.smart.oauth import can_write_responses
+from cds_service.smart.rating import rating_view
 from cds_service.store import Store
 from tests.builders import PATIENT, bundle, hook_request, order
-from tests.conftest import SELECT, dev_settings
+from tests.conftest import ROOT, SELECT, dev_settings
 from tests.served import served
 from tests.smart_server import CLIENT_ID, LAUNCH, ORDER_ID, SmartTestServer, challenge_of
 from tests.test_store import BACKENDS, database
 
 SCOPES = Settings().smart_scopes
-SAVED = "Saved. Close this window; the order will be rated with your answers."
+SAVED = ("Saved. Close this window; the order is rated with these answers when you next "
+         "select or sign it.")
 MRI = "MRI lumbar spine without IV contrast"
 
 
@@ -156,11 +162,13 @@ def test_launch_answer_save_then_the_hook_rates_the_order(
     (token,) = ehr.tokens
     # 4. the questions: only those asked, pre-filled from the record, the rating still open
     page = browser.get("/app/questions")
-    assert_page(page, 200, "Alex Seed", f"{MRI} (ServiceRequest/{ORDER_ID})",
+    assert_page(page, 200, "Alex Seed", f"Order: {MRI} Questions",
                 "not rated yet", "Has conservative care", "If yes: For how many weeks?")
     assert set(re.findall(r'<(?:input|button)[^>]* name="([\w-]+)"', page.text)) == {
         "csrf", "conservative-care", "conservative-care-weeks", "action"}
-    assert checked(page) == {}  # the record is silent on both
+    assert checked(page) == {"conservative-care": ""}  # "Not known": the record is silent
+    assert re.search(r'name="conservative-care-weeks"[^>]* disabled', page.text)  # until "Yes"
+    assert_page(page, 200, "Why these questions: the record shows")
     assert all(auth == f"Bearer {token}" for _, _, auth in ehr.fhir_requests)
     # 5. "Update rating" with the answers so far: the same engine, now determinate
     updated = answer(browser, page, "update", conservative_care="yes",
@@ -180,6 +188,7 @@ def test_launch_answer_save_then_the_hook_rates_the_order(
     assert response["basedOn"] == [{"reference": f"ServiceRequest/{ORDER_ID}"}]
     assert response["status"] == "completed"
     assert response["author"] == {"reference": "Practitioner/dr-1"}  # the clinician signed in
+    assert response["encounter"] == {"reference": "Encounter/enc-1"}
     assert response["questionnaire"].split("|")[0].endswith("/fhir/Questionnaire/lbp-imaging-auc")
     assert [(i["linkId"], i["answer"]) for i in response["item"]] == [
         ("conservative-care", [{"valueBoolean": True}]),
@@ -346,18 +355,171 @@ def test_no_session_and_a_missing_csrf_token(browser: httpx.Client, ehr: SmartTe
     assert not ehr.responses
 
 
-def test_launch_without_an_order_or_for_another_patient(browser: httpx.Client,
-                                                        ehr: SmartTestServer) -> None:
-    ehr.app_context = None
-    sign_in(browser, ehr)
-    assert_page(browser.get("/app/questions"), 400, "No order to rate")
-    ehr.reset()
+def test_an_order_of_another_patient_is_refused(browser: httpx.Client,
+                                                ehr: SmartTestServer) -> None:
     ehr.orders[ORDER_ID] = order(ORDER_ID, cpt="72148", patient="someone-else")
     try:
         sign_in(browser, ehr)
         assert_page(browser.get("/app/questions"), 403, "The order is not this patient's")
     finally:
         ehr.orders[ORDER_ID] = order(ORDER_ID, cpt="72148")
+
+
+# ------------------------------------------------------------------ issue 23
+
+# Each read the app makes, made to fail (500) by the test EHR: "order" is the order's own read
+READS = ["Patient", "Condition", "Procedure", "ServiceRequest", "MedicationRequest",
+         "QuestionnaireResponse", "AllergyIntolerance"]
+NAMES = {"Patient": "demographics", "Condition": "problem list", "Procedure": "procedures",
+         "ServiceRequest": "orders and referrals", "MedicationRequest": "medication orders",
+         "QuestionnaireResponse": "answers saved earlier", "AllergyIntolerance": "allergies"}
+
+
+@pytest.mark.parametrize("action", ["update", "save"])
+@pytest.mark.parametrize("fault", ["no-birth-date", "order", *READS])
+def test_answers_are_never_lost_to_a_missing_birth_date_or_a_failed_read(
+        browser: httpx.Client, ehr: SmartTestServer, fault: str, action: str) -> None:
+    """Item 1: both buttons answer a page (never a 500), and "Save answers" saves whatever the
+    reads or the rating do; item 5: a source that could not be read is named on the page."""
+    sign_in(browser, ehr)
+    page = browser.get("/app/questions")
+    assert page.status_code == 200
+    born = ehr.data["patient"].pop("birthDate") if fault == "no-birth-date" else None
+    ehr.failing = {fault}
+    try:
+        shown = answer(browser, page, action, conservative_care="yes",
+                       conservative_care_weeks="8")
+    finally:
+        if born:
+            ehr.data["patient"]["birthDate"] = born
+    assert shown.status_code == 200, text(shown)[:2000]
+    assert_page(shown, 200, *([SAVED] if action == "save" else []))
+    assert len(ehr.responses) == (1 if action == "save" else 0)
+    if action == "save":
+        (saved,) = ehr.responses
+        assert [(i["linkId"], i["answer"]) for i in saved["item"]] == [
+            ("conservative-care", [{"valueBoolean": True}]),
+            ("conservative-care-weeks", [{"valueInteger": 8}])]
+    if fault == "order":
+        assert_page(shown, 200, "cannot be shown",
+                    "Reading the order failed (http-500)")
+    elif fault in NAMES:
+        assert_page(shown, 200, f"Could not be read from the EHR: {NAMES[fault]}",
+                    "the server failed")
+    else:  # no birth date: the age is unknown, the scenarios that leave open agree
+        assert_page(shown, 200, f"{MRI}: Appropriate",
+                    "more than one is possible; each gives this rating")
+
+
+def test_a_failed_read_is_not_an_empty_record(browser: httpx.Client,
+                                              ehr: SmartTestServer) -> None:
+    """Item 5: the medication orders could not be read: the page names them and what that
+    leaves open, and no question says the record shows "nothing either way"."""
+    ehr.failing = {"MedicationRequest"}
+    sign_in(browser, ehr)
+    page = browser.get("/app/questions")
+    assert_page(page, 200, "Could not be read from the EHR: medication orders (the server "
+                "failed).", "some of it could not be read")
+    assert "The record shows: nothing either way" not in text(page)
+
+
+def test_a_draft_order_the_ehr_does_not_serve_is_rated_as_the_cards_study(
+        browser: httpx.Client, ehr: SmartTestServer) -> None:
+    """Item 3: the card named a draft (context.draftOrders) that the FHIR server does not
+    have: the app rates the card's study for the token's patient and says it is not saved."""
+    ehr.app_context = json.dumps({"order": "ServiceRequest/example-request-id",
+                                  "procedure": "mri-wo", "ask": ["conservative-care"]})
+    sign_in(browser, ehr)
+    page = browser.get("/app/questions")
+    assert_page(page, 200, f"Order: {MRI} (not saved yet)", "not rated yet",
+                "Has conservative care")
+    assert "example-request-id" not in text(page)
+    saved = answer(browser, page, "save", conservative_care="yes", conservative_care_weeks="8")
+    assert_page(saved, 200, SAVED, f"{MRI}: Appropriate")
+    (response,) = ehr.responses
+    assert response["basedOn"] == [{"reference": "ServiceRequest/example-request-id"}]
+    ehr.app_context = json.dumps({"order": "ServiceRequest/example-request-id"})
+    sign_in(browser, ehr)  # no study named: nothing to rate
+    assert_page(browser.get("/app/questions"), 404, "The order was not found")
+
+
+def test_launched_with_fhir_context_or_without_any_order(browser: httpx.Client,
+                                                         ehr: SmartTestServer) -> None:
+    """Item 4: SMART 2.1 fhirContext names the order; with neither it nor appContext, the
+    patient's draft or active lumbar imaging orders are offered, and the one chosen is rated
+    (and its answers saved against it)."""
+    ehr.app_context = None
+    ehr.fhir_context = [{"reference": f"ServiceRequest/{ORDER_ID}"}]
+    sign_in(browser, ehr)
+    assert_page(browser.get("/app/questions"), 200, f"Order: {MRI}", "Has conservative care")
+    ehr.fhir_context = None
+    ehr.list_orders = True
+    sign_in(browser, ehr)
+    offered = browser.get("/app/questions")
+    assert_page(offered, 200, "Which order?", f"{MRI} (draft)")
+    links = re.findall(r'href="(questions\?order=[^"]+)"', offered.text)
+    assert links == [f"questions?order={ORDER_ID}"]  # not the injection, not another study
+    page = browser.get("/app/" + html.unescape(links[0]))
+    assert_page(page, 200, f"Order: {MRI}", "Has conservative care")
+    assert f'name="order" value="{ORDER_ID}"' in page.text
+    saved = answer(browser, page, "save", conservative_care="no", order=ORDER_ID)
+    assert_page(saved, 200, SAVED)
+    assert ehr.responses[-1]["basedOn"] == [{"reference": f"ServiceRequest/{ORDER_ID}"}]
+    ehr.list_orders = False
+    sign_in(browser, ehr)
+    assert_page(browser.get("/app/questions"), 200, "No lumbar imaging order to rate")
+    ehr.orders[ORDER_ID] = order(ORDER_ID, cpt="72148", patient="someone-else")
+    try:  # an order chosen by hand is read like any other: another patient's is refused
+        assert_page(browser.get(f"/app/questions?order={ORDER_ID}"), 403,
+                    "The order is not this patient's")
+    finally:
+        ehr.orders[ORDER_ID] = order(ORDER_ID, cpt="72148")
+
+
+@pytest.mark.parametrize("mode", ["unsigned", "wrong-aud", "wrong-key", "expired"])
+def test_an_id_token_that_does_not_validate_names_no_author(
+        browser: httpx.Client, ehr: SmartTestServer, mode: str) -> None:
+    """Item 6: the id_token is checked (the issuer's keys, aud = the client id, not expired)
+    before its fhirUser is the author; one that fails names no one."""
+    ehr.id_token_mode = mode
+    sign_in(browser, ehr)
+    page = browser.get("/app/questions")
+    assert_page(page, 200, "Your answers will not count as a clinician's",
+                "The sign-in could not be verified")
+    answer(browser, page, "save", conservative_care="no")
+    (response,) = ehr.responses
+    assert "author" not in response
+    assert response["encounter"] == {"reference": "Encounter/enc-1"}
+
+
+def test_after_saving_the_ehr_is_sent_the_order_re_rated(browser: httpx.Client,
+                                                         ehr: SmartTestServer) -> None:
+    """Item 8: where the EHR offers SMART Web Messaging, the saved page carries
+    scratchpad.update (the order with its PAMA rating) and ui.done for its origin."""
+    ehr.messaging_origin = "http://127.0.0.1:8000"
+    sign_in(browser, ehr)
+    page = browser.get("/app/questions")
+    saved = answer(browser, page, "save", conservative_care="yes", conservative_care_weeks="8")
+    assert_page(saved, 200, "Saved. The order is re-rated with your answers.")
+    found = re.search(r'<script type="application/json" id="messages">(.*?)</script>',
+                      saved.text, flags=re.S)
+    assert found, saved.text[:3000]
+    said = json.loads(found.group(1))
+    assert said["origin"] == "http://127.0.0.1:8000"
+    update, done = said["messages"]
+    assert update["messageType"] == "scratchpad.update" and done["messageType"] == "ui.done"
+    assert update["messagingHandle"] == "handle-1"
+    resource = update["payload"]["resource"]
+    assert resource["id"] == ORDER_ID and resource["code"]["coding"][0]["display"]
+    ratings = [c["code"] for e in resource["extension"] if "valueCodeableConcept" in e
+               for c in e["valueCodeableConcept"]["coding"]]
+    assert "appropriate" in ratings and resource["reasonCode"][0]["coding"][0]
+    assert 'id="close"' not in saved.text
+    sign_in(browser, ehr)  # answers that leave the order unrated: nothing to send, a Close
+    page = browser.get("/app/questions")
+    still = answer(browser, page, "save", conservative_care="")
+    assert_page(still, 200, SAVED, "not rated yet")
+    assert 'id="messages"' not in still.text and 'id="close"' in still.text
 
 
 # ------------------------------------------------------------------ in-process
@@ -475,3 +637,43 @@ def test_cookie_signature_and_write_scopes() -> None:
     for scope in ("patient/QuestionnaireResponse.rs", "patient/QuestionnaireResponse.read",
                   "patient/Observation.c", "launch openid", ""):
         assert not can_write_responses(scope), scope
+
+
+def test_in_a_frame_the_cookie_is_probed_and_a_new_window_offered(
+        browser: httpx.Client, ehr: SmartTestServer) -> None:
+    """Item 7: launched in an EHR's frame, the app first sees whether the browser keeps its
+    cookie there (SameSite=None; Secure; Partitioned); where it does not (this client keeps no
+    Secure cookie over http), it says so and offers the same launch in a new window. Only the
+    allow-listed EHRs may frame it (frame-ancestors)."""
+    framed = {"Sec-Fetch-Dest": "iframe"}
+    probe = browser.get("/app/launch", params={"iss": ehr.base, "launch": LAUNCH},
+                        headers=framed)
+    assert probe.status_code == 303
+    assert probe.headers["location"].startswith("launch?") and "probe=1" in probe.headers[
+        "location"]
+    cookie = probe.headers["set-cookie"].lower()
+    assert "cds_app_probe=" in cookie and "samesite=none" in cookie and "secure" in cookie \
+        and "partitioned" in cookie
+    refused = browser.get("/app/" + probe.headers["location"], headers=framed)
+    assert_page(refused, 200, "The app cannot work inside this panel", "Open in a new window")
+    link = re.search(r'href="(launch\?[^"]+)" target="_blank"', refused.text)
+    assert link and parse_qs(urlsplit(html.unescape(link.group(1))).query) == {
+        "iss": [ehr.base], "launch": [LAUNCH]}
+    assert not ehr.authorize_requests  # the launch is not spent
+    assert refused.headers["content-security-policy"].endswith(
+        f"frame-ancestors 'self' {ehr.origin}")
+    window = launch(browser, ehr)  # a window of its own: SameSite=Lax as before
+    assert window.status_code == 302 and "samesite=lax" in window.headers["set-cookie"].lower()
+
+
+def test_still_open_lists_only_what_a_question_settles(ehr: SmartTestServer) -> None:
+    """Item 9: a fact no question settles (the age band, from the birth date) is not listed
+    as "Still open" on the page: the clinician could do nothing about it there."""
+    engine = Engine(load_knowledge(), load_templates(ROOT / "cards"), dev_settings())
+    record = record_from_prefetch(ehr.data, PATIENT)
+    rated = engine.rate_order(order(ORDER_ID, cpt="72148"), record, datetime.now(UTC))
+    assert rated is not None
+    open_ = dataclasses.replace(rated.decision, determinate=False, pama=None,
+                                deciding=["elderly", "conservative_care"])
+    view = rating_view(engine, dataclasses.replace(rated, decision=open_))
+    assert view.still_open == [engine.templates.fact_label("conservative_care")]

@@ -38,5 +38,6 @@ for path, endpoint in (("/healthz", ops.healthz),
                        ("/admin/report", admin.report),
                        (f"{PATH}/{{cs_id}}", fhir.code_system),
                        (f"{QUESTIONNAIRE_PATH}/{{q_id}}", fhir.questionnaire),
+                       (QUESTIONNAIRE_PATH, fhir.questionnaire_search),
                        (PATH, fhir.code_system_search)):
     router.add_api_route(path, endpoint, methods=["GET"])

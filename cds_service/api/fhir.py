@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from cds_service.api.deps import get_services
 from cds_service.codesystems import search_bundle
 from cds_service.errors import ProtocolError
+from cds_service.questionnaire import QUESTIONNAIRE_PATH
 
 
 def fhir_response(body: Any, status: int = 200) -> Response:
@@ -38,3 +39,18 @@ async def questionnaire(q_id: str, request: Request) -> Response:
 async def code_system_search(request: Request, url: str | None = None) -> Response:
     s = get_services(request)
     return fhir_response(search_bundle(s.engine.code_systems, s.settings.canonical_root, url))
+
+
+async def questionnaire_search(request: Request, url: str | None = None) -> Response:
+    """``GET /fhir/Questionnaire?url=<canonical>[|<version>]``: a searchset Bundle (how EHR
+    form renderers look a questionnaire up by its canonical URL); all of them without ``url``."""
+    s = get_services(request)
+    found = s.engine.questionnaire
+    canonical, _, version = (url or "").partition("|")
+    match = url is None or (canonical == found["url"]
+                            and (not version or version == found["version"]))
+    entries = [{"fullUrl": f"{s.settings.canonical_root.rstrip('/')}{QUESTIONNAIRE_PATH}/"
+                           f"{found['id']}", "resource": found,
+                "search": {"mode": "match"}}] if match else []
+    return fhir_response({"resourceType": "Bundle", "type": "searchset",
+                          "total": len(entries), "entry": entries})

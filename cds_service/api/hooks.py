@@ -81,10 +81,15 @@ async def hook(request: Request) -> Response:
     record, fetch_outcomes = await patient_record(call, s)
     now = s.clock()
     offload = size >= s.settings.offload_body_bytes  # keep the event loop free for other calls
-    if offload:
-        results = await anyio.to_thread.run_sync(s.engine.rate, call, record, now, targets)
-    else:
-        results = s.engine.rate(call, record, now, targets)
+
+    async def rate() -> list[Rated]:
+        if offload:
+            return await anyio.to_thread.run_sync(s.engine.rate, call, record, now, targets)
+        return s.engine.rate(call, record, now, targets)
+
+    results = await rate()
+    if await saved_answers(call, record, results, fetch_outcomes, s):  # rated with them
+        results = await rate()
     return await answer(service_id, call, record, results, fetch_outcomes, s, now, started,
                         offload)
 
@@ -127,6 +132,27 @@ async def patient_record(call: HookRequest,
         for outcome in outcomes.values():  # counted whatever the answer
             s.metrics.fetches.labels(outcome).inc()
     return record, outcomes
+
+
+async def saved_answers(call: HookRequest, record: PatientRecord, rated: list[Rated],
+                        outcomes: dict[str, str], s: Services) -> bool:
+    """The clinician's saved answers, read from the FHIR server with one search when the
+    prefetch lacks them and the answer would otherwise ask questions (the SMART app saves them
+    there; an EHR need not prefetch them): True when any came."""
+    key = "questionnaireresponses"
+    if (record.questionnaire_responses.state is SourceState.COMPLETE or key in outcomes
+            or not call.fhirServer):
+        return False  # received, already asked for with the rest, or nowhere to ask
+    if not any(s.engine.questions.for_facts(r.decision.deciding) for r in rated):
+        return False  # nothing would be asked: the answers change nothing
+    auth = call.fhirAuthorization
+    fetched = await s.fetcher.complete(record, call.fhirServer,
+                                       auth.access_token if auth else None, keys=[key])
+    outcomes.update(fetched.outcomes)
+    drop_over_limits(record, outcomes, s.limits)
+    for outcome in fetched.outcomes.values():
+        s.metrics.fetches.labels(outcome).inc()
+    return bool(record.questionnaire_responses.resources)
 
 
 def drop_over_limits(record: PatientRecord, outcomes: dict[str, str], limits: Limits) -> None:

@@ -331,12 +331,14 @@ class FhirFetcher:
         await self.client.aclose()
 
     async def complete(self, record: PatientRecord, server: str | None,
-                       token: str | None) -> FetchReport:
+                       token: str | None, keys: Iterable[str] | None = None) -> FetchReport:
         # (a None token: no Authorization header is sent; only when the policy allows it)
-        """Fetch every missing or partial source; update ``record`` in place."""
+        """Fetch every missing or partial source (of ``keys`` only, when given); update
+        ``record`` in place."""
         report = FetchReport()
+        only = None if keys is None else set(keys)
         wanted = {k: s for k, s in record.sources().items()
-                  if s.state is not SourceState.COMPLETE}
+                  if s.state is not SourceState.COMPLETE and (only is None or k in only)}
         if not wanted:
             return report
         if not server:

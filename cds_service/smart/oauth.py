@@ -28,6 +28,8 @@ WRITE_SCOPE = re.compile(r"(patient|user)/(QuestionnaireResponse|\*)\.([a-z*]+)(
 class SmartConfig:
     authorization_endpoint: str
     token_endpoint: str
+    jwks_uri: str | None = None  # the keys that sign the id_token
+    issuer: str | None = None  # the id_token's iss
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,16 @@ class Grant:
     patient: str
     scope: str
     app_context: str | None = None
-    # the practitioner signed in (the id_token's fhirUser claim), the author of saved answers
+    # the practitioner signed in (the validated id_token's fhirUser), the author of saved answers
     user: str | None = None
+    # SMART 2.1 fhirContext references (an EHR that launches the app on an order)
+    fhir_context: list[str] | None = None
+    encounter: str | None = None  # "Encounter/<id>" of the launch, when the EHR gives one
+    # SMART Web Messaging: the EHR window's origin and the handle its messages carry
+    messaging_origin: str | None = None
+    messaging_handle: str | None = None
+    # why the id_token names no one (it did not validate, or none came)
+    user_problem: str | None = None
 
     def dumps(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -84,7 +94,10 @@ async def discover(out: Outbound, iss: str) -> SmartConfig:
     methods = doc.get("code_challenge_methods_supported")
     if not isinstance(methods, list) or "S256" not in methods:
         raise ehr_down(what, "PKCE with S256 is not offered (code_challenge_methods_supported)")
-    return SmartConfig(authorize, token)
+    jwks = doc.get("jwks_uri")
+    issuer = doc.get("issuer")
+    return SmartConfig(authorize, token, jwks if out.target(jwks) is not None else None,
+                       issuer if isinstance(issuer, str) else None)
 
 
 def authorize_url(config: SmartConfig, *, client_id: str, redirect_uri: str, scope: str,
@@ -97,8 +110,10 @@ def authorize_url(config: SmartConfig, *, client_id: str, redirect_uri: str, sco
 
 
 async def exchange(out: Outbound, token_endpoint: str, *, code: str, redirect_uri: str,
-                   client_id: str, verifier: str, requested_scope: str) -> Grant:
-    """POST the code with its PKCE verifier to the token endpoint; the grant it answers."""
+                   client_id: str, verifier: str,
+                   requested_scope: str) -> tuple[Grant, str | None]:
+    """POST the code with its PKCE verifier to the token endpoint; the grant it answers (the
+    user not yet known) and its id_token (to validate, :mod:`cds_service.smart.identity`)."""
     reply = await out.send("POST", token_endpoint, headers={"Accept": "application/json"},
                            data={"grant_type": "authorization_code", "code": code,
                                  "redirect_uri": redirect_uri, "client_id": client_id,
@@ -124,30 +139,40 @@ async def exchange(out: Outbound, token_endpoint: str, *, code: str, redirect_ur
     if isinstance(context, dict):  # some EHRs send the object rather than its JSON text
         context = orjson.dumps(context).decode()
     scope = body.get("scope")
-    return Grant(token, patient, scope if isinstance(scope, str) else requested_scope,
-                 context if isinstance(context, str) else None, practitioner_of(body))
-
-
-def practitioner_of(body: dict[str, Any]) -> str | None:
-    """The practitioner the id_token's ``fhirUser`` claim names (``Practitioner/123``), or None.
-
-    The token came straight from the token endpoint over TLS (OpenID Connect Core 3.1.3.7: its
-    signature need not be checked then); the claim only names the author of the answers saved,
-    it grants nothing. A patient or related person signed in: None (their answers are not a
-    clinician's)."""
     id_token = body.get("id_token")
-    if not isinstance(id_token, str) or id_token.count(".") != 2 or len(id_token) > 16_000:
+    return Grant(token, patient, scope if isinstance(scope, str) else requested_scope,
+                 context if isinstance(context, str) else None, None,
+                 _references(body.get("fhirContext")), _encounter(body.get("encounter")),
+                 _origin(body.get("smart_web_messaging_origin")
+                         or body.get("smart_messaging_origin")),
+                 _handle(body.get("smart_web_messaging_handle"))), \
+        id_token if isinstance(id_token, str) and len(id_token) <= 16_000 else None
+
+
+def _references(items: Any) -> list[str] | None:
+    """The references of SMART 2.1 ``fhirContext`` (at most ten, each short)."""
+    if not isinstance(items, list):
         return None
-    payload = id_token.split(".")[1]
-    try:
-        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, orjson.JSONDecodeError):
-        return None
-    user = claims.get("fhirUser") if isinstance(claims, dict) else None
-    if not isinstance(user, str):
-        return None
-    match = FHIR_USER.fullmatch(user)
-    return user[match.start(1):] if match else None
+    found = [i["reference"] for i in items[:10] if isinstance(i, dict)
+             and isinstance(i.get("reference"), str) and len(i["reference"]) <= 500]
+    return found or None
+
+
+def _encounter(value: Any) -> str | None:
+    return f"Encounter/{value}" if isinstance(value, str) and FHIR_ID.fullmatch(value) else None
+
+
+ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]{1,253}(:\d{1,5})?")
+
+
+def _origin(value: Any) -> str | None:
+    """A web origin (scheme, host, port) the app may post its messages to."""
+    return value if isinstance(value, str) and ORIGIN.fullmatch(value) else None
+
+
+def _handle(value: Any) -> str | None:
+    ok = isinstance(value, str) and 0 < len(value) <= 200 and value.isprintable()
+    return value if ok else None
 
 
 def can_write_responses(scope: str) -> bool:

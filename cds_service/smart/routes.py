@@ -1,9 +1,13 @@
 """The app's routes under /app/: the SMART EHR launch, its callback, and the questions page.
 
-    GET  /app/launch?iss&launch  -> 302 to the EHR's authorize endpoint (PKCE S256, state)
-    GET  /app/callback?code&state -> the code exchanged for a token -> 303 to questions
-    GET  /app/questions           -> the questions this order needs, pre-filled, and its rating
-    POST /app/questions           -> "Update rating" (re-rated) or "Save answers" (written)
+    GET  /app/launch?iss&launch  -> 302 to the EHR's authorize endpoint (PKCE S256, state);
+                                    in a frame, first a probe that the cookie is kept there
+    GET  /app/callback?code&state -> the code exchanged for a token, the id_token validated
+                                    -> 303 to questions
+    GET  /app/questions[?order=]  -> the questions this order needs, pre-filled, and its
+                                    rating; with no order in the launch, the patient's orders
+    POST /app/questions           -> "Update rating" (re-rated) or "Save answers" (written
+                                    first, then re-rated; the EHR told where it listens)
 
 Every failure is a page with its status (4xx, 502, 503), never a 500 or a trace; nothing
 logged names a patient, a URL with parameters or a token.
@@ -11,19 +15,21 @@ logged names a patient, a URL with parameters or a token.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from cds_service.questionnaire import build_response, parse_form
+from cds_service.questionnaire import Question, build_response, parse_form
 from cds_service.record.fetch import normalize_base, server_allowed
-from cds_service.smart.context import parse_app_context
+from cds_service.smart.context import AppContext, parse_app_context
+from cds_service.smart.identity import signed_in_user
 from cds_service.smart.oauth import (
     Grant,
     authorize_url,
@@ -32,18 +38,30 @@ from cds_service.smart.oauth import (
     exchange,
     pkce_pair,
 )
+from cds_service.smart.orders import lumbar_orders, rerated_order
 from cds_service.smart.outbound import Outbound
 from cds_service.smart.pages import (
     SCRIPT,
+    Messages,
     Notice,
     QuestionsView,
+    framed_page,
+    orders_page,
     problem_page,
     questions_page,
     saved_page,
 )
 from cds_service.smart.problems import Problem, bad_state, expired
-from cds_service.smart.rating import prefill, rate, rating_view, read_chart
-from cds_service.smart.service import Session, SmartApp
+from cds_service.smart.rating import (
+    Chart,
+    prefill,
+    rate,
+    rating_view,
+    read_chart,
+    unavailable_view,
+    why_line,
+)
+from cds_service.smart.service import PROBE, Session, SmartApp
 from cds_service.store import StoreUnavailable
 
 log = logging.getLogger("cds_service.smart")
@@ -69,26 +87,36 @@ def explained(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def run(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Problem as problem:
-            log.info("app page refused", extra={"route": request.url.path,
-                                                "status": problem.status,
-                                                "problem": problem.title})
-            return page(problem_page(problem), problem.status)
-        except StoreUnavailable:
-            log.error("app session store unavailable", extra={"route": request.url.path})
-            return page(problem_page(Problem(
-                503, "The service cannot keep your session right now",
-                "Its database is not available.", "Try again in a minute.")), 503)
-        except Exception as exc:  # never a trace on a page; the type name in the log
-            log.error("app page failed", extra={"route": request.url.path,
-                                                "error": type(exc).__name__})
-            return page(problem_page(Problem(
-                500, "Something went wrong", "The app could not show this page.",
-                "Close this window and open the app again from the card.")), 500)
+        response = await _explain(handler, request)
+        # (frame-ancestors: only the EHRs it works with may show the app in a frame)
+        smart = _smart(request)
+        response.headers["Content-Security-Policy"] = (
+            f"{CSP}; frame-ancestors {smart.frame_ancestors}")
+        return response
 
     return run
+
+
+async def _explain(handler: Handler, request: Request) -> Response:
+    """The handler's response, or its failure as a page (a Problem's own, or 503 / 500)."""
+    try:
+        return await handler(request)
+    except Problem as problem:
+        log.info("app page refused", extra={"route": request.url.path,
+                                            "status": problem.status,
+                                            "problem": problem.title})
+        return page(problem_page(problem), problem.status)
+    except StoreUnavailable:
+        log.error("app session store unavailable", extra={"route": request.url.path})
+        return page(problem_page(Problem(
+            503, "The service cannot keep your session right now",
+            "Its database is not available.", "Try again in a minute.")), 503)
+    except Exception as exc:  # never a trace on a page; the type name in the log
+        log.error("app page failed", extra={"route": request.url.path,
+                                            "error": type(exc).__name__})
+        return page(problem_page(Problem(
+            500, "Something went wrong", "The app could not show this page.",
+            "Close this window and open the app again from the card.")), 500)
 
 
 def _smart(request: Request) -> SmartApp:
@@ -115,6 +143,10 @@ async def launch(request: Request) -> Response:
                       "The FHIR server that opened the app (iss) is not one the service is "
                       "configured to work with.", "Ask the service's administrators to add it "
                       "to CDS_FHIR_ALLOWED_SERVERS, or open the app from your own EHR.")
+    if request.headers.get("sec-fetch-dest") == "iframe":  # a side panel in the EHR's page
+        framed = _framed(smart, request, iss, launch_id)
+        if framed is not None:
+            return framed
     async with smart.outbound() as out:
         config = await discover(out, iss)
     redirect_uri = f"{smart.base_url(request)}/app/callback"
@@ -128,6 +160,21 @@ async def launch(request: Request) -> Response:
     await smart.begin(response, request, state=state, verifier=verifier, iss=iss,
                       token_endpoint=config.token_endpoint, redirect_uri=redirect_uri)
     return response
+
+
+def _framed(smart: SmartApp, request: Request, iss: str, launch_id: str) -> Response | None:
+    """In a frame, first see whether the browser keeps the app's cookie there (a probe cookie,
+    then the launch again); where it does not, say so and offer a new window. None: go on."""
+    again = {"iss": iss, "launch": launch_id}
+    if not _param(request, "probe"):
+        response = RedirectResponse(f"launch?{urlencode({**again, 'probe': '1'})}",
+                                    status_code=303, headers=HEADERS)
+        smart.set_cookie(response, request, PROBE, "1")
+        return response
+    if request.cookies.get(PROBE):
+        return None
+    log.info("app cookie not kept in a frame")
+    return page(framed_page(f"launch?{urlencode(again)}"))
 
 
 @router.get("/callback")
@@ -151,11 +198,16 @@ async def callback(request: Request) -> Response:
     code = _param(request, "code")
     if not code:
         raise bad_state()
+    client_id = smart.settings.smart_client_id
     async with smart.outbound() as out:
-        grant = await exchange(out, session.row.token_endpoint, code=code,
-                               redirect_uri=session.row.redirect_uri,
-                               client_id=smart.settings.smart_client_id, verifier=verifier,
-                               requested_scope=smart.settings.smart_scopes)
+        grant, id_token = await exchange(out, session.row.token_endpoint, code=code,
+                                         redirect_uri=session.row.redirect_uri,
+                                         client_id=client_id, verifier=verifier,
+                                         requested_scope=smart.settings.smart_scopes)
+        if id_token:  # the keys that sign it: from the SMART configuration (read again)
+            config = await discover(out, session.row.iss)
+            signed = await signed_in_user(out, config, id_token, client_id, session.row.iss)
+            grant = dataclasses.replace(grant, user=signed.user, user_problem=signed.problem)
     await smart.keep(session, grant)
     return RedirectResponse("questions", status_code=303, headers=HEADERS)
 
@@ -172,30 +224,42 @@ async def _granted(request: Request) -> tuple[SmartApp, Session]:
 @explained
 async def questions(request: Request) -> Response:
     smart, session = await _granted(request)
-    assert session.grant is not None
+    grant = session.grant
+    assert grant is not None
     engine = smart.engine
-    context = parse_app_context(session.grant.app_context)
+    context = parse_app_context(grant.app_context, grant.fhir_context, _param(request, "order"))
     async with smart.outbound() as out:
-        chart = await read_chart(out, session.row.iss, session.grant, context)
+        if context is None:  # launched without an order (a menu): offer the patient's
+            found = await lumbar_orders(out, session.row.iss, grant, engine.knowledge)
+            return page(orders_page(found))
+        chart = await read_chart(out, session.row.iss, grant, context, engine.knowledge)
     result = rate(engine, chart, smart.clock())
     asked = context.questions(engine.questions)
     shown = prefill(asked, result.facts)
     return page(questions_page(QuestionsView(
-        chart.patient_label, f"{result.procedure.name} ({context.order_reference})",
-        rating_view(engine, result), asked, dict(shown), shown,
-        smart.keys.csrf(session.id), notice=_no_practitioner(session.grant))))
+        chart.patient_label, _order_line(result.procedure.name, chart),
+        rating_view(engine, result, chart), asked, dict(shown), shown,
+        smart.keys.csrf(session.id), notice=_no_practitioner(grant),
+        chosen=context.order_id if context.chosen else None, unread=chart.unread,
+        why=why_line(engine, result, asked))))
+
+
+def _order_line(name: str, chart: Chart) -> str:
+    return f"{name} (not saved yet)" if chart.draft else name
 
 
 def _no_practitioner(grant: Grant) -> Notice | None:
-    """Said when the EHR did not name the practitioner signed in: answers saved then carry no
+    """Said when no practitioner is known to be signed in: answers saved then carry no
     author, and are read as not a clinician's (they change no rating)."""
     if grant.user:
         return None
+    why = ("the EHR did not say which practitioner is signed in (no fhirUser)"
+           if grant.user_problem in (None, "no id_token")
+           else f"the sign-in could not be verified ({grant.user_problem})")
     return Notice("info", "Your answers will not count as a clinician's",
-                  "The EHR did not say which practitioner is signed in (no fhirUser), so answers "
-                  "saved here have no author and are read as patient-reported: they change no "
-                  "rating. Record them in the chart, or ask the EHR's administrators to send "
-                  "fhirUser.")
+                  f"{why[0].upper()}{why[1:]}, so answers saved here have no author and are "
+                  "read as patient-reported: they change no rating. Record them in the chart, "
+                  "or ask the EHR's administrators to send a verifiable fhirUser.")
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -217,6 +281,9 @@ async def _form(request: Request) -> dict[str, str]:
 @router.post("/questions")
 @explained
 async def answer(request: Request) -> Response:
+    """"Update rating" re-rates with the answers on the form; "Save answers" writes them first
+    and only then reads the record to show the rating: a failed read, or a rating that cannot
+    be drawn, never loses the answers."""
     smart, session = await _granted(request)
     grant = session.grant
     assert grant is not None
@@ -226,38 +293,76 @@ async def answer(request: Request) -> Response:
                       "The form did not carry this session's check value (it may come from an "
                       "older page or another site).", "Reload the page and answer again.")
     engine, now = smart.engine, smart.clock()
-    context = parse_app_context(grant.app_context)
+    context = parse_app_context(grant.app_context, grant.fhir_context, form.get("order"))
+    if context is None:
+        raise Problem(400, "No order to rate", "The form did not say which order it answers.",
+                      "Reload the page and choose the order again.")
+    asked = context.questions(engine.questions)
+    answers, problems = parse_form(engine.questions, form, [q.link_id for q in asked])
+    response = build_response(engine.questions, smart.settings.canonical_root, answers,
+                              grant.patient, now, order_reference=context.order_reference,
+                              author=grant.user, encounter=grant.encounter)
+    values = {q.link_id: form.get(q.link_id, "").strip() for q in asked}
+    save = form.get("action") == "save" and not problems
     async with smart.outbound() as out:
-        chart = await read_chart(out, session.row.iss, grant, context)
-        asked = context.questions(engine.questions)
-        answers, problems = parse_form(engine.questions, form, [q.link_id for q in asked])
-        response = build_response(engine.questions, smart.settings.canonical_root, answers,
-                                  grant.patient, now, order_reference=context.order_reference,
-                                  author=grant.user)
+        written = await _write(smart, out, session, response) if save else None
+        view = await _view(smart, out, session, context, asked, values, response)
+    view.problems = problems
+    view.notice = _no_practitioner(grant)
+    if written is None:
+        return page(questions_page(view), 400 if problems else 200)
+    view.notice, status = written
+    if status != 200:
+        return page(questions_page(view), status)
+    view.messages = _messages(smart, grant, view)
+    if view.messages is not None and grant.user:  # the EHR is sent the order re-rated
+        view.notice = Notice("saved", "Saved. The order is re-rated with your answers.",
+                             "The answers are in the patient's record as a questionnaire "
+                             "response; the EHR is sent the rating below.")
+    return page(saved_page(view))
+
+
+async def _view(smart: SmartApp, out: Outbound, session: Session, context: AppContext,
+                asked: list[Question], values: dict[str, str],
+                response: dict[str, Any]) -> QuestionsView:
+    """The page's view with the answers on the form: the rating they give, or why none can
+    be shown (the order or the record could not be read, or the rating not drawn)."""
+    grant = session.grant
+    assert grant is not None
+    engine, now = smart.engine, smart.clock()
+    csrf = smart.keys.csrf(session.id)
+    chosen = context.order_id if context.chosen else None
+    procedure = engine.knowledge.procedures.get(context.procedure or "")
+    name = procedure.name if procedure else "This order"
+    try:
+        chart = await read_chart(out, session.row.iss, grant, context, engine.knowledge)
         before, after = rate(engine, chart, now), rate(engine, chart, now, response)
-        view = QuestionsView(
-            chart.patient_label, f"{after.procedure.name} ({context.order_reference})",
-            rating_view(engine, after), asked, {q.link_id: form.get(q.link_id, "").strip()
-                                                for q in asked},
-            prefill(asked, before.facts), smart.keys.csrf(session.id), problems,
-            _no_practitioner(grant))
-        if form.get("action") != "save" or problems:
-            return page(questions_page(view), 400 if problems else 200)
-        return await _save(smart, out, session, response, view)
+        return QuestionsView(chart.patient_label, _order_line(after.procedure.name, chart),
+                             rating_view(engine, after, chart), asked, values,
+                             prefill(asked, before.facts), csrf, chosen=chosen,
+                             unread=chart.unread, rated=after,
+                             why=why_line(engine, before, asked))
+    except Problem as problem:
+        why = f"{problem.title}: {problem.text}"
+    except Exception as exc:  # the answers are kept (and saved) whatever the rating does
+        log.error("app rating not drawn", extra={"error": type(exc).__name__})
+        why = "the rating could not be drawn for these answers."
+    return QuestionsView("the patient the EHR opened the app for", name,
+                         unavailable_view(name, why), asked, values, {}, csrf, chosen=chosen)
 
 
-async def _save(smart: SmartApp, out: Outbound, session: Session, response: dict[str, Any],
-                view: QuestionsView) -> Response:
-    """Write the QuestionnaireResponse to the EHR (when the scope allows), and say so."""
+async def _write(smart: SmartApp, out: Outbound, session: Session,
+                 response: dict[str, Any]) -> tuple[Notice, int]:
+    """Write the QuestionnaireResponse to the EHR (when the scope allows): what to say, and
+    the page's status."""
     grant = session.grant
     assert grant is not None
     if not can_write_responses(grant.scope):
-        view.notice = Notice("error", "Not saved: the EHR did not grant the app the right to "
-                             "save answers",
-                             "The scope patient/QuestionnaireResponse.c was not granted. The "
-                             "rating below uses your answers; record them in the chart, or ask "
-                             "the EHR's administrators to grant the scope.")
-        return page(questions_page(view), 403)
+        return Notice("error", "Not saved: the EHR did not grant the app the right to "
+                      "save answers",
+                      "The scope patient/QuestionnaireResponse.c was not granted. The "
+                      "rating below uses your answers; record them in the chart, or ask "
+                      "the EHR's administrators to grant the scope."), 403
     reply: Any = "not-allowed"
     if server_allowed(session.row.iss, smart.policy):
         reply = await out.send(
@@ -268,21 +373,27 @@ async def _save(smart: SmartApp, out: Outbound, session: Session, response: dict
     if isinstance(reply, str) or reply.status not in (200, 201):
         fault = reply if isinstance(reply, str) else f"HTTP {reply.status}"
         log.warning("app answers not saved", extra={"fault": fault})
-        view.notice = Notice("error", "Not saved",
-                             f"The EHR's FHIR server did not accept the answers ({fault}). They "
-                             "are still on the form below: save again, or record them in the "
-                             "chart.")
-        return page(questions_page(view), 502)
+        return Notice("error", "Not saved",
+                      f"The EHR's FHIR server did not accept the answers ({fault}). They "
+                      "are still on the form below: save again, or record them in the "
+                      "chart."), 502
     if not grant.user:
-        view.notice = Notice("saved", "Saved, without an author", "The answers are in the "
-                             "patient's record as a questionnaire response, but the EHR did not "
-                             "say which practitioner is signed in: they are read as "
-                             "patient-reported and do not change the rating.")
-        return page(saved_page(view))
-    view.notice = Notice("saved", "Saved. Close this window; the order will be rated with your "
-                         "answers.", "The answers are in the patient's record as a "
-                         "questionnaire response; the rating below is the one they give.")
-    return page(saved_page(view))
+        return Notice("saved", "Saved, without an author", "The answers are in the "
+                      "patient's record as a questionnaire response, but no practitioner is "
+                      "known to be signed in: they are read as patient-reported and do not "
+                      "change the rating."), 200
+    return Notice("saved", "Saved. Close this window; the order is rated with these answers "
+                  "when you next select or sign it.", "The answers are in the patient's "
+                  "record as a questionnaire response; the rating below is the one they "
+                  "give."), 200
+
+
+def _messages(smart: SmartApp, grant: Grant, view: QuestionsView) -> Messages | None:
+    """SMART Web Messaging for the EHR that offers it: the order re-rated, then done."""
+    if not grant.messaging_origin or view.rated is None or not view.rated.decision.pama:
+        return None
+    return Messages(grant.messaging_origin, grant.messaging_handle,
+                    rerated_order(smart.engine, view.rated))
 
 
 @router.get("/app.js")

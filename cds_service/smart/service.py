@@ -1,8 +1,13 @@
 """The app's parts (settings, engine, store, clock, keys, fetch policy) and its sessions.
 
 A session lives in the database (every worker sees it) from the launch until
-``CDS_SMART_SESSION_SECONDS`` later; the browser holds only its random id in a signed, HttpOnly,
-SameSite=Lax cookie (Secure outside development). Expired rows are deleted at each launch.
+``CDS_SMART_SESSION_SECONDS`` later; the browser holds only its random id in a signed, HttpOnly
+cookie. Launched in a window of its own, the cookie is SameSite=Lax (Secure outside
+development). Launched in an EHR's frame (a side panel, often on another site), it is
+``SameSite=None; Secure; Partitioned``: Partitioned keeps it for that EHR's page only, and is
+kept where third-party cookies are blocked; the forms carry a per-session CSRF token and the
+callback checks the OAuth state, so SameSite is not what protects them there. Expired rows are
+deleted at each launch.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 from fastapi import Request, Response
 
@@ -25,6 +31,7 @@ from cds_service.store import Store
 from cds_service.store.models import AppSession
 
 COOKIE = "cds_app_session"
+PROBE = "cds_app_probe"  # set before a launch in a frame: does the browser keep cookies there?
 # The app waits on the EHR while a clinician waits on the page: longer than a hook's fetch.
 TIMEOUT_SECONDS = 5.0
 BUDGET_SECONDS = 10.0
@@ -60,6 +67,8 @@ class SmartApp:
             page_size=settings.fhir_page_size,
             max_response_bytes=settings.fhir_max_response_bytes, without_token=False)
 
+        self.frame_ancestors = frame_ancestors(settings)
+
     def outbound(self) -> Outbound:
         return Outbound(self.policy, self.resolver)
 
@@ -78,10 +87,22 @@ class SmartApp:
             "verifier": verifier, "iss": iss, "token_endpoint": token_endpoint,
             "redirect_uri": redirect_uri, "granted": None, "created_at": now,
             "expires_at": now + timedelta(seconds=self.settings.smart_session_seconds)})
-        response.set_cookie(
-            COOKIE, self.keys.cookie(session_id), max_age=self.settings.smart_session_seconds,
-            path=f"{request.scope.get('root_path', '')}/app", httponly=True, samesite="lax",
-            secure=not self.settings.is_development)
+        self.set_cookie(response, request, COOKIE, self.keys.cookie(session_id))
+
+    def set_cookie(self, response: Response, request: Request, name: str, value: str) -> None:
+        """A cookie of the app (HttpOnly, under /app). In an EHR's frame
+        (``Sec-Fetch-Dest: iframe``): SameSite=None; Secure; Partitioned (a cookie of another
+        site in the EHR's page, kept for that EHR only; the header is written here, as this
+        Python's cookie module has no Partitioned). In a window of its own: SameSite=Lax
+        (Secure outside development)."""
+        path = f"{request.scope.get('root_path', '')}/app"
+        seconds = self.settings.smart_session_seconds
+        if request.headers.get("sec-fetch-dest") == "iframe":
+            response.headers.append("set-cookie", f"{name}={value}; Max-Age={seconds}; "
+                                    f"Path={path}; HttpOnly; SameSite=None; Secure; Partitioned")
+            return
+        response.set_cookie(name, value, max_age=seconds, path=path, httponly=True,
+                            samesite="lax", secure=not self.settings.is_development)
 
     async def load(self, request: Request) -> Session | None:
         """The live session of the request's cookie, or None."""
@@ -109,3 +130,16 @@ class SmartApp:
         """Store the grant, encrypted for this session."""
         await self.store.grant_app_session(session.row.id,
                                            self.keys.seal(session.id, grant.dumps()))
+
+
+def frame_ancestors(settings: Settings) -> str:
+    """The CSP frame-ancestors source list: the app itself, the origins of the allow-listed
+    FHIR servers and of CDS_SMART_FRAME_ANCESTORS (no other site may show the app framed)."""
+    origins = []
+    for value in [*settings.fhir_allowed_servers.split(","),
+                  *settings.smart_frame_ancestors.split(",")]:
+        parts = urlsplit(value.strip())
+        if parts.scheme in ("http", "https") and parts.netloc and "'" not in parts.netloc \
+                and ";" not in parts.netloc and " " not in parts.netloc:
+            origins.append(f"{parts.scheme}://{parts.netloc}")
+    return " ".join(["'self'", *dict.fromkeys(origins)])

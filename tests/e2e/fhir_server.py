@@ -7,7 +7,16 @@ call it. ``fail`` makes chosen queries answer 500 (the "failing FHIR query" scen
 
 The sandbox runs a prefetch query as ``POST {Type}/_search`` and, when that fails, again as
 ``GET {Type}?...``; only when both fail does it leave the key out of ``prefetch``. The service
-fetches with ``GET {Type}?patient=``. A failure can hence be limited to the browser's requests
+fetches with ``GET {Type}?patient=``.
+
+It also plays the EHR a card's SMART link opens through (:class:`SandboxEhr`): the sandbox POSTs
+``_services/smart/Launch`` (the link's ``appContext``, the patient and its own origin as
+``smart_messaging_origin``) and opens the app with the ``launch`` id it answers; the app then
+finds the SMART configuration, is authorised at once (no login), and its token carries the
+patient, the ``appContext``, ``smart_web_messaging_origin`` and an id_token signed with the test
+key (``fhirUser``: a practitioner). ``GET ServiceRequest/{id}`` reads ``orders`` (the sandbox's
+draft is not there: unsigned orders are not on the FHIR server); the QuestionnaireResponses the
+app saves are kept and searched. A failure can hence be limited to the browser's requests
 (they carry an ``Origin`` header: the page is on another origin), so that the service's own
 fetch of the same query succeeds.
 
@@ -18,17 +27,24 @@ Run alone, it serves the seed patient for a manual session with the local sandbo
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import re
+import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+import jwt
 
 from tests.loopback import LoopbackServer
+from tests.smart_server import JWKS, KEY
 
 # Search types and the prefetch keys of the service's discovery document they fill.
 TYPES = {"Condition": "conditions", "Procedure": "procedures",
@@ -121,22 +137,29 @@ class SandboxFhirServer(LoopbackServer):
                 length = int(self.headers.get("Content-Length") or 0)
                 form = self.rfile.read(length).decode("utf-8", "replace") if length else ""
                 params = parse_qs(urlsplit(self.path).query)
-                for key, values in parse_qs(form).items():
-                    params.setdefault(key, []).extend(values)
-                self.reply("POST", params)
+                if "json" not in (self.headers.get("Content-Type") or ""):
+                    for key, values in parse_qs(form).items():
+                        params.setdefault(key, []).extend(values)
+                self.reply("POST", params, form)
 
-            def reply(self, method: str, params: dict[str, list[str]]) -> None:
+            def reply(self, method: str, params: dict[str, list[str]], raw: str = "") -> None:
                 path = unquote(urlsplit(self.path).path)
-                status, body = server.answer(method, path, params, self.failing)
+                extra: dict[str, str] = {}
+                played = server.ehr.answer(method, path, params, raw)
+                if played is not None:
+                    status, body, extra = played
+                else:
+                    status, body = server.answer(method, path, params, self.failing)
                 with server.lock:
                     server.seen.append(Seen(method, path.removeprefix("/fhir/"), params,
                                             self.headers.get("Authorization"),
                                             self.headers.get("Origin"), status))
-                raw = json.dumps(body).encode()
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/fhir+json; charset=utf-8")
+                if "Content-Type" not in extra:
+                    self.send_header("Content-Type", "application/fhir+json; charset=utf-8")
                 self.send_header("Content-Length", str(len(raw)))
-                for name, value in CORS.items():
+                for name, value in {**CORS, **extra}.items():
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(raw)
@@ -144,7 +167,9 @@ class SandboxFhirServer(LoopbackServer):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self._serve(self.httpd)
-        self.base = f"http://127.0.0.1:{self.port}/fhir"
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.base = f"{self.origin}/fhir"
+        self.ehr = SandboxEhr(self.origin, self.base)
 
     def requests(self, method: str | None = None, path: str | None = None) -> list[Seen]:
         with self.lock:
@@ -180,6 +205,108 @@ class SandboxFhirServer(LoopbackServer):
             return 200, {"resourceType": "Bundle", "type": "searchset",
                          "total": len(entries), "entry": entries}
         return 404, not_found(path)
+
+
+PRACTITIONER = "Practitioner/dr-sandbox"
+CLIENT_ID = "cds-lbp-imaging"
+
+
+class SandboxEhr:
+    """The EHR side of the FHIR server: the SMART launch the sandbox asks for, a SMART
+    authorisation server that approves at once, orders by id, and the answers saved."""
+
+    def __init__(self, origin: str, base: str) -> None:
+        self.origin, self.base = origin, base
+        self.lock = threading.Lock()
+        self.orders: dict[str, dict[str, Any]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.launches: dict[str, dict[str, Any]] = {}  # launch id -> its parameters
+            self.codes: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}
+            self.responses: list[dict[str, Any]] = []  # QuestionnaireResponses saved
+            self.launch_requests: list[dict[str, Any]] = []
+
+    def answer(self, method: str, path: str, params: dict[str, list[str]],
+               raw: str) -> tuple[int, Any, dict[str, str]] | None:
+        query = {k: v[0] for k, v in params.items()}
+        if method == "POST" and path == "/fhir/_services/smart/Launch":
+            return self.launch(json.loads(raw or "{}"))
+        if method == "GET" and path == "/fhir/.well-known/smart-configuration":
+            return 200, {"issuer": self.base, "jwks_uri": f"{self.origin}/auth/jwks",
+                         "authorization_endpoint": f"{self.origin}/auth/authorize",
+                         "token_endpoint": f"{self.origin}/auth/token",
+                         "code_challenge_methods_supported": ["S256"],
+                         "capabilities": ["launch-ehr", "context-ehr-patient"]}, {}
+        if method == "GET" and path == "/auth/jwks":
+            return 200, JWKS, {}
+        if method == "GET" and path == "/ehr":  # the EHR's page, the app in a side panel
+            src = query.get("app", "").replace('"', "%22")
+            return 200, (f'<!doctype html><title>EHR</title><h1>EHR</h1><iframe id="panel" '
+                         f'src="{src}" width="900" height="900"></iframe>').encode(), {
+                "Content-Type": "text/html; charset=utf-8"}
+        if method == "GET" and path == "/auth/authorize":
+            return self.authorize(query)
+        if method == "POST" and path == "/auth/token":
+            return self.token(query)
+        segments = path.strip("/").split("/")
+        if method == "GET" and len(segments) == 3 and segments[1] == "ServiceRequest":
+            found = self.orders.get(segments[2])
+            return (200, found, {}) if found else (404, not_found(path), {})
+        if segments == ["fhir", "QuestionnaireResponse"]:
+            if method == "POST":
+                with self.lock:
+                    resource = {**json.loads(raw), "id": f"qr-{len(self.responses) + 1}"}
+                    self.responses.append(resource)
+                return 201, {}, {}
+            with self.lock:
+                found = [r for r in self.responses if r["subject"]["reference"]
+                         == f"Patient/{query.get('patient', '').removeprefix('Patient/')}"]
+            return 200, {"resourceType": "Bundle", "type": "searchset", "total": len(found),
+                         "entry": [{"resource": r} for r in found]}, {}
+        return None
+
+    def launch(self, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        launch_id = secrets.token_urlsafe(8)
+        with self.lock:
+            self.launch_requests.append(body)
+            self.launches[launch_id] = dict(body.get("parameters") or {})
+        return 200, {"launch_id": launch_id}, {}
+
+    def authorize(self, query: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        with self.lock:
+            context = self.launches.get(query.get("launch", ""))
+        if (context is None or query.get("aud") != self.base
+                or query.get("code_challenge_method") != "S256"):
+            return 400, {"error": "invalid_request"}, {}
+        code = secrets.token_urlsafe(12)
+        with self.lock:
+            self.codes[code] = (context, query)
+        back = urlencode({"code": code, "state": query["state"]})
+        return 302, {}, {"Location": f"{query['redirect_uri']}?{back}"}
+
+    def token(self, form: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        with self.lock:
+            context, asked = self.codes.pop(form.get("code", ""), ({}, {}))
+        digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+        challenge = base64.urlsafe_b64encode(digest).decode().rstrip("=")
+        if not asked or challenge != asked.get("code_challenge") \
+                or form.get("redirect_uri") != asked.get("redirect_uri"):
+            return 400, {"error": "invalid_grant"}, {}
+        now = int(time.time())
+        id_token = jwt.encode({"iss": self.base, "aud": form.get("client_id"), "sub": "dr",
+                               "fhirUser": PRACTITIONER, "iat": now, "exp": now + 600},
+                              KEY, algorithm="RS256", headers={"kid": "test-1"})
+        body: dict[str, Any] = {"access_token": secrets.token_urlsafe(16),
+                                "token_type": "Bearer", "expires_in": 600,
+                                "scope": asked.get("scope", ""), "id_token": id_token,
+                                "patient": context.get("patient")}
+        if context.get("appContext") is not None:
+            body["appContext"] = context["appContext"]
+        if context.get("smart_messaging_origin"):
+            body["smart_web_messaging_origin"] = context["smart_messaging_origin"]
+        return 200, body, {}
 
 
 def seed_patient() -> dict[str, Any]:

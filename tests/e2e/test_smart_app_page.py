@@ -32,7 +32,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
                                "(pip install -e '.[test]'; make test installs it)")
 expect = sync_api.expect
 DOCS = ROOT / "docs"
-SAVED = "Saved. Close this window; the order will be rated with your answers."
+SAVED = ("Saved. Close this window; the order is rated with these answers when you next "
+         "select or sign it.")
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +102,22 @@ def test_keyboard_only_without_javascript(browser: Any, service: str, ehr: Smart
     verdict = page.locator("#verdict")
     expect(verdict).to_have_text(re.compile("^not rated yet"))
     expect(page.get_by_role("group", name=re.compile("Has conservative care"))).to_be_visible()
-    expect(page.get_by_label(re.compile("For how many weeks"))).to_have_value("")
-    # Tab to the first answer: the visible focus ring; Space answers it
-    first = app.tab_to("conservative-care", "yes", most=1)
-    assert first["outline"] == "solid", first
-    page.keyboard.press("Space")
+    weeks = page.get_by_label(re.compile("For how many weeks"))
+    expect(weeks).to_have_value("")
+    expect(weeks).to_be_disabled()  # asked once conservative care is "Yes"
+    # the record is silent: "Not known" is chosen; Tab reaches it, with the visible focus ring
+    first = app.tab_to("conservative-care", most=1)
+    assert first["value"] == "" and first["outline"] == "solid", first
+    page.keyboard.press("ArrowRight")  # (wraps to the first answer) "Yes"
     expect(page.locator('input[name="conservative-care"][value="yes"]')).to_be_checked()
-    app.tab_to("conservative-care-weeks", most=1)
-    page.keyboard.type("8")
-    button = app.tab_to("action", "update", most=1)
+    button = app.tab_to("action", "update", most=1)  # the disabled number is skipped
     assert button["text"] == "Update rating" and button["outline"] == "solid", button
+    with page.expect_navigation():
+        page.keyboard.press("Space")
+    expect(weeks).to_be_enabled()  # "Yes" is on the form now
+    app.tab_to("conservative-care-weeks", most=3)
+    page.keyboard.type("8")
+    app.tab_to("action", "update", most=1)
     with page.expect_navigation():
         page.keyboard.press("Space")
     expect(verdict).to_have_text("Appropriate")
@@ -139,8 +146,8 @@ def test_with_javascript_the_rating_follows_the_answers(browser: Any, service: s
     page = app.page
     verdict = page.locator("#verdict")
     expect(verdict).to_have_text(re.compile("^not rated yet"))
-    app.tab_to("conservative-care", "yes", most=1)
-    page.keyboard.press("ArrowRight")  # moves to "No" and chooses it
+    app.tab_to("conservative-care", "", most=1)  # "Not known": the record is silent
+    page.keyboard.press("ArrowLeft")  # moves to "No" and chooses it
     expect(page.locator('input[name="conservative-care"][value="no"]')).to_be_checked()
     expect(verdict).to_have_text("Not appropriate")  # no button pressed, no page loaded
     assert page.url.endswith("/app/questions") and not ehr.responses
