@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_code_length: int = 512
     # Hook calls with a body at least this large are evaluated off the event loop (a thread)
     offload_body_bytes: int = 256 * 1024
+    # ... and so are calls whose estimated cost, orders x (record resources + 100), is this large
+    offload_cost: int = 20_000
     body_read_timeout_seconds: float = 10.0  # a body not received in this time: 408
     # /metrics: a bearer token that scrapes must send; without one, /metrics is served only
     # outside production. /openapi.json: public outside production, or when this is true.

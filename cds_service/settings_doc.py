@@ -56,6 +56,9 @@ DESCRIPTIONS: dict[str, str] = {
                        "413.",
     "offload_body_bytes": "Hook bodies at least this large are evaluated in a worker thread, so "
                           "that the event loop keeps answering other calls.",
+    "offload_cost": "Hook calls whose estimated cost, the orders to rate x (the record's "
+                    "resources + 100), is at least this are evaluated in a worker thread too "
+                    "(many drafts against a long chart is a small body and a long evaluation).",
     "body_read_timeout_seconds": "A request body not received in full within this time gets "
                                  "408 and the connection is closed.",
     "metrics_token": "Bearer token that scrapes of `/metrics` must send. Unset: `/metrics` is "

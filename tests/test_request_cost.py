@@ -25,8 +25,11 @@ from hypothesis import strategies as st
 
 import cds_service.clinical.scan as scan_module
 from cds_service.app import create_app
+from cds_service.clinical.model import Tri
 from cds_service.knowledge import load_knowledge
-from tests.builders import hook_request, order, seed_prefetch
+from cds_service.protocol import HookRequest
+from cds_service.record import record_from_prefetch
+from tests.builders import PATIENT, condition, day, hook_request, order, seed_prefetch
 from tests.conftest import FIXTURE_NOW, FIXTURES, SELECT, SIGN, ValidatingClient, dev_settings
 from tests.served import served as serve
 
@@ -226,3 +229,84 @@ def test_a_call_with_nothing_to_rate_does_not_read_the_chart(api: ValidatingClie
     assert r.status_code == 200 and r.json() == {"cards": []}
     r = api.post(SELECT, json=hook_request(order(cpt="72148"), prefetch=prefetch))
     assert r.status_code == 413  # an imaging order reads it, and the limit applies
+
+
+# ------------------------------------------------------------------ issue 25, item 2: linear work
+
+
+def _sign_with_findings(drafts: int, findings: int) -> dict[str, Any]:
+    """order-sign: ``drafts`` lumbar MRIs against the seed record plus ``findings`` active bone
+    metastasis conditions dated in this episode (each a red flag the rules must read)."""
+    prefetch = seed_prefetch(FIXTURE_NOW)
+    entries = prefetch["conditions"]["entry"]
+    for i in range(findings):
+        entries.append({"resource": condition(f"met-{i}", "C79.51", day(FIXTURE_NOW, 10 + i % 30))})
+    orders = [order(f"o{i}", cpt="72148") for i in range(drafts)]
+    return hook_request(*orders, hook="order-sign", prefetch=prefetch)
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> dict[str, int]:
+    calls = {"n": 0}
+    real = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_the_record_is_read_once_per_call_whatever_the_drafts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which conditions are in scope is patient-level work: found once per call, not once per
+    draft order (20 drafts x 1,500 conditions took 5 s)."""
+    from cds_service.clinical.rules import RuleContext
+
+    scoped = _count_calls(monkeypatch, RuleContext, "in_scope")
+    engine = create_app(dev_settings(), clock=lambda: FIXTURE_NOW).state.services.engine
+    counts = {}
+    for drafts, findings in ((2, 60), (20, 60), (2, 120)):
+        scoped["n"] = 0
+        body = _sign_with_findings(drafts, findings)
+        request = HookRequest.model_validate(body)
+        rated = engine.rate(request, record_from_prefetch(request.prefetch, PATIENT),
+                            FIXTURE_NOW)
+        assert len(rated) == drafts
+        assert all(r.facts.cancer.value is Tri.YES for r in rated)
+        counts[(drafts, findings)] = scoped["n"]
+    assert counts[(20, 60)] == counts[(2, 60)], counts  # ten times the drafts: no more reads
+    assert counts[(2, 120)] <= 2 * counts[(2, 60)] + 10, counts  # twice the record: twice
+
+
+def test_evidence_is_de_duplicated_by_key_not_by_scanning_a_list(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evidence rows are kept in a dict: comparing each new row with every earlier one made a
+    chart of 5,000 findings cost 25 million comparisons."""
+    from cds_service.clinical.model import Evidence
+
+    compared = _count_calls(monkeypatch, Evidence, "__eq__")
+    engine = create_app(dev_settings(), clock=lambda: FIXTURE_NOW).state.services.engine
+    body = _sign_with_findings(1, 400)
+    request = HookRequest.model_validate(body)
+    rated = engine.rate(request, record_from_prefetch(request.prefetch, PATIENT), FIXTURE_NOW)
+    assert len(rated[0].facts.cancer.evidence) == 400
+    assert compared["n"] <= 400, compared  # n x n / 2 = 80,000 before
+
+
+def test_many_drafts_against_a_long_chart_are_evaluated_off_the_event_loop() -> None:
+    """Offloading goes by estimated cost, not body size alone: 200 drafts x 300 conditions is
+    under 256 KiB and was evaluated on the event loop (holding /healthz for 3 s)."""
+    from cds_service.api.hooks import heavy
+
+    settings = dev_settings()
+    body = _sign_with_findings(200, 300)
+    size = len(json.dumps(body).encode())
+    assert size < settings.offload_body_bytes
+    request = HookRequest.model_validate(body)
+    record = record_from_prefetch(request.prefetch, PATIENT)
+    assert heavy(size, 200, record, settings)
+    seed = _sign_with_findings(1, 0)  # the usual call stays on the loop (no thread hop)
+    assert not heavy(len(json.dumps(seed).encode()), 1,
+                     record_from_prefetch(HookRequest.model_validate(seed).prefetch, PATIENT),
+                     settings)

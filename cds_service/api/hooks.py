@@ -31,6 +31,7 @@ from cds_service.record import (
     record_from_prefetch,
 )
 from cds_service.services import Services
+from cds_service.settings import Settings
 from cds_service.store import CallAudit, CardAudit
 
 log = logging.getLogger("cds_service.app")
@@ -80,7 +81,7 @@ async def hook(request: Request) -> Response:
         return json_response({"cards": []})
     record, fetch_outcomes = await patient_record(call, s)
     now = s.clock()
-    offload = size >= s.settings.offload_body_bytes  # keep the event loop free for other calls
+    offload = heavy(size, len(targets), record, s.settings)  # keep the event loop free
 
     async def rate() -> list[Rated]:
         if offload:
@@ -92,6 +93,18 @@ async def hook(request: Request) -> Response:
         results = await rate()
     return await answer(service_id, call, record, results, fetch_outcomes, s, now, started,
                         offload)
+
+
+PER_ORDER_COST = 100  # an order's own work (facts, decision, card), in record resources
+
+
+def heavy(size: int, orders: int, record: PatientRecord, settings: Settings) -> bool:
+    """Whether a call is evaluated in a worker thread: a large body, or an estimated cost
+    (orders x (record resources + an order's own work)) at least ``offload_cost``. Two hundred
+    drafts against a 300-condition chart is a small body and a long evaluation."""
+    resources = sum(len(source.resources) for source in record.sources().values())
+    return (size >= settings.offload_body_bytes
+            or orders * (resources + PER_ORDER_COST) >= settings.offload_cost)
 
 
 async def parse_hook(request: Request, described: ServiceDescription,

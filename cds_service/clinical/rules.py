@@ -171,7 +171,9 @@ def rule_context(scan: RecordScan, order: Mapping[str, Any], drafts: DraftScan,
     """The context of one order: its reasons, the episode and when symptoms count as current."""
     reasons, coded_reason = order_reasons(scan, order, knowledge)
     opaque_reason = not coded_reason and bool(as_list(order.get("reasonCode")))
-    episode = episode_of(scan)
+    episode = scan.memo.get(("episode",))
+    if episode is None:
+        episode = scan.memo[("episode",)] = episode_of(scan)
     # Symptoms count from the episode's onset less the grace period; with no dated episode,
     # within the recent red-flag window.
     current_since = now - timedelta(days=params.recent_red_flag_days)
@@ -219,20 +221,55 @@ def _set_hits(ctx: RuleContext, vs: str, scope: Scope) -> _SetHits:
     for h in ctx.reasons:
         if vs in h.sets:
             out.found.append((h, True))
-    conditions = ctx.scan.conditions_in(vs)
-    reason_ids = {id(h) for h in ctx.reasons} if conditions and ctx.reasons else ()
-    for h in conditions:
-        if id(h) in reason_ids or _benign(ctx, h):
+    recorded = _recorded_hits(ctx, vs, scope)
+    reason_ids = {id(h) for h in ctx.reasons} if ctx.reasons else ()
+    out.found += [(h, False) for h in recorded.found if id(h) not in reason_ids]
+    out.undated = [h for h in recorded.undated if id(h) not in reason_ids]
+    out.unreadable = any(id(h) not in reason_ids for h in recorded.unreadable)
+    return out
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """The record's conditions of one value set in one scope: in scope, active but not dated
+    in this episode, and in scope but unreadable (patient-level: found once per call)."""
+
+    found: list[Hit]
+    undated: list[Hit]
+    unreadable: list[Hit]
+
+
+def _recorded_hits(ctx: RuleContext, vs: str, scope: Scope) -> _Recorded:
+    key = ("recorded", vs, scope, ctx.now, ctx.current_since, ctx.params)
+    known = ctx.scan.memo.get(key)
+    if known is not None:
+        return known  # type: ignore[no-any-return]
+    found: list[Hit] = []
+    undated: list[Hit] = []
+    unreadable: list[Hit] = []
+    for h in ctx.scan.conditions_in(vs):
+        if _benign(ctx, h):
             continue
         if not ctx.in_scope(h, scope):
             if ctx.undated(h, scope) and h.readable:
-                out.undated.append(h)
-            continue
-        if not h.readable:
-            out.unreadable = True
-            continue
-        out.found.append((h, False))
-    return out
+                undated.append(h)
+        elif h.readable:
+            found.append(h)
+        else:
+            unreadable.append(h)
+    recorded = ctx.scan.memo[key] = _Recorded(found, undated, unreadable)
+    return recorded
+
+
+def _condition_evidence(ctx: RuleContext, hit: Hit) -> Evidence:
+    """A condition on the record as evidence (made once per call, shared by the orders)."""
+    key = ("evidence", id(hit))
+    ev = ctx.scan.memo.get(key)
+    if ev is None:
+        display = ctx.knowledge.display_of(hit.coding.get("system"), hit.coding.get("code"))
+        ev = ctx.scan.memo[key] = hit.evidence(
+            "condition" if hit.active else "condition (history)", display)
+    return ev  # type: ignore[no-any-return]
 
 
 def _benign(ctx: RuleContext, hit: Hit) -> bool:
@@ -249,6 +286,18 @@ def _benign(ctx: RuleContext, hit: Hit) -> bool:
         if any(c.active for vs in rule.benign_causes for c in ctx.scan.conditions_in(vs)):
             return True
     return False
+
+
+def patient_fact(row: FactSpec, ctx: RuleContext) -> Fact:
+    """:func:`coded_fact`, derived once per call when the order adds no reason of its own (the
+    fact then reads the record alone, and every such order of the call shares it)."""
+    if ctx.reasons:
+        return coded_fact(row, ctx)
+    key = ("coded", row.name, ctx.now, ctx.current_since, ctx.params)
+    fact = ctx.scan.memo.get(key)
+    if fact is None:
+        fact = ctx.scan.memo[key] = coded_fact(row, ctx)
+    return fact
 
 
 def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
@@ -276,7 +325,7 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     unreadable = unsure or any(hits.unreadable for hits in per_set.values())
     if not any(hits.found or hits.undated for hits in per_set.values()):  # most facts
         return _short_use(settle(row.name, medicated, sources, unreadable, opaque), short)
-    evidence: list[Evidence] = []
+    evidence: dict[Evidence, None] = {}
     undated: list[Evidence] = []
     alone: list[Evidence] = []  # codes that, without their companion, leave the fact open
     for vs, hits in per_set.items():
@@ -300,15 +349,15 @@ def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
                     if id(h) not in counted]
             found = kept
             if found:  # a companion outside the row is shown beside what it lets count
-                found += [pair for pair in beside if pair not in found]
+                have = {(id(h), on_order) for h, on_order in found}
+                found += [(h, o) for h, o in beside if (id(h), o) not in have]
         for h, on_order in found:
-            display = ctx.knowledge.display_of(h.coding.get("system"), h.coding.get("code"))
-            ev = (ctx.reason_evidence(h, display) if on_order
-                  else h.evidence("condition" if h.active else "condition (history)", display))
-            if ev not in evidence:
-                evidence.append(ev)
+            ev = (ctx.reason_evidence(h, ctx.knowledge.display_of(
+                h.coding.get("system"), h.coding.get("code"))) if on_order
+                else _condition_evidence(ctx, h))
+            evidence[ev] = None  # (a dict: de-duplicated by key, in record order)
         undated += [h.evidence(f"condition, {NOT_IN_EPISODE}") for h in stale]
-    fact = settle(row.name, evidence + medicated, sources, unreadable, opaque)
+    fact = settle(row.name, [*evidence, *medicated], sources, unreadable, opaque)
     if fact.value is Tri.NO and undated:  # recorded, but not dated in this episode: ask
         return Fact(row.name, Tri.UNKNOWN, list(dict.fromkeys(undated)), [NOT_IN_EPISODE])
     if alone and fact.value is Tri.NO:  # drug use without fever: ask, never rule it out

@@ -109,6 +109,9 @@ class RecordScan:
     # name no substance the service can read (OPAQUE)
     allergies: list[Hit] = field(default_factory=list)
     _by_set: dict[str, list[Hit]] | None = field(default=None, repr=False)
+    # what the rules derive from the record alone, kept for the call's other orders (order-sign
+    # rates every draft against one scan): patient-level work once per call
+    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     def conditions_in(self, vs: str) -> list[Hit]:
         """The condition hits of one value set, in record order (indexed once per scan)."""
