@@ -13,7 +13,7 @@ import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from cds_service.clinical.dates import age_years, parse_span
 from cds_service.clinical.model import MIN_TIME, ClinicalParams, Evidence, Fact, Tri
@@ -229,8 +229,7 @@ def _set_hits(ctx: RuleContext, vs: str, scope: Scope) -> _SetHits:
     return out
 
 
-@dataclass(frozen=True)
-class _Recorded:
+class _Recorded(NamedTuple):
     """The record's conditions of one value set in one scope: in scope, active but not dated
     in this episode, and in scope but unreadable (patient-level: found once per call)."""
 
@@ -240,7 +239,7 @@ class _Recorded:
 
 
 def _recorded_hits(ctx: RuleContext, vs: str, scope: Scope) -> _Recorded:
-    key = ("recorded", vs, scope, ctx.now, ctx.current_since, ctx.params)
+    key = ("recorded", vs, scope, ctx.now, ctx.current_since, id(ctx.params))
     known = ctx.scan.memo.get(key)
     if known is not None:
         return known  # type: ignore[no-any-return]
@@ -293,7 +292,7 @@ def patient_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     fact then reads the record alone, and every such order of the call shares it)."""
     if ctx.reasons:
         return coded_fact(row, ctx)
-    key = ("coded", row.name, ctx.now, ctx.current_since, ctx.params)
+    key = ("coded", row.name, ctx.now, ctx.current_since, id(ctx.params))
     fact = ctx.scan.memo.get(key)
     if fact is None:
         fact = ctx.scan.memo[key] = coded_fact(row, ctx)
