@@ -29,7 +29,8 @@ from tests.served import served  # noqa: E402
 CARDS = {
     "chronic-mri-contrast": ("v3-seed-mri-w", "72149"),  # V3, MRI with contrast: a warning
     "acute-mri": ("v1-acute-mri-wo", "72148"),  # V1, 10 days of pain: no imaging yet
-    "cauda-equina-ct": ("v4-ces-symptoms-on-problem-list-mri-wo", "72132"),  # CT with contrast: critical
+    # suspected cauda equina (urinary retention, saddle anaesthesia), CT with contrast: critical
+    "cauda-equina-ct": ("v4-ces-symptoms-on-problem-list-mri-wo", "72132"),
 }
 
 

@@ -195,3 +195,72 @@ def test_report_the_medians() -> None:
 def test_no_card_has_the_defect(defect: str) -> None:
     seen = defects()[defect]
     assert not seen, f"{len(seen)} cards: " + "\n".join(seen[:12])
+
+
+# ------------------------------------------------------------------ the parts, one by one
+
+
+def test_a_time_in_words() -> None:
+    from cds_service.answer.cards import span_words
+    assert [span_words(d) for d in (0, 1, 2, 27, 28, 364, 365, 800)] == [
+        "less than a day", "1 day", "2 days", "27 days", "4 weeks", "52 weeks", "over 1 year",
+        "over 2 years"]
+
+
+@pytest.mark.parametrize(("onset_days", "said"), [
+    (0, "Pain since today;"), (1, "Pain since yesterday;"), (2, "Pain for 2 days;")])
+def test_pain_of_today_and_yesterday(onset_days: int, said: str) -> None:
+    from datetime import timedelta
+
+    from tests.builders import bundle, condition, seed_prefetch
+    pre = seed_prefetch(FIXTURE_NOW)
+    onset = (FIXTURE_NOW - timedelta(days=onset_days)).date().isoformat()
+    pre["conditions"] = bundle(condition("c-lbp", "M54.50", onset))
+    pre["procedures"] = bundle()
+    cards = answer_cards("today", hook_request(order(cpt="72148", reason="M54.50"), prefetch=pre))
+    assert cards and cards[0][2]["detail"].startswith(said), cards[0][2]["detail"]
+
+
+def test_record_text_is_shown_literally() -> None:
+    from cds_service.answer.cards import finding
+    from cds_service.clinical.facts import Evidence
+    e = Evidence("Condition/x", "http://hl7.org/fhir/sid/icd-10-cm", "Z95.0", "Z95.0", None,
+                 "condition", text="*pacer* <b>|</b> [x](y)")
+    assert finding(e) == r"\*pacer\* \<b\>\|\</b\> \[x\](y) (Z95.0)"
+
+
+def test_a_bare_code_is_named_by_the_knowledge_else_the_fact() -> None:
+    from cds_service.answer.cards import finding
+    from cds_service.clinical.facts import Evidence
+    knowledge = engine().knowledge
+    icd = "http://hl7.org/fhir/sid/icd-10-cm"
+    pacemaker = Evidence("Condition/x", icd, "Z95.0", "Z95.0", None, "condition", text="z950")
+    assert finding(pacemaker, knowledge, "MRI safety") == "Pacemaker (Z95.0)"
+    surgery = Evidence("Procedure/y", "http://www.ama-assn.org/go/cpt", "63047", "63047", None,
+                       "procedure")
+    assert finding(surgery, knowledge, "Prior lumbar surgery") == "Prior lumbar surgery (63047)"
+    snomed = Evidence("Condition/z", "http://snomed.info/sct", "279039007",
+                      "Low back pain (finding)", None, "condition")
+    assert finding(snomed, knowledge) == "Low back pain (279039007)"
+
+
+def test_the_link_asks_at_most_four_questions_red_flags_first() -> None:
+    """Every fact open for want of documentation: four questions at most, the red flags'
+    first; a fact the EHR left open (a source not sent) is never asked."""
+    from cds_service.clinical.facts import Fact, Facts, Tri
+    from cds_service.clinical.registry import NAMES
+    from cds_service.questionnaire import questions_to_ask
+
+    questions = engine().questions
+    deciding = ["duration", "conservative_care", "intervention_candidate", "prior_surgery",
+                "cauda_equina", "neuro_deficit", "cancer", "infection", "trauma"]
+    facts = Facts(**{n: Fact(n, Tri.UNKNOWN if n in deciding else Tri.NO) for n in NAMES})
+    asked = [q.link_id for q in questions_to_ask(questions, deciding, facts)]
+    assert asked == ["cauda-equina", "neuro-deficit", "cancer", "infection"]
+    facts.cauda_equina = Fact("cauda_equina", Tri.UNKNOWN, [], ["conditions"])
+    facts.neuro_deficit = Fact("neuro_deficit", Tri.UNKNOWN, [], ["not prefetched"])
+    asked = [q.link_id for q in questions_to_ask(questions, deciding, facts)]
+    assert asked == ["pain-duration", "cancer", "infection", "trauma"]  # (questionnaire order)
+    # a fact's questions are asked whole (the weeks of care go with the care)
+    asked = [q.link_id for q in questions_to_ask(questions, ["conservative_care"], facts)]
+    assert asked == ["conservative-care", "conservative-care-weeks"]
