@@ -126,17 +126,41 @@ def _key(e: Evidence, knowledge: Knowledge) -> tuple[Any, ...]:
     return (e.resource, e.display, stale)
 
 
-def evidence_rows(facts: Facts, templates: CardTemplates, knowledge: Knowledge,
+class Names:
+    """Each piece of evidence in words (``finding``) and as a finding (``_key``), worked out once
+    per process: a card names the same few codes again and again."""
+
+    LIMIT = 8192  # entries kept (cleared when full)
+
+    def __init__(self, knowledge: Knowledge):
+        self.knowledge = knowledge
+        self._found: dict[tuple[Evidence, str | None], tuple[tuple[Any, ...], str]] = {}
+
+    def __call__(self, e: Evidence, fallback: str | None) -> tuple[tuple[Any, ...], str]:
+        """(what makes it one finding, its name in words with its code, as markdown)."""
+        found = self._found.get((e, fallback))
+        if found is None:
+            if len(self._found) >= self.LIMIT:
+                self._found.clear()
+            found = self._found[(e, fallback)] = (_key(e, self.knowledge),
+                                                  finding(e, self.knowledge, fallback))
+        return found
+
+
+def evidence_rows(facts: Facts, templates: CardTemplates, names: Names,
                   this_order: str) -> list[dict[str, Any]]:
     """One row per finding, in the registry's order: its name in words with its code, every
     fact it supports, its dates and its sources together."""
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for name in NAMES:
         fact = facts.fact(name)
+        if not fact.evidence:
+            continue
         label = templates.fact_label(fact.name)
         for e in fact.evidence:
-            row = rows.setdefault(_key(e, knowledge), {
-                "finding": finding(e, knowledge, label), "labels": [], "dates": [],
+            key, words = names(e, label)
+            row = rows.setdefault(key, {
+                "finding": words, "labels": [], "dates": [],
                 "sources": [], "stale": e.role.endswith(NOT_IN_EPISODE)})
             if label not in row["labels"]:
                 row["labels"].append(label)
@@ -174,6 +198,8 @@ class CardBuilder:
                 f"cards/common.yaml: facts lacks {', '.join(unlabelled)}: every fact of the "
                 "rules needs a label (and what to document when it is unknown)")
         self.knowledge = knowledge
+        self.names = Names(knowledge)
+        self._studies: dict[tuple[frozenset[str], str], list[dict[str, Any]]] = {}
         self.templates = templates
         self.questions = questions
         self.settings = settings
@@ -244,7 +270,7 @@ class CardBuilder:
         order, proc, facts, decision = rated.order, rated.procedure, rated.facts, rated.decision
         document, not_sent = self._missing(rated)
         mri = facts.recent_mri.evidence[0] if facts.recent_mri.evidence else None
-        devices = ", ".join(sorted({finding(e, self.knowledge, t.fact_label("mri_safety"))
+        devices = ", ".join(sorted({self.names(e, t.fact_label("mri_safety"))[1]
                                     for e in facts.mri_safety.evidence if not denies(e)})) \
             if facts.mri_safety.value is Tri.YES else ""
         # candidacy assumed after failed care: said only where it drives the answer and the
@@ -277,7 +303,7 @@ class CardBuilder:
             "suggestion": self._alt(suggestion.procedure, suggestion.category)
             if suggestion else None,
             "cancel": cancel, "alternatives": self._alternatives(decision, proc),
-            "evidence": evidence_rows(facts, t, self.knowledge,
+            "evidence": evidence_rows(facts, t, self.names,
                                       f"ServiceRequest/{order.get('id')}"),
             "assumptions": [t.assumption(code, params) for code, params in assumed],
             "missing": document,
@@ -340,8 +366,8 @@ class CardBuilder:
         named: dict[tuple[Any, ...], str] = {}
         for f in found:
             for e in f.evidence:
-                named.setdefault(_key(e, self.knowledge),
-                                 finding(e, self.knowledge, t.fact_label(f.name)))
+                key, words = self.names(e, t.fact_label(f.name))
+                named.setdefault(key, words)
         findings = list(named.values())
         agents = " or ".join(t.phrase(f"contrast-{a}") for a in CONTRASTS if a in given)
         return {"contrast": t.phrase("contrast-risk", contrast=agents,
@@ -357,10 +383,20 @@ class CardBuilder:
                          for v in sorted(decision.variants))
 
     def _alternatives(self, decision: Decision, proc: Procedure) -> list[dict[str, Any]]:
-        """The studies not usually inappropriate in the scenario, best first."""
+        """The studies not usually inappropriate in the scenario, best first (a pure function
+        of the knowledge: worked out once per scenario and ordered study)."""
         if not decision.variants:
             return []
-        variants = rated_by(decision.variants)
+        key = (frozenset(decision.variants), proc.id)
+        found = self._studies.get(key)
+        if found is None:
+            if len(self._studies) >= Names.LIMIT:
+                self._studies.clear()
+            found = self._studies[key] = self._rated_studies(decision, proc)
+        return found
+
+    def _rated_studies(self, decision: Decision, proc: Procedure) -> list[dict[str, Any]]:
+        variants = rated_by(decision.variants or frozenset())
         rated = [(p, self.knowledge.category(p.id, variants))
                  for p in self.knowledge.procedures.values()
                  if p.region == "lumbar" or p is proc]  # the ordered study is always listed
@@ -431,7 +467,8 @@ class CardBuilder:
         named: dict[tuple[Any, ...], str] = {}
         for e in evidence:
             if not denies(e):
-                named.setdefault(_key(e, self.knowledge), finding(e, self.knowledge, label))
+                key, words = self.names(e, label)
+                named.setdefault(key, words)
         return ", ".join(named.values())
 
     def _conflict_text(self, facts: Facts, code: str, params: dict[str, Any],
