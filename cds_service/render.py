@@ -142,7 +142,7 @@ class CardTemplates:
         text: str = template.render(**context).strip()
         if field_name == "summary":
             text = one_line(text)
-            if len(text) > SUMMARY_LIMIT:  # a last resort: the start-up sample must fit
+            if len(text) > SUMMARY_LIMIT:  # a last resort: check_summaries rules it out
                 text = text[: SUMMARY_LIMIT - 1].rstrip() + "…"
         elif field_name == "detail":
             text = _tidy_markdown(text)
@@ -294,8 +294,9 @@ class KindFile(FileModel):
     """``cards/<kind>.yaml``: the wording of one card kind (Jinja2 templates)."""
 
     indicator: Literal["info", "warning", "critical"] = Field(description="the card's urgency")
-    summary: Name = Field(description=f"the headline; rendered with the start-up sample it must "
-                                      f"fit in {SUMMARY_LIMIT} characters")
+    summary: Name = Field(description=f"the headline: the action and the reason, in "
+                                      f"{SUMMARY_LIMIT} characters at most with every value at "
+                                      f"its longest")
     detail: Text | None = Field(None, description="the body, markdown")
     suggestion_label: Text | None = Field(None, description="the label of a suggested study")
     action_description: Text | None = Field(None, description="the action of a suggestion")
