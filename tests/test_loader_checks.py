@@ -115,6 +115,8 @@ def test_a_misspelled_companion_value_set_is_refused(tmp_path: Path) -> None:
      "assumptions.duration-from-recorded-date", "this one takes no placeholder"),
     ('care-done: "{weeks} weeks', 'care-done: "{} weeks', "phrases.care-done",
      "name each placeholder"),
+    ('on-record: "on record: {found}"', 'on-record: "on record: {finding}"',
+     "phrases.on-record", "placeholder {finding} here: this one may use {found}"),
 ])
 def test_a_placeholder_the_engine_does_not_fill_is_refused(tmp_path: Path, old: str, new: str,
                                                             where: str, fix: str) -> None:
@@ -232,6 +234,14 @@ def test_a_summary_showing_record_text_is_refused(tmp_path: Path) -> None:
         Engine(load_knowledge(), load_templates(cards), dev_settings())
     assert_names(caught.value, f"{path}: summary: {{{{ devices }}}} has no longest value",
                  "device_short")
+
+
+def test_a_scenario_without_a_short_name_is_refused(tmp_path: Path) -> None:
+    path, cards = edited(tmp_path, "cards", "common.yaml",
+                         '  V7: "suspected cancer or infection"\n', "")
+    with pytest.raises(TemplateProblem) as caught:
+        Engine(load_knowledge(), load_templates(cards), dev_settings())
+    assert_names(caught.value, f"{path}: scenarios: no short name for V7", "V1, V2")
 
 
 def test_the_summaries_of_the_cards_fit_at_their_longest() -> None:
