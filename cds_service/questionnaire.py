@@ -8,12 +8,13 @@ the same list of questions, keyed by linkId.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cds_service.clinical.registry import RED_FLAGS
 from cds_service.codesystems import PATH as CODESYSTEM_PATH
 from cds_service.codesystems import code_system
 from cds_service.knowledge import KNOWLEDGE_DIR, KnowledgeError
@@ -28,7 +29,28 @@ from cds_service.knowledge.models import QuestionsFile
 from cds_service.knowledge.vocabulary import QUESTION_FACTS, QUESTION_TYPES
 from cds_service.knowledge.yaml import entry_name, read_model
 
+if TYPE_CHECKING:
+    from cds_service.clinical.model import Facts
+
 QUESTIONNAIRE_PATH = "/fhir/Questionnaire"
+MAX_ASKED = 4  # questions behind a card's link at most: those that decide the rating
+# Why a fact is unknown, when it is the EHR's gap and never the clinician's task: a source of the
+# record not sent or not whole (its prefetch key, or the record layer's note on it).
+RECORD_SOURCES = frozenset({"patient", "conditions", "procedures", "servicerequests",
+                            "medications", "allergies", "questionnaireresponses", "missing"})
+RECORD_NOTES = ("not prefetched", "patient not provided", "not a FHIR resource",
+                "the EHR reported an error", "resource of another patient",
+                "unexpected resource type", "bad page", "more pages not read",
+                "next link not followed", "page cap reached")
+
+
+def is_ehr_gap(note: str) -> bool:
+    """A fact's missing note that is an integration fault (a source not sent or not read)."""
+    return note in RECORD_SOURCES or note.startswith(RECORD_NOTES)
+
+
+# Red flags are asked first; prior lumbar surgery and age set the scenario (not red flags).
+ASKED_FIRST = tuple(n for n in RED_FLAGS if n not in ("prior_surgery", "elderly"))
 TYPES = set(QUESTION_TYPES)
 # The facts a question may settle (the registry's names)
 FACTS = set(QUESTION_FACTS)
@@ -73,6 +95,26 @@ class Questions:
         chosen |= {q.enable_when[0] for q in self.items
                    if q.link_id in chosen and q.enable_when}
         return [q for q in self.items if q.link_id in chosen]
+
+
+def questions_to_ask(questions: Questions, deciding: Sequence[str], facts: Facts,
+                     limit: int = MAX_ASKED) -> list[Question]:
+    """The questions to ask about an order (a card's link, the SMART app): those of the facts
+    that decide its rating (``Decision.deciding``), red flags first, then in the order given;
+    each fact's questions whole (with those they depend on), ``limit`` questions at most. None
+    for a fact the EHR left open (a source not sent or not read: an integration fault, not the
+    clinician's task; see ``is_ehr_gap``)."""
+    mine = [n for n in dict.fromkeys(deciding)
+            if not any(is_ehr_gap(note) for note in facts.fact(n).missing)]
+    ordered = [n for n in ASKED_FIRST if n in mine] + [n for n in mine if n not in ASKED_FIRST]
+    chosen: list[str] = []
+    asked: list[Question] = []
+    for name in ordered:
+        trial = questions.for_facts([*chosen, name])
+        if len(trial) > len(asked) and len(trial) <= limit:
+            chosen.append(name)
+            asked = trial
+    return asked
 
 
 def load_questions(directory: Path | None = None) -> Questions:

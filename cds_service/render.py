@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from jinja2 import DictLoader, StrictUndefined, TemplateError, meta
+from jinja2 import DictLoader, StrictUndefined, TemplateError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import Field
 
@@ -43,8 +43,10 @@ RENDER_MEMO_SIZE = 4096  # rendered texts kept (cleared when full)
 # with the placeholders the engine fills in for it (cds_service/engine.py).
 PHRASES: dict[str, tuple[str, ...]] = {
     "duration": ("span",), "duration-bound": ("span",), "duration-unknown": (),
+    "duration-today": (), "duration-yesterday": (), "duration-bound-today": (),
     "duration-attested": ("span", "day"), "red-flags": ("found",),
-    "red-flags-unknown": ("unknown",), "no-red-flags": ("checked",), "urgent": (),
+    "red-flags-unknown": ("unknown",), "no-red-flags": ("checked",), "fracture-risk": (),
+    "on-record": ("found",), "urgent": (), "device": (), "contrast-risks": (),
     "care-none": (), "care-done": ("weeks",), "care-under-way": ("weeks", "needed"),
     "if-candidate": (), "suggest-if-candidate": (), "smart-link": ("questions",),
     "smart-link-scenario": ("questions",), "unreadable": ("entries",),
@@ -63,6 +65,15 @@ PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer
                  "contrast": "gadolinium contrast"}
 
 
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#])")
+
+
+def literal(text: str) -> str:
+    """Text from the record, shown as written in a card's markdown: the characters markdown or
+    HTML would read as markup escaped, line breaks made spaces (a table cell stays one cell)."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.split()))
+
+
 class TemplateProblem(StartupError, ValueError):
     """A card template is missing, malformed or does not render."""
 
@@ -75,6 +86,7 @@ class CardKind:
     override_reasons: list[dict[str, str]] = field(default_factory=list)
     # field -> the context variables its template reads (the memo key)
     reads: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    summary_tree: Any = None  # the summary's syntax tree (its longest length is checked)
 
 
 @dataclass
@@ -88,6 +100,8 @@ class CardTemplates:
     kinds: dict[str, CardKind]
     assumptions: dict[str, str] = field(default_factory=dict)
     phrases: dict[str, str] = field(default_factory=dict)
+    scenarios: dict[str, str] = field(default_factory=dict)  # variant -> its name in a summary
+    directory: Path | None = None  # where the templates were read (named in messages)
     _memo: dict[tuple[str, str, bytes], str] = field(default_factory=dict, repr=False)
 
     def phrase(self, code: str, **params: Any) -> str:
@@ -128,7 +142,7 @@ class CardTemplates:
         text: str = template.render(**context).strip()
         if field_name == "summary":
             text = one_line(text)
-            if len(text) > SUMMARY_LIMIT:  # a last resort: the start-up sample must fit
+            if len(text) > SUMMARY_LIMIT:  # a last resort: check_summaries rules it out
                 text = text[: SUMMARY_LIMIT - 1].rstrip() + "…"
         elif field_name == "detail":
             text = _tidy_markdown(text)
@@ -171,6 +185,11 @@ def _reads(env: Any, source: str, included: dict[str, str]) -> tuple[str, ...]:
                 seen.add(ref)
                 pending.append(included[ref])
     return tuple(sorted(names - set(env.globals)))
+
+
+def upper_first(text: str) -> str:
+    """The text with its first letter in upper case, the rest as it is ("MRI with contrast")."""
+    return text[:1].upper() + text[1:]
 
 
 def one_line(text: str) -> str:
@@ -224,13 +243,22 @@ TEMPLATE_RENDER = Check(
     "{error} (the variables a card can use are listed in docs/editing-knowledge.md)",
     TemplateProblem)
 SUMMARY_TOO_LONG = Check(
-    CARD_KIND_FILE, f"a summary rendered with the start-up sample is over {SUMMARY_LIMIT} "
-    "characters (CDS Hooks allows under 140; at run time a longer one is cut with …)",
-    "renders to {length} characters with the start-up sample, over the {limit} allowed: "
-    "shorten the wording ({text!r})", TemplateProblem)
+    CARD_KIND_FILE, f"a summary can be over {SUMMARY_LIMIT} characters: each placeholder "
+    "counted at its longest possible value (the longest study name, phrase or date), the "
+    "longest branch of each `{% if %}` (CDS Hooks allows under 140; a summary is never cut)",
+    "can reach {length} characters, over the {limit} allowed, with {longest}: shorten the "
+    "wording", TemplateProblem)
+SUMMARY_UNBOUNDED = Check(
+    CARD_KIND_FILE, "a summary shows a value whose length has no bound (the record's own text, "
+    "a list): the summary could not be kept under 140 characters",
+    "{{{{ {name} }}}} has no longest value: show it in the detail, not in the summary "
+    "(a summary may use {allowed})", TemplateProblem)
+SCENARIO_MISSING = Check(
+    COMMON_FILE, "`scenarios` lacks the short name of a variant of the criteria (summaries name "
+    "the scenario by it)", "no short name for {name}: name each of {all}", TemplateProblem)
 CARD_CHECKS = (CATEGORY_MISSING, CATEGORY_UNKNOWN, WORDING_MISSING, WORDING_UNKNOWN,
                WORDING_PLACEHOLDER, WORDING_BROKEN, TEMPLATE_COMPILE, TEMPLATE_RENDER,
-               SUMMARY_TOO_LONG)
+               SUMMARY_TOO_LONG, SUMMARY_UNBOUNDED, SCENARIO_MISSING)
 
 
 class CardSourceFile(FileModel):
@@ -253,6 +281,8 @@ class CommonFile(FileModel):
                                      description="parts of the first line of every card")
     assumptions: dict[str, Text] = Field(default_factory=dict,
                                          description="the wording of each assumption")
+    scenarios: dict[str, Text] = Field(
+        default_factory=dict, description="per variant (V1 ...): its short name in a summary")
 
 
 class OverrideReason(FileModel):
@@ -264,8 +294,9 @@ class KindFile(FileModel):
     """``cards/<kind>.yaml``: the wording of one card kind (Jinja2 templates)."""
 
     indicator: Literal["info", "warning", "critical"] = Field(description="the card's urgency")
-    summary: Name = Field(description=f"the headline; rendered with the start-up sample it must "
-                                      f"fit in {SUMMARY_LIMIT} characters")
+    summary: Name = Field(description=f"the headline: the action and the reason, in "
+                                      f"{SUMMARY_LIMIT} characters at most with every value at "
+                                      f"its longest")
     detail: Text | None = Field(None, description="the body, markdown")
     suggestion_label: Text | None = Field(None, description="the label of a suggested study")
     action_description: Text | None = Field(None, description="the action of a suggestion")
@@ -287,6 +318,7 @@ def load_templates(directory: Path) -> CardTemplates:
                                undefined=StrictUndefined, autoescape=False,
                                trim_blocks=False, lstrip_blocks=True,
                                auto_reload=False)  # compiled once: never re-checked per render
+    env.filters["upper_first"] = upper_first
     kinds = {kind: _card_kind(env, kind, directory / f"{kind}.yaml", evidence)
              for kind in KINDS}
     _check_categories(common.categories, common_path)
@@ -297,7 +329,8 @@ def load_templates(directory: Path) -> CardTemplates:
         override_system=common.override_reason_system or "",
         categories=dict(common.categories), kinds=kinds,
         facts={name: dict(wording) for name, wording in common.facts.items()},
-        assumptions=dict(common.assumptions), phrases=dict(common.phrases))
+        assumptions=dict(common.assumptions), phrases=dict(common.phrases),
+        scenarios=dict(common.scenarios), directory=directory)
     _test_render(templates, directory)
     return templates
 
@@ -314,7 +347,7 @@ def _card_kind(env: Any, kind: str, path: Path, evidence: str) -> CardKind:
             except TemplateError as exc:
                 raise TEMPLATE_COMPILE.fail(path, name, error=exc) from exc
     reasons = [r.model_dump() for r in data.override_reasons]
-    return CardKind(kind, data.indicator, compiled, reasons, reads)
+    return CardKind(kind, data.indicator, compiled, reasons, reads, env.parse(data.summary))
 
 
 def _check_categories(categories: dict[str, str], path: Path) -> None:
@@ -374,14 +407,17 @@ def sample_context() -> dict[str, Any]:
                    "category_label": "Usually not appropriate"},
         "scenario": "sample scenario", "outside": False, "suggestion": alt, "cancel": False,
         "alternatives": [alt], "assumptions": ["sample assumption"],
-        "evidence": [{"label": "Pain duration", "code": "M54.16", "display": "sample",
-                      "date": "2026-01-01", "resource": "Condition/sample"}],
+        "evidence": [{"finding": "Lumbar radiculopathy (M54.16)", "label": "Pain duration",
+                      "date": "2026-01-01", "source": "this order, Condition/sample",
+                      "recorded": "2026-01-01, this order, Condition/sample"}],
         "missing": [{"name": "duration", "label": "Pain duration", "document": "onset"}],
         "missing_first": "onset", "missing_text": "onset", "missing_label": "pain duration",
         "devices": "pacemaker",
         "unavailable": "procedures",
         "recent": {"date": "2026-01-01", "resource": "Procedure/sample"},
-        "already": "MRI lumbar spine without IV contrast",
+        "already": "MRI lumbar spine without IV contrast", "already_short": "MRI without contrast",
+        "scenario_id": "V1", "scenario_short": "acute low back pain", "span": "10 days",
+        "device_short": "pacemaker",
         "duplicate": {"resource": "ServiceRequest/sample", "name": "MRI lumbar spine without "
                       "IV contrast", "short": "MRI without contrast", "date": "2026-01-01",
                       "drafted": False},
@@ -408,13 +444,73 @@ def _test_render(templates: CardTemplates, directory: Path) -> None:
                     templates.render(kind.name, name, ctx)
                 except Exception as exc:  # noqa: BLE001 - any template fault stops the start
                     raise TEMPLATE_RENDER.fail(path, name, error=exc) from exc
-                if name == "summary":
-                    _check_summary(kind, ctx, path)
 
 
-def _check_summary(kind: CardKind, ctx: dict[str, Any], path: Path) -> None:
-    """A summary the sample already fills past the limit would be cut on most cards."""
-    text = one_line(kind.templates["summary"].render(**ctx))
-    if len(text) > SUMMARY_LIMIT:
-        raise SUMMARY_TOO_LONG.fail(path, "summary", length=len(text), limit=SUMMARY_LIMIT,
-                                    text=text)
+# ------------------------------------------------------------------ the longest summary
+
+# Filters that never lengthen a text (a summary may use them on a bounded value).
+SAME_LENGTH_FILTERS = {"upper_first", "capitalize", "lower", "upper", "title", "trim"}
+
+
+class _Unbounded(Exception):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def check_summaries(templates: CardTemplates, bounds: dict[str, int]) -> None:
+    """Refuse a summary that can exceed the limit: every value it shows counted at its longest
+    (``bounds``: a context variable, dotted for a field, -> its longest length), the longest
+    branch of every ``{% if %}``; and one that shows a value with no bound."""
+    for kind in templates.kinds.values():
+        path = (templates.directory or Path("cards")) / f"{kind.name}.yaml"
+        try:
+            length, longest = _longest(kind.summary_tree, bounds)
+        except _Unbounded as exc:
+            raise SUMMARY_UNBOUNDED.fail(path, "summary", name=exc.name,
+                                         allowed=", ".join(sorted(bounds))) from None
+        if length > SUMMARY_LIMIT:
+            raise SUMMARY_TOO_LONG.fail(path, "summary", length=length, limit=SUMMARY_LIMIT,
+                                        longest=", ".join(f"{n} {k}" for k, n in longest))
+
+
+def _longest(node: Any, bounds: dict[str, int]) -> tuple[int, list[tuple[str, int]]]:
+    """The longest text a template node can render, and the values counted in it."""
+    if isinstance(node, nodes.TemplateData):
+        return len(node.data), []
+    if isinstance(node, nodes.Const):
+        return len(str(node.value)), []
+    if isinstance(node, (nodes.Name, nodes.Getattr)):
+        name = _dotted(node)
+        if name not in bounds:
+            raise _Unbounded(name)
+        return bounds[name], [(name, bounds[name])]
+    if isinstance(node, nodes.Filter) and node.name in SAME_LENGTH_FILTERS and node.node:
+        return _longest(node.node, bounds)
+    if isinstance(node, nodes.CondExpr):
+        return max(_longest(node.expr1, bounds), _longest(node.expr2, bounds) if node.expr2
+                   else (0, []))
+    if isinstance(node, nodes.Or):  # a value or its fallback: the longer of the two
+        return max(_longest(node.left, bounds), _longest(node.right, bounds))
+    if isinstance(node, nodes.If):
+        branches = [node.body, *[e.body for e in node.elif_], node.else_]
+        return max(_longest_all(b, bounds) for b in branches)
+    if isinstance(node, (nodes.Template, nodes.Output)):
+        return _longest_all(node.body if isinstance(node, nodes.Template) else node.nodes,
+                            bounds)
+    raise _Unbounded(type(node).__name__.lower())
+
+
+def _longest_all(body: list[Any], bounds: dict[str, int]) -> tuple[int, list[tuple[str, int]]]:
+    total, counted = 0, []
+    for child in body:
+        length, names = _longest(child, bounds)
+        total += length
+        counted += names
+    return total, counted
+
+
+def _dotted(node: Any) -> str:
+    if isinstance(node, nodes.Getattr):
+        return f"{_dotted(node.node)}.{node.attr}"
+    return str(getattr(node, "name", type(node).__name__))

@@ -154,7 +154,7 @@ def test_an_answered_red_flag_rates_and_is_shown_as_attested(client: Any) -> Non
     assert rating(r) == ("not-appropriate", "UNA")
     detail = r.json()["cards"][0]["detail"]
     assert "Pain for more than 12 weeks (clinician-attested on 2026-10-31)" in detail
-    assert "| Cancer | clinician-attested: no (cancer) | 2026‑10‑31 | " \
+    assert "| clinician-attested: no (cancer) | Cancer | 2026‑10‑31, " \
         "QuestionnaireResponse/qr-1 |" in detail
     assert "**MRI safety**" not in detail  # an answer of no is not a device
 
@@ -244,5 +244,8 @@ def test_with_the_app_off_no_link_is_sent() -> None:
     assert cards and all("links" not in card for card in cards)
     with ValidatingClient(create_app(dev_settings(), clock=lambda: FIXTURE_NOW)) as c:
         card = c.post(SELECT, json=body).json()["cards"][0]
+        # the EHR sent no history: its gap, not a question for the clinician
+        assert "links" not in card
+        card = c.post(SELECT, json=fixture("unknown-fusion-site-mri-w")).json()["cards"][0]
     # rated not appropriate in every scenario: the answers find the study, not the rating
-    assert card["links"][0]["label"] == "Answer 14 questions to find the study that fits"
+    assert card["links"][0]["label"] == "Answer 1 question to find the study that fits"

@@ -21,7 +21,7 @@ def test_evaluate_prints_cards_readably_and_the_json() -> None:
               "--now", "2026-11-01T12:00:00Z")
     assert out.returncode == 0, out.stderr
     head, _, raw = out.stdout.partition("\n\n")
-    assert "[WARNING] MRI lumbar spine with IV contrast" in head
+    assert "[WARNING] MRI with contrast usually not appropriate" in head
     assert "suggestion: Change to MRI lumbar spine without IV contrast (recommended)" in head
     assert "not-appropriate / UNA" in head
     body = json.loads(raw)

@@ -78,7 +78,13 @@ def test_the_cards_name_every_red_flag_as_checked() -> None:
     engine = Engine(load_knowledge(), templates, dev_settings())
     facts, _ = rate(seed_prefetch(NOW), "mri-w")
     why = engine.cards._why(facts, NOW)
-    assert all(templates.fact_short(name) in why for name in RED_FLAGS), why
+    # trauma, osteoporosis and steroid use as "fracture risk"; prior lumbar surgery and age
+    # set the scenario: they are not called red flags
+    fracture = GROUPS["v6"]
+    assert all(templates.fact_short(name) in why for name in RED_FLAGS
+               if name not in fracture and name != "prior_surgery"), why
+    assert "fracture risk" in why
+    assert "prior lumbar surgery" not in why and "age" not in why
 
 
 # ------------------------------------------------------------------ each coded row

@@ -184,6 +184,6 @@ def test_outside_every_scenario_the_card_says_so_not_that_history_is_missing() -
         {"system": "http://www.ama-assn.org/go/cpt", "code": "72149"}]
     with ValidatingClient(create_app(dev_settings(), clock=lambda: FIXTURE_NOW)) as c:
         card = c.post(SELECT, json=body).json()["cards"][0]
-    assert "fit none of the scenarios of these criteria" in card["detail"]
+    assert "the recorded findings fit none of them" in card["detail"]
     assert "every scenario of these criteria" in card["detail"]
     assert "not documented" not in card["detail"] and "leaves open" not in card["detail"]

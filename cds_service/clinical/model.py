@@ -47,6 +47,7 @@ class Evidence:
     display: str | None
     date: str | None
     role: str
+    text: str | None = None  # the record's own words for it (its concept's text), if any
 
 
 @dataclass

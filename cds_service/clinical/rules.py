@@ -131,7 +131,7 @@ class RuleContext:
             return Evidence(f"ServiceRequest/{self.order_id}", str(hit.coding.get("system", "")),
                             str(hit.coding.get("code", "")),
                             hit.coding.get("display") or hit.text or display, None,
-                            "reason for this order")
+                            "reason for this order", hit.words)
         return hit.evidence("reason for this order", display)
 
     @functools.cached_property
@@ -443,8 +443,9 @@ def order_reasons(scan: RecordScan, order: Mapping[str, Any],
         for c in codings_of(concept):
             sets = knowledge.valuesets_of(c.get("system"), c.get("code"))
             if sets:
+                words = concept.get("text") if isinstance(concept, Mapping) else None
                 hits.append(Hit("ServiceRequest", oid, sets, dict(c), True, True, None, None,
-                                text=text))
+                                text=text, words=words if isinstance(words, str) else None))
     coded = bool(hits) or any(isinstance(c.get("code"), str) and c["code"]
                               and knowledge.reads_system(c.get("system"))
                               for c in codings_of_all(order.get("reasonCode")))

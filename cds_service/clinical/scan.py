@@ -67,6 +67,7 @@ class Hit:
     # the documented end of a course of care (a period's end, a supply's end); ONGOING: an
     # active order with no documented end, taken up to now
     until: datetime | None = None
+    words: str | None = None  # the concept's own text where ``raw`` is not its resource
 
     @property
     def readable(self) -> bool:
@@ -89,7 +90,15 @@ class Hit:
                         system=str(self.coding.get("system", "")),
                         code=str(self.coding.get("code", "")),
                         display=self.coding.get("display") or self.text or display or None,
-                        date=day, role=role)
+                        date=day, role=role,
+                        text=self.words if self.words is not None else _own_text(self.raw))
+
+
+def _own_text(raw: Mapping[str, Any]) -> str | None:
+    """The text of a resource's code as the record words it (a card names the finding by it)."""
+    concept = raw.get("code") or raw.get("medicationCodeableConcept")
+    text = concept.get("text") if isinstance(concept, Mapping) else None
+    return text.strip() or None if isinstance(text, str) else None
 
 
 @dataclass

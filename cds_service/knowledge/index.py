@@ -259,6 +259,12 @@ class Knowledge:
                 return found
         return None
 
+    def displays_in(self, valueset: str) -> list[str]:
+        """Our displays of the codes of a value set (the names a card may give its findings)."""
+        return [d for (system, code), d in self._displays.items()
+                if valueset in self._exact.get((system, code), ())
+                or valueset in self._prefix.get((system, code), ())]
+
     def combined_procedure(self, proc: Procedure, codings: Iterable[Any]) -> Procedure:
         """The procedure an order really is, given every code of it and its companion drafts."""
         return self.combined_with_keys(proc, self.coding_keys(codings))
