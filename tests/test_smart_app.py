@@ -677,3 +677,32 @@ def test_still_open_lists_only_what_a_question_settles(ehr: SmartTestServer) -> 
                                 deciding=["elderly", "conservative_care"])
     view = rating_view(engine, dataclasses.replace(rated, decision=open_))
     assert view.still_open == [engine.templates.fact_label("conservative_care")]
+
+
+def _asked(page: httpx.Response) -> list[str]:
+    """The questions of a page, in the order shown (each radio group once)."""
+    return list(dict.fromkeys(re.findall(r'<input type="radio" name="([a-z-]+)"', page.text)))
+
+
+def test_at_most_four_questions_red_flags_first(browser: httpx.Client,
+                                               ehr: SmartTestServer) -> None:
+    """Item 9: a link naming many questions shows at most four, red flags first; a launch
+    without a link asks those that decide the order's rating, never the whole questionnaire."""
+    ehr.app_context = json.dumps({
+        "order": f"ServiceRequest/{ORDER_ID}", "procedure": "mri-wo",
+        "ask": ["pain-duration", "conservative-care", "intervention-candidate", "trauma",
+                "cauda-equina", "cancer", "infection"]})
+    sign_in(browser, ehr)
+    page = browser.get("/app/questions")
+    assert_page(page, 200, f"Order: {MRI}")
+    asked = _asked(page)
+    assert asked[:3] == ["cauda-equina", "cancer", "infection"], asked
+    assert len(asked) <= 4, asked
+    saved = answer(browser, page, "update", cauda_equina="no")  # the form keeps the same four
+    assert _asked(saved) == asked
+    ehr.app_context = None
+    ehr.fhir_context = [{"reference": f"ServiceRequest/{ORDER_ID}"}]
+    sign_in(browser, ehr)
+    menu = browser.get("/app/questions")
+    assert_page(menu, 200, f"Order: {MRI}")
+    assert 1 <= len(_asked(menu)) <= 4, _asked(menu)

@@ -9,12 +9,20 @@ imaging orders, and the one chosen comes back as ``order=<id>``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from cds_service.questionnaire import Question, Questions
+from cds_service.answer.rating import Rated
+from cds_service.questionnaire import (
+    ASKED_FIRST,
+    MAX_ASKED,
+    Question,
+    Questions,
+    questions_to_ask,
+)
 from cds_service.smart.oauth import FHIR_ID
 
 MAX_ASK = 64
@@ -31,11 +39,35 @@ class AppContext:
     def order_reference(self) -> str:
         return f"ServiceRequest/{self.order_id}"
 
-    def questions(self, questions: Questions) -> list[Question]:
-        """The questions to show: those asked, with the ones that share their fact or that they
-        depend on (enableWhen), in questionnaire order; every question when none is named."""
-        facts = {questions.by_link[link].fact for link in self.ask if link in questions.by_link}
-        return questions.for_facts(facts) if facts else list(questions.items)
+    def questions(self, questions: Questions, rated: Rated | None = None,
+                  form: Mapping[str, str] | None = None) -> list[Question]:
+        """The questions to show, red flags first, at most MAX_ASKED: those the card's link
+        asked, with the ones that share their fact or that they depend on (enableWhen); with no
+        link (a menu launch), those that decide the order's rating (``rated``), or, for answers
+        sent back, those the form answers."""
+        named = self.ask or tuple(link for link in form or () if link in questions.by_link)
+        facts = [questions.by_link[link].fact for link in named if link in questions.by_link]
+        if facts:
+            ranked = sorted(dict.fromkeys(facts), key=_rank)
+            chosen: list[str] = []
+            for fact in ranked:  # whole facts, red flags first, while they fit
+                if len(questions.for_facts([*chosen, fact])) <= MAX_ASKED:
+                    chosen.append(fact)
+            return red_flags_first(questions.for_facts(chosen or ranked[:1]))
+        if rated is not None:
+            return red_flags_first(questions_to_ask(questions, rated.decision.deciding,
+                                                    rated.facts))
+        return []
+
+
+def _rank(fact: str) -> int:
+    return ASKED_FIRST.index(fact) if fact in ASKED_FIRST else len(ASKED_FIRST)
+
+
+def red_flags_first(asked: list[Question]) -> list[Question]:
+    """Questions about red flags first (in the order they are asked), then the others, each
+    fact's questions together in questionnaire order."""
+    return sorted(asked, key=lambda q: _rank(q.fact))
 
 
 def service_request_id(reference: Any) -> str | None:

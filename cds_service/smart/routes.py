@@ -234,7 +234,7 @@ async def questions(request: Request) -> Response:
             return page(orders_page(found))
         chart = await read_chart(out, session.row.iss, grant, context, engine.knowledge)
     result = rate(engine, chart, smart.clock())
-    asked = context.questions(engine.questions)
+    asked = context.questions(engine.questions, rated=result)
     shown = prefill(asked, result.facts)
     return page(questions_page(QuestionsView(
         chart.patient_label, _order_line(result.procedure.name, chart),
@@ -297,7 +297,7 @@ async def answer(request: Request) -> Response:
     if context is None:
         raise Problem(400, "No order to rate", "The form did not say which order it answers.",
                       "Reload the page and choose the order again.")
-    asked = context.questions(engine.questions)
+    asked = context.questions(engine.questions, form=form)
     answers, problems = parse_form(engine.questions, form, [q.link_id for q in asked])
     response = build_response(engine.questions, smart.settings.canonical_root, answers,
                               grant.patient, now, order_reference=context.order_reference,
