@@ -159,16 +159,13 @@ def evidence_rows(facts: Facts, templates: CardTemplates, names: Names,
         label = templates.fact_label(fact.name)
         for e in fact.evidence:
             key, words = names(e, label)
-            row = rows.setdefault(key, {
-                "finding": words, "labels": [], "dates": [],
-                "sources": [], "stale": e.role.endswith(NOT_IN_EPISODE)})
-            if label not in row["labels"]:
-                row["labels"].append(label)
-            if e.date and e.date not in row["dates"]:
-                row["dates"].append(e.date)
-            source = "this order" if e.resource == this_order else e.resource
-            if source not in row["sources"]:
-                row["sources"].append(source)
+            row = rows.setdefault(key, {  # (dicts as ordered sets: a finding recorded
+                "finding": words, "labels": {}, "dates": {},  # 1,500 times is one row)
+                "sources": {}, "stale": e.role.endswith(NOT_IN_EPISODE)})
+            row["labels"][label] = None
+            if e.date:
+                row["dates"][e.date] = None
+            row["sources"]["this order" if e.resource == this_order else e.resource] = None
     return [_row(r, templates) for r in rows.values()]
 
 
@@ -179,7 +176,7 @@ def _row(r: dict[str, Any], templates: CardTemplates) -> dict[str, Any]:
     if r["stale"]:  # counted as unknown: say why
         day = templates.phrase("date-before-episode", date=day) if day \
             else templates.phrase("date-undated")
-    sources = r["sources"]
+    sources = list(r["sources"])
     shown = sources if len(sources) <= MAX_SOURCES else [
         *sources[:MAX_SOURCES - 1], f"{len(sources) - MAX_SOURCES + 1} more"]
     return {"finding": r["finding"], "label": ", ".join(r["labels"]), "date": day,
