@@ -54,7 +54,12 @@ PHRASES: dict[str, tuple[str, ...]] = {
     "date-before-episode": ("date",), "date-undated": (),
     "age-unknown": (),
     "contrast-risk": ("contrast", "found"), "contrast-gadolinium": (), "contrast-iodinated": (),
-    "contrast-intrathecal": ()}
+    "contrast-intrathecal": (),
+    # where a finding is recorded, in words (the evidence table's "recorded" column)
+    "source-this-order": (), "source-Condition": (), "source-Procedure": (),
+    "source-ServiceRequest": (), "source-MedicationRequest": (),
+    "source-AllergyIntolerance": (), "source-QuestionnaireResponse": (),
+    "source-Patient": ()}
 # The assumptions the clinical rules make (common.yaml "assumptions"), with their placeholders.
 ASSUMPTIONS: dict[str, tuple[str, ...]] = {
     "candidate-after-failed-care": ("weeks",), "duration-from-recorded-date": ()}

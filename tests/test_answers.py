@@ -154,8 +154,7 @@ def test_an_answered_red_flag_rates_and_is_shown_as_attested(client: Any) -> Non
     assert rating(r) == ("not-appropriate", "UNA")
     detail = r.json()["cards"][0]["detail"]
     assert "Pain for more than 12 weeks (clinician-attested on 2026-10-31)" in detail
-    assert "| clinician-attested: no (cancer) | Cancer | 2026‑10‑31, " \
-        "QuestionnaireResponse/qr-1 |" in detail
+    assert "| clinician-attested: no (cancer) | Cancer | 2026‑10‑31, answers |" in detail
     assert "**MRI safety**" not in detail  # an answer of no is not a device
 
 

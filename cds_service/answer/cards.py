@@ -165,7 +165,9 @@ def evidence_rows(facts: Facts, templates: CardTemplates, names: Names,
             row["labels"][label] = None
             if e.date:
                 row["dates"][e.date] = None
-            row["sources"]["this order" if e.resource == this_order else e.resource] = None
+            where = ("this-order" if e.resource == this_order
+                     else e.resource.partition("/")[0])
+            row["sources"][templates.phrase(f"source-{where}")] = None
     return [_row(r, templates) for r in rows.values()]
 
 
