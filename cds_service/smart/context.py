@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from cds_service.answer.rating import Rated
+from cds_service.clinical.model import Tri
 from cds_service.questionnaire import (
     ASKED_FIRST,
     MAX_ASKED,
@@ -48,16 +49,36 @@ class AppContext:
         named = self.ask or tuple(link for link in form or () if link in questions.by_link)
         facts = [questions.by_link[link].fact for link in named if link in questions.by_link]
         if facts:
-            ranked = sorted(dict.fromkeys(facts), key=_rank)
-            chosen: list[str] = []
-            for fact in ranked:  # whole facts, red flags first, while they fit
-                if len(questions.for_facts([*chosen, fact])) <= MAX_ASKED:
-                    chosen.append(fact)
-            return red_flags_first(questions.for_facts(chosen or ranked[:1]))
-        if rated is not None:
-            return red_flags_first(questions_to_ask(questions, rated.decision.deciding,
-                                                    rated.facts))
+            return _fit(questions, facts)
+        if rated is not None:  # (what the EHR left unread is asked only if nothing else is)
+            return red_flags_first(questions_to_ask(
+                questions, open_facts(questions, rated), rated.facts)) or _fit(
+                questions, [q.fact for q in questions.items if q.fact in ASKED_FIRST])
         return []
+
+
+def _fit(questions: Questions, facts: list[str]) -> list[Question]:
+    """The questions of whole facts, red flags first, while they fit in MAX_ASKED."""
+    ranked = sorted(dict.fromkeys(facts), key=_rank)
+    chosen: list[str] = []
+    for fact in ranked:
+        if len(questions.for_facts([*chosen, fact])) <= MAX_ASKED:
+            chosen.append(fact)
+    return red_flags_first(questions.for_facts(chosen or ranked[:1]))
+
+
+def open_facts(questions: Questions, rated: Rated) -> list[str]:
+    """What a launch without a card's link asks about: the facts that decide the rating, else
+    those the record leaves open or the rules assumed (a candidate after failed care), else the
+    red flags (the record settles the rating; a red flag it does not show would change it)."""
+    if rated.decision.deciding:
+        return list(rated.decision.deciding)
+    facts = rated.facts
+    named = dict.fromkeys(q.fact for q in questions.items)
+    return [name for name in named
+            if facts.fact(name).value is Tri.UNKNOWN
+            or (name == "intervention_candidate" and facts.candidate_assumed)] or [
+        name for name in ASKED_FIRST if name in named]
 
 
 def _rank(fact: str) -> int:
