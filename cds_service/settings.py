@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     jwt_algorithms: str = "ES256,ES384,ES512,RS256,RS384,RS512,PS256,PS384,PS512"
     jwt_leeway_seconds: int = 60
     jwt_max_lifetime_seconds: int = 3600
+    # the shared replay check's own deadline; past it this process decides (cds_service.replay)
+    jwt_replay_timeout_seconds: float = Field(default=0.5, gt=0)
     jwks_cache_seconds: int = 600
     jwks_timeout_seconds: float = 2.0
     # after a failed JWKS fetch: no new fetch for this long, doubling per failure up to the max

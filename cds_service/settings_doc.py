@@ -71,6 +71,11 @@ DESCRIPTIONS: dict[str, str] = {
                       "`none` are always refused.",
     "jwt_leeway_seconds": "Clock skew allowed on `exp` and `iat`.",
     "jwt_max_lifetime_seconds": "Longest `exp - iat` accepted.",
+    "jwt_replay_timeout_seconds": "How long a call waits for the database's JWT replay (`jti`) "
+    "check. Past it (or when the database fails) this process decides alone, no call waits "
+    "for the database until one background probe at a time (at most one a second) finds it "
+    "answering, and the `jti`s accepted meanwhile are then written to it (so another worker "
+    "refuses their replay). Counted in `cds_jwt_replay_fallback_total`.",
     "jwks_cache_seconds": "How long a fetched JWKS is kept (an unknown `kid` fetches it again "
                           "early, at most every 30 s).",
     "jwks_timeout_seconds": "Timeout of one JWKS fetch.",
