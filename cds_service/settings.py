@@ -95,6 +95,10 @@ class Settings(BaseSettings):
                          "patient/MedicationRequest.rs patient/QuestionnaireResponse.crs "
                          "patient/AllergyIntolerance.rs")
     smart_session_seconds: int = 900  # the app's server-side session (holds the access token)
+    smart_config_cache_seconds: float = Field(default=300.0, ge=0)  # an EHR's SMART configuration
+    smart_launches_per_minute: int = Field(default=30, ge=1)  # per client address, per worker
+    smart_launches_per_minute_total: int = Field(default=600, ge=1)  # per worker
+    smart_page_bytes: int = Field(default=16 * 1024 * 1024, gt=0)  # read from the EHR per page
     # web origins of EHR pages that may show the app in a frame (a side panel), comma-separated,
     # besides the origins of CDS_FHIR_ALLOWED_SERVERS (Content-Security-Policy frame-ancestors)
     smart_frame_ancestors: str = ""

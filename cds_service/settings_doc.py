@@ -147,6 +147,18 @@ DESCRIPTIONS: dict[str, str] = {
     "smart_scopes": "Scopes the SMART app asks for, space-separated.",
     "smart_session_seconds": "Lifetime of the SMART app's server-side session (it holds the "
                              "EHR's access token, encrypted).",
+    "smart_config_cache_seconds": "How long the SMART app keeps an EHR's SMART configuration "
+                                  "(per `iss`) before reading it again; launches meanwhile "
+                                  "make no call to it, and concurrent ones wait for one read.",
+    "smart_launches_per_minute": "Launches of the SMART app (`/app/launch`, no sign-in yet) a "
+                                 "worker takes from one client address a minute; more get 429. "
+                                 "Behind a proxy, the address is the one uvicorn reads from "
+                                 "`X-Forwarded-For` (`FORWARDED_ALLOW_IPS`).",
+    "smart_launches_per_minute_total": "Launches of the SMART app a worker takes a minute from "
+                                       "all addresses together; more get 429.",
+    "smart_page_bytes": "Bytes one page of the SMART app may read from the EHR, every source "
+                        "and every page of them together (what it holds in memory grows with "
+                        "it); a source past it is named on the page as not read.",
     "smart_frame_ancestors": "Web origins of EHR pages that may show the SMART app in a frame "
                              "(a side panel), comma-separated, besides the origins of "
                              "CDS_FHIR_ALLOWED_SERVERS (the app's frame-ancestors); no other "

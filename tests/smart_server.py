@@ -138,6 +138,7 @@ class SmartTestServer(LoopbackServer):
             self.refused_searches: set[str] = set()  # resource types whose search answers 403
             self.authorize_error: str | None = None  # e.g. access_denied
             self.smart_config_extra: dict[str, Any] = {}
+            self.config_requests = 0  # reads of the SMART configuration
             self.codes: dict[str, dict[str, str]] = {}
             self.tokens: set[str] = set()
             self.authorize_requests: list[dict[str, str]] = []
@@ -222,6 +223,8 @@ class SmartTestServer(LoopbackServer):
         parts = urlsplit(path)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         if parts.path == "/fhir/.well-known/smart-configuration":
+            with self.lock:
+                self.config_requests += 1
             return 200, self.smart_configuration(), {}
         if parts.path == "/auth/authorize":
             return self.authorize(query)
