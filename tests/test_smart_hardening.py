@@ -141,6 +141,24 @@ def test_a_launch_cookie_from_another_browser_or_replayed_is_refused(
     assert len(ehr.token_requests) == 1
 
 
+# ------------------------------------------------------------------ item 5: bytes per page view
+
+
+def test_one_byte_budget_per_page_view_across_sources_and_pages(
+        tmp_path: Path, ehr: SmartTestServer) -> None:
+    """An EHR answering every search with pages of 1 MB and a next page: the page view reads
+    about its budget (3 MB), not ten pages of every source, and says what it did not read."""
+    ehr.padded_pages = 1024 * 1024
+    with app_client(tmp_path, ehr, smart_page_bytes=3 * 1024 * 1024,
+                    fhir_max_pages=10) as client:
+        assert sign_in(client, ehr).status_code == 303
+        shown = client.get("/app/questions")
+    assert_page(shown, 200, "more than the app reads for one page")
+    searches = 4  # conditions, procedures, service requests, medications: paged
+    assert ehr.pages_served <= 3 + searches  # in flight together when the budget ran out
+    # (without the budget: 10 pages of each, 40 MB)
+
+
 # ------------------------------------------------------------------ item 10: unusable config
 
 

@@ -82,7 +82,8 @@ class SmartApp:
         self.states = DatabaseReplayCache(store)  # each launch's state, used once
 
     def outbound(self) -> Outbound:
-        return Outbound(self.policy, self.resolver)
+        """The EHR calls of one page view, under one byte budget (CDS_SMART_PAGE_BYTES)."""
+        return Outbound(self.policy, self.resolver, self.settings.smart_page_bytes)
 
     def base_url(self, request: Request) -> str:
         """CDS_PUBLIC_BASE_URL, else the request's own base (development)."""
