@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Hook calls with a body at least this large are evaluated off the event loop (a thread)
     offload_body_bytes: int = 256 * 1024
     body_read_timeout_seconds: float = 10.0  # a body not received in this time: 408
+    # Connections and requests one worker holds at once (uvicorn's limit_concurrency): past it
+    # a request gets 503 at once. Headers never finished are the proxy's to cut (deploying.md)
+    limit_concurrency: int = Field(default=256, ge=1)
     # /metrics: a bearer token that scrapes must send; without one, /metrics is served only
     # outside production. /openapi.json: public outside production, or when this is true.
     metrics_token: str | None = None
@@ -96,7 +99,7 @@ class Settings(BaseSettings):
                          "patient/AllergyIntolerance.rs")
     smart_session_seconds: int = 900  # the app's server-side session (holds the access token)
     smart_config_cache_seconds: float = Field(default=300.0, ge=0)  # an EHR's SMART configuration
-    smart_launches_per_minute: int = Field(default=30, ge=1)  # per client address, per worker
+    smart_launches_per_minute: int = Field(default=120, ge=1)  # per client address, per worker
     smart_launches_per_minute_total: int = Field(default=600, ge=1)  # per worker
     smart_page_bytes: int = Field(default=16 * 1024 * 1024, gt=0)  # read from the EHR per page
     # web origins of EHR pages that may show the app in a frame (a side panel), comma-separated,

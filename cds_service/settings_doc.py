@@ -56,6 +56,11 @@ DESCRIPTIONS: dict[str, str] = {
                        "413.",
     "offload_body_bytes": "Hook bodies at least this large are evaluated in a worker thread, so "
                           "that the event loop keeps answering other calls.",
+    "limit_concurrency": "Connections and requests one worker holds at once (uvicorn's "
+                         "`limit_concurrency`); past it a request is answered 503 at once. "
+                         "Open connections count, idle or slow ones too: uvicorn has no "
+                         "header timeout, so the proxy in front must cut connections that "
+                         "never finish their headers (docs/deploying.md).",
     "body_read_timeout_seconds": "A request body not received in full within this time gets "
                                  "408 and the connection is closed.",
     "metrics_token": "Bearer token that scrapes of `/metrics` must send. Unset: `/metrics` is "
@@ -153,7 +158,9 @@ DESCRIPTIONS: dict[str, str] = {
     "smart_launches_per_minute": "Launches of the SMART app (`/app/launch`, no sign-in yet) a "
                                  "worker takes from one client address a minute; more get 429. "
                                  "Behind a proxy, the address is the one uvicorn reads from "
-                                 "`X-Forwarded-For` (`FORWARDED_ALLOW_IPS`).",
+                                 "`X-Forwarded-For` (`FORWARDED_ALLOW_IPS`, set in the compose "
+                                 "file and the Kubernetes manifests); a hospital behind one NAT "
+                                 "address shares it.",
     "smart_launches_per_minute_total": "Launches of the SMART app a worker takes a minute from "
                                        "all addresses together; more get 429.",
     "smart_page_bytes": "Bytes one page of the SMART app may read from the EHR, every source "
