@@ -116,7 +116,8 @@ def openapi_once(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
     def openapi() -> dict[str, Any]:
         if not document:
-            document.update(build_openapi(app, SERVICES))
+            document.update(build_openapi(
+                app, SERVICES, {sid: d.hook for sid, d in SERVICES.items()}))
         return document
 
     return openapi
