@@ -22,7 +22,7 @@ from starlette.datastructures import State
 from cds_service.api import router
 from cds_service.api.error_handlers import install_error_handlers
 from cds_service.api.hooks import SERVICES
-from cds_service.api.middleware import BodyLimit, CountRequests
+from cds_service.api.middleware import BodyLimit, CountRequests, PageHeaders
 from cds_service.errors import StoreUnavailable
 from cds_service.openapi import build_openapi
 from cds_service.services import ConfigurationError, Services, audit_hash_key, build_services
@@ -55,11 +55,30 @@ def create_app(settings: Settings | None = None, *,
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
                        read_timeout=settings.body_read_timeout_seconds)
     app.add_middleware(CountRequests, metrics=services.metrics)  # outside: counts 413, 408 too
+    app.add_middleware(PageHeaders, rules=page_headers(app))  # on a 413 page too
     app.add_middleware(  # outermost, so that even a 413 carries the CORS headers
         CORSMiddleware, allow_origins=settings.cors_origin_list,
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["Content-Type", "Authorization"], max_age=600)
     return app
+
+
+# The report page: its own inline style, nothing else loaded, never framed, never cached
+REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+              "form-action 'none'; frame-ancestors 'none'")
+PAGE_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer"}
+
+
+def page_headers(app: FastAPI) -> list[tuple[str, dict[str, str]]]:
+    """The headers of the pages (the SMART app's, framed only by the allow-listed EHRs; the
+    report), on their errors too."""
+    rules = [("/admin/report", {**PAGE_HEADERS, "Content-Security-Policy": REPORT_CSP})]
+    smart: SmartApp | None = getattr(app.state, "smart", None)
+    if smart is not None:
+        rules.append(("/app/", {**PAGE_HEADERS, "Content-Security-Policy":
+                                f"default-src 'none'; frame-ancestors {smart.frame_ancestors}"}))
+    return rules
 
 
 @asynccontextmanager
@@ -97,7 +116,8 @@ def openapi_once(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
     def openapi() -> dict[str, Any]:
         if not document:
-            document.update(build_openapi(app, SERVICES))
+            document.update(build_openapi(
+                app, SERVICES, {sid: d.hook for sid, d in SERVICES.items()}))
         return document
 
     return openapi

@@ -92,7 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level, settings.log_json)  # uvicorn's loggers too
     uvicorn.run("cds_service.app:app", host=args.host, port=args.port, workers=args.workers,
-                proxy_headers=True, access_log=False, log_level="warning", log_config=None)
+                proxy_headers=True, access_log=False, log_level="warning", log_config=None,
+                limit_concurrency=settings.limit_concurrency)
     return 0
 
 

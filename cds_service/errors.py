@@ -72,7 +72,7 @@ def validation_issues(exc: ValidationError, prefix: str = "") -> list[dict[str, 
     for err in exc.errors(include_url=False, include_input=False):
         path = ".".join(str(p) for p in err["loc"] if p != "__root__")
         where = f"{prefix}.{path}" if prefix and path else (prefix or path)
-        message = err["msg"]
+        message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             message = f"{where} is required"
         elif where:

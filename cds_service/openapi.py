@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from cds_service.codesystems import ACR_CATEGORY, OVERRIDE_REASON, PATH
 from cds_service.protocol import Discovery, Feedback, HookRequest, ServiceResponse
 from cds_service.questionnaire import QUESTIONNAIRE_PATH
+from cds_service.store.values import column_length
 
 JSON = "application/json"
 FHIR_JSON = "application/fhir+json"
@@ -106,8 +107,66 @@ def _ok(model: str, description: str, media: str = JSON) -> dict[str, Any]:
     return {"200": {"description": description, "content": {media: {"schema": _ref(model)}}}}
 
 
-def build_openapi(app: FastAPI, service_ids: Iterable[str]) -> dict[str, Any]:
-    """The document: FastAPI's paths, with bodies and answers described from the models."""
+NO_NUL = r"^[^\x00]*$"  # a stored text: refused with 400 when it holds NUL
+# an instant any database stores in UTC: not within a day of year 1 or year 9999's end
+STORABLE_INSTANT = r"^(?!0001-01-01|9999-12-31)"
+
+
+def _say_what_is_checked(schemas: dict[str, Any], settings: Any) -> None:
+    """What the routes check beyond the models' fields, in the schemas (so that a body the
+    document allows is one the service takes): the hook a service serves is set per path."""
+    hook = schemas["HookRequest"]
+    hook["properties"]["hook"]["enum"] = ["order-select", "order-sign"]
+    hook["anyOf"] = [  # fhirAuthorization only with a fhirServer to use it on
+        {"not": {"required": ["fhirAuthorization"]}},
+        {"properties": {"fhirAuthorization": {"type": "null"}}},
+        {"required": ["fhirServer"],
+         "properties": {"fhirServer": {"type": "string", "minLength": 1}}}]
+    entry = schemas["DraftOrders"]["properties"]["entry"]
+    entry["maxItems"] = settings.max_draft_orders
+    entry["uniqueItems"] = True  # and more: no two entries' resources share type and id
+    entry["description"] = ("The draft orders; no two of the same resourceType and id (two "
+                            "contradictory ratings of one order would follow): 400")
+    schemas["Feedback"]["properties"]["feedback"]["maxItems"] = settings.feedback_max_items
+    item = schemas["FeedbackItem"]
+    item["anyOf"] = [  # accepted: with the suggestions accepted
+        {"properties": {"outcome": {"const": "overridden"}}},
+        {"required": ["acceptedSuggestions"],
+         "properties": {"acceptedSuggestions": {"type": "array", "minItems": 1}}}]
+    item["properties"]["outcomeTimestamp"]["pattern"] = STORABLE_INSTANT
+    for name, field in (("FeedbackItem", "card"), ("AcceptedSuggestion", "id"),
+                        ("FeedbackCoding", "system"), ("FeedbackCoding", "code"),
+                        ("FeedbackCoding", "display"), ("OverrideReason", "userComment")):
+        _text(schemas[name]["properties"][field])["pattern"] = NO_NUL
+
+
+def _text(schema: dict[str, Any]) -> dict[str, Any]:
+    """The string schema of a field (itself, or its string branch when it may be null)."""
+    return next((s for s in schema.get("anyOf", []) if s.get("type") == "string"), schema)
+
+
+def _hook_paths(paths: dict[str, Any], schemas: dict[str, Any],
+                services: dict[str, str], responses: dict[str, Any]) -> None:
+    """One path per service: the body names the hook that service serves (another is 400)."""
+    template = paths.pop("/cds-services/{service_id}", {}).get("post", {})
+    for service_id, hook in sorted(services.items()):
+        name = "".join(part.capitalize() for part in hook.split("-")) + "Request"
+        schemas[name] = {"allOf": [_ref("HookRequest"),
+                                   {"properties": {"hook": {"const": hook}}}],
+                         "title": f"HookRequest ({hook})"}
+        example = {**HOOK_EXAMPLE, "hook": hook}
+        paths[f"/cds-services/{service_id}"] = {"post": {
+            **template, "summary": f"Rate the imaging orders of an {hook} hook call",
+            "operationId": f"hook-{service_id}",
+            "requestBody": {"required": True, "content": {JSON: {
+                "schema": _ref(name), "examples": {hook: {"value": example}}}}},
+            "responses": responses}}
+
+
+def build_openapi(app: FastAPI, service_ids: Iterable[str],
+                  hooks: dict[str, str] | None = None) -> dict[str, Any]:
+    """The document: FastAPI's paths, with bodies and answers described from the models.
+    ``hooks`` (service id -> the hook it serves) gives each service its own path."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                       description=__doc__.splitlines()[0] if __doc__ else None)
     schemas: dict[str, Any] = {}
@@ -115,7 +174,7 @@ def build_openapi(app: FastAPI, service_ids: Iterable[str]) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    schemas["HookRequest"]["properties"]["hook"]["enum"] = ["order-select", "order-sign"]
+    _say_what_is_checked(schemas, app.state.services.settings)
     doc["components"] = {"schemas": schemas}
     paths = doc["paths"]
     ids = sorted(service_ids)
@@ -132,6 +191,8 @@ def build_openapi(app: FastAPI, service_ids: Iterable[str]) -> dict[str, Any]:
                     "examples": {"order-select": {"value": HOOK_EXAMPLE}}}}},
                 responses={**_ok("ServiceResponse", "Cards and PAMA system actions"),
                            **_errors("400", *auth, "404", "408", "412", "413", "503")})
+    if hooks:
+        _hook_paths(paths, schemas, hooks, hook["responses"])
     feedback = paths.setdefault("/cds-services/{service_id}/feedback", {}).setdefault("post", {})
     feedback.update(summary="Feedback on the cards (accepted, overridden)",
                     operationId="feedback", parameters=[service_param],
@@ -172,6 +233,10 @@ def build_openapi(app: FastAPI, service_ids: Iterable[str]) -> dict[str, Any]:
                                "url (with or without |version) is url=",
                 "content": {FHIR_JSON: {"schema": {"type": "object"}}}}}
     report = paths["/admin/report"]["get"]
+    limit = column_length("service_id", "card")
+    for param in report.get("parameters", []):  # ISO dates; a service id as stored
+        param["schema"] = ({"type": "string", "format": "date"} if param["name"] != "service"
+                           else {"type": "string", "maxLength": limit, "pattern": NO_NUL})
     report["responses"] = {
         "200": {"description": "The feedback report (JSON with Accept: application/json)",
                 "content": {JSON: {"schema": {"type": "object"}},

@@ -58,6 +58,21 @@ class DraftOrders(_Lenient):
             return [e for e in value if isinstance(e, dict)]
         return value
 
+    @model_validator(mode="after")
+    def _one_order_per_id(self) -> DraftOrders:
+        # Two drafts with one id would get two contradictory updates of one resource.
+        seen: set[tuple[str, str]] = set()
+        for resource in self.resources():
+            rid, rtype = resource.get("id"), resource.get("resourceType")
+            if not isinstance(rid, str) or not rid or not isinstance(rtype, str):
+                continue
+            key = (rtype, rid)
+            if key in seen:
+                raise ValueError(f"two draft orders are {rtype}/{rid[:64]}; "
+                                 "each draft order needs its own id")
+            seen.add(key)
+        return self
+
     def resources(self) -> list[dict[str, Any]]:
         return [e["resource"] for e in self.entry if isinstance(e.get("resource"), dict)]
 

@@ -8,26 +8,26 @@ key is chosen by ``kid`` and must fit the token's algorithm (key type, curve, an
 
 A JWKS given by URL is fetched through one HTTP client per verifier, cached, and after a failed
 fetch not asked again for 1 s, then 2 s, 4 s... up to a cap (per issuer), however many forged
-tokens arrive.
+tokens arrive. The replay check (shared database, this process's memory) is
+:mod:`cds_service.replay`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import jwt
 
-from cds_service.errors import StoreUnavailable
+from cds_service.replay import FallbackReplayStore, ReplayCache, ReplayStore
 from cds_service.settings import Settings
 
 log = logging.getLogger("cds_service.security")
@@ -108,87 +108,6 @@ def bearer_token(header: str | None) -> str | None:
     return token.strip()
 
 
-class ReplayStore(Protocol):
-    """Where seen ``jti`` values are kept (in memory, or the shared database)."""
-
-    async def check_and_store(self, key: str, expires_at: float) -> bool: ...
-
-
-class ReplayCache:
-    """Remembers ``jti`` values until their token expires (one process only)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, float] = {}
-        self._expiry: list[tuple[float, str]] = []  # a heap: the next entry to expire first
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    async def check_and_store(self, key: str, expires_at: float) -> bool:
-        """True the first time a key is seen (before it expires), False on a replay.
-
-        Nothing here awaits, so concurrent calls cannot interleave (no lock needed).
-        """
-        now = time.time()
-        while self._expiry and self._expiry[0][0] <= now:
-            expired, old = heapq.heappop(self._expiry)
-            if self._seen.get(old) == expired:
-                del self._seen[old]
-        seen = self._seen.get(key)
-        if seen is not None and seen > now:
-            return False
-        self._seen[key] = expires_at
-        heapq.heappush(self._expiry, (expires_at, key))
-        return True
-
-
-class FallbackReplayStore:
-    """The shared (database) replay store, and this process's own when the database is down.
-
-    Every ``jti`` is also remembered here, so a token replayed to this process is refused even
-    while the database cannot be asked. When the shared store raises :class:`StoreUnavailable`
-    the per-process answer is used, and the database is not asked again for ``retry_seconds``.
-    ``on_fallback(failed)`` is called for each check decided here (``failed``: the database was
-    asked and failed, rather than skipped). Entering and leaving that state is logged once.
-    """
-
-    def __init__(self, shared: ReplayStore, local: ReplayCache | None = None, *,
-                 on_fallback: Callable[[bool], None] | None = None, retry_seconds: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.shared = shared
-        self.local = local or ReplayCache()
-        self.on_fallback = on_fallback
-        self.retry_seconds = retry_seconds
-        self.clock = clock
-        self.degraded = False
-        self._retry_at = 0.0
-
-    async def check_and_store(self, key: str, expires_at: float) -> bool:
-        """True the first time ``key`` is seen; False on a replay."""
-        if not await self.local.check_and_store(key, expires_at):
-            return False  # replayed to this process: no need to ask anyone else
-        if self.degraded and self.clock() < self._retry_at:
-            return self._fell_back(False)
-        try:
-            fresh = await self.shared.check_and_store(key, expires_at)
-        except StoreUnavailable as exc:
-            self._retry_at = self.clock() + self.retry_seconds
-            if not self.degraded:
-                self.degraded = True
-                log.warning("JWT replay store (database) unavailable: jti checked by this "
-                            "process only until it is back", extra={"error": str(exc)})
-            return self._fell_back(True)
-        if self.degraded:
-            self.degraded = False
-            log.warning("JWT replay store (database) available again")
-        return fresh
-
-    def _fell_back(self, failed: bool) -> bool:
-        if self.on_fallback is not None:
-            self.on_fallback(failed)
-        return True
-
-
 class _Keys:
     """The JWKS of one issuer (raw JWKs by kid), fetched and cached when given by URL."""
 
@@ -245,7 +164,10 @@ class JwtVerifier:
         self._issuers = {i.iss: _Keys(i) for i in issuers}
 
     async def aclose(self) -> None:
-        """Close the JWKS client this verifier made (at shutdown)."""
+        """Close the JWKS client this verifier made, and write to the shared replay store what
+        this process accepted alone (at shutdown)."""
+        if isinstance(self.replay, FallbackReplayStore):
+            await self.replay.aclose()
         if self._owns_http and self.http is not None:
             await self.http.aclose()
 

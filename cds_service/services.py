@@ -22,13 +22,8 @@ from cds_service.limits import Limits
 from cds_service.metrics import Metrics
 from cds_service.record.fetch import FetchPolicy, FhirFetcher
 from cds_service.render import load_templates
-from cds_service.security import (
-    FallbackReplayStore,
-    JwtVerifier,
-    ReplayStore,
-    load_trusted_issuers,
-    public_base_url_problem,
-)
+from cds_service.replay import FallbackReplayStore, SharedReplayStore
+from cds_service.security import JwtVerifier, load_trusted_issuers, public_base_url_problem
 from cds_service.settings import Settings
 from cds_service.store import AuditWriter, DatabaseReplayCache, Store
 
@@ -111,7 +106,7 @@ def check_production(settings: Settings) -> None:
             "derived from CDS_AUDIT_HASH_KEY)")
 
 
-def build_verifier(settings: Settings, replay: ReplayStore | None = None,
+def build_verifier(settings: Settings, replay: SharedReplayStore | None = None,
                    metrics: Metrics | None = None) -> JwtVerifier | None:
     """The JWT verifier, or None in development mode without trusted issuers.
 
@@ -135,8 +130,10 @@ def build_verifier(settings: Settings, replay: ReplayStore | None = None,
                 if failed:  # the database was asked (not skipped while it recovers)
                     metrics.db_errors.labels("jwt-replay").inc()
 
-        replay = FallbackReplayStore(replay, on_fallback=fell_back)
-    return JwtVerifier(issuers, settings, replay=replay)
+        return JwtVerifier(issuers, settings, replay=FallbackReplayStore(
+            replay, on_fallback=fell_back,
+            deadline_seconds=settings.jwt_replay_timeout_seconds))
+    return JwtVerifier(issuers, settings)
 
 
 def audit_hash_key(settings: Settings) -> str:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # ... and so are calls whose estimated cost, orders x (record resources + 100), is this large
     offload_cost: int = 20_000
     body_read_timeout_seconds: float = 10.0  # a body not received in this time: 408
+    # Connections and requests one worker holds at once (uvicorn's limit_concurrency): past it
+    # a request gets 503 at once. Headers never finished are the proxy's to cut (deploying.md)
+    limit_concurrency: int = Field(default=256, ge=1)
     # /metrics: a bearer token that scrapes must send; without one, /metrics is served only
     # outside production. /openapi.json: public outside production, or when this is true.
     metrics_token: str | None = None
@@ -57,6 +60,8 @@ class Settings(BaseSettings):
     jwt_algorithms: str = "ES256,ES384,ES512,RS256,RS384,RS512,PS256,PS384,PS512"
     jwt_leeway_seconds: int = 60
     jwt_max_lifetime_seconds: int = 3600
+    # the shared replay check's own deadline; past it this process decides (cds_service.replay)
+    jwt_replay_timeout_seconds: float = Field(default=0.5, gt=0)
     jwks_cache_seconds: int = 600
     jwks_timeout_seconds: float = 2.0
     # after a failed JWKS fetch: no new fetch for this long, doubling per failure up to the max
@@ -95,6 +100,10 @@ class Settings(BaseSettings):
                          "patient/MedicationRequest.rs patient/QuestionnaireResponse.crs "
                          "patient/AllergyIntolerance.rs")
     smart_session_seconds: int = 900  # the app's server-side session (holds the access token)
+    smart_config_cache_seconds: float = Field(default=300.0, ge=0)  # an EHR's SMART configuration
+    smart_launches_per_minute: int = Field(default=120, ge=1)  # per client address, per worker
+    smart_launches_per_minute_total: int = Field(default=600, ge=1)  # per worker
+    smart_page_bytes: int = Field(default=16 * 1024 * 1024, gt=0)  # read from the EHR per page
     # web origins of EHR pages that may show the app in a frame (a side panel), comma-separated,
     # besides the origins of CDS_FHIR_ALLOWED_SERVERS (Content-Security-Policy frame-ancestors)
     smart_frame_ancestors: str = ""

@@ -59,6 +59,11 @@ DESCRIPTIONS: dict[str, str] = {
     "offload_cost": "Hook calls whose estimated cost, the orders to rate x (the record's "
                     "resources + 100), is at least this are evaluated in a worker thread too "
                     "(many drafts against a long chart is a small body and a long evaluation).",
+    "limit_concurrency": "Connections and requests one worker holds at once (uvicorn's "
+                         "`limit_concurrency`); past it a request is answered 503 at once. "
+                         "Open connections count, idle or slow ones too: uvicorn has no "
+                         "header timeout, so the proxy in front must cut connections that "
+                         "never finish their headers (docs/deploying.md).",
     "body_read_timeout_seconds": "A request body not received in full within this time gets "
                                  "408 and the connection is closed.",
     "metrics_token": "Bearer token that scrapes of `/metrics` must send. Unset: `/metrics` is "
@@ -74,6 +79,11 @@ DESCRIPTIONS: dict[str, str] = {
                       "`none` are always refused.",
     "jwt_leeway_seconds": "Clock skew allowed on `exp` and `iat`.",
     "jwt_max_lifetime_seconds": "Longest `exp - iat` accepted.",
+    "jwt_replay_timeout_seconds": "How long a call waits for the database's JWT replay (`jti`) "
+    "check. Past it (or when the database fails) this process decides alone, no call waits "
+    "for the database until one background probe at a time (at most one a second) finds it "
+    "answering, and the `jti`s accepted meanwhile are then written to it (so another worker "
+    "refuses their replay). Counted in `cds_jwt_replay_fallback_total`.",
     "jwks_cache_seconds": "How long a fetched JWKS is kept (an unknown `kid` fetches it again "
                           "early, at most every 30 s).",
     "jwks_timeout_seconds": "Timeout of one JWKS fetch.",
@@ -145,6 +155,20 @@ DESCRIPTIONS: dict[str, str] = {
     "smart_scopes": "Scopes the SMART app asks for, space-separated.",
     "smart_session_seconds": "Lifetime of the SMART app's server-side session (it holds the "
                              "EHR's access token, encrypted).",
+    "smart_config_cache_seconds": "How long the SMART app keeps an EHR's SMART configuration "
+                                  "(per `iss`) before reading it again; launches meanwhile "
+                                  "make no call to it, and concurrent ones wait for one read.",
+    "smart_launches_per_minute": "Launches of the SMART app (`/app/launch`, no sign-in yet) a "
+                                 "worker takes from one client address a minute; more get 429. "
+                                 "Behind a proxy, the address is the one uvicorn reads from "
+                                 "`X-Forwarded-For` (`FORWARDED_ALLOW_IPS`, set in the compose "
+                                 "file and the Kubernetes manifests); a hospital behind one NAT "
+                                 "address shares it.",
+    "smart_launches_per_minute_total": "Launches of the SMART app a worker takes a minute from "
+                                       "all addresses together; more get 429.",
+    "smart_page_bytes": "Bytes one page of the SMART app may read from the EHR, every source "
+                        "and every page of them together (what it holds in memory grows with "
+                        "it); a source past it is named on the page as not read.",
     "smart_frame_ancestors": "Web origins of EHR pages that may show the SMART app in a frame "
                              "(a side panel), comma-separated, besides the origins of "
                              "CDS_FHIR_ALLOWED_SERVERS (the app's frame-ancestors); no other "

@@ -138,6 +138,9 @@ class SmartTestServer(LoopbackServer):
             self.refused_searches: set[str] = set()  # resource types whose search answers 403
             self.authorize_error: str | None = None  # e.g. access_denied
             self.smart_config_extra: dict[str, Any] = {}
+            self.config_requests = 0  # reads of the SMART configuration
+            self.padded_pages = 0  # bytes of padding on each page of a search (0: none)
+            self.pages_served = 0  # padded pages answered
             self.codes: dict[str, dict[str, str]] = {}
             self.tokens: set[str] = set()
             self.authorize_requests: list[dict[str, str]] = []
@@ -222,6 +225,8 @@ class SmartTestServer(LoopbackServer):
         parts = urlsplit(path)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         if parts.path == "/fhir/.well-known/smart-configuration":
+            with self.lock:
+                self.config_requests += 1
             return 200, self.smart_configuration(), {}
         if parts.path == "/auth/authorize":
             return self.authorize(query)
@@ -277,9 +282,22 @@ class SmartTestServer(LoopbackServer):
                 found = self.data["servicerequests"]
                 return 200, bundle(*[e["resource"] for e in found["entry"]],
                                    *self.orders.values()), FHIR
+            if segments[0] in TYPES and self.padded_pages:
+                return 200, self.padded_page(segments[0], query), FHIR
             if segments[0] in TYPES:
                 return 200, self.data[TYPES[segments[0]]], FHIR
         return 404, outcome("not-found"), FHIR
+
+
+    def padded_page(self, rtype: str, query: dict[str, str]) -> dict[str, Any]:
+        """An empty searchset page of ``padded_pages`` bytes, with a next page, endlessly."""
+        with self.lock:
+            self.pages_served += 1
+        page = int(query.get("page", "0")) + 1
+        return {"resourceType": "Bundle", "type": "searchset", "entry": [],
+                "meta": {"tag": [{"code": "x" * self.padded_pages}]},
+                "link": [{"relation": "next",
+                          "url": f"{self.base}/{rtype}?patient={PATIENT}&page={page}"}]}
 
 
 FHIR = {"Content-Type": "application/fhir+json"}

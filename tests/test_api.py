@@ -379,3 +379,23 @@ def test_feedback_validation(client: ValidatingClient, item: dict[str, Any], fie
 def test_feedback_empty_list_is_rejected(client: ValidatingClient) -> None:
     r = client.post(SIGN + "/feedback", json={"feedback": []})
     assert r.status_code == 400 and "feedback" in issue_text(r)
+
+
+@pytest.mark.parametrize("hook", ["order-select", "order-sign"])
+def test_two_draft_orders_with_one_id_are_400(client: ValidatingClient, hook: str) -> None:
+    # two contradictory rating updates of one ServiceRequest would follow
+    body = hook_request(order("dup", cpt="72149"), order("dup", cpt="72148"), hook=hook,
+                        prefetch=seed_prefetch(FIXTURE_NOW))
+    r = client.post(SIGN if hook == "order-sign" else SELECT, json=body)
+    assert r.status_code == 400
+    assert r.headers["content-type"].startswith("application/fhir+json")
+    issues = r.json()["issue"]
+    assert [i["expression"] for i in issues] == [["context.draftOrders"]]
+    assert "ServiceRequest/dup" in issues[0]["diagnostics"]
+
+
+def test_one_id_in_two_resource_types_is_two_orders(client: ValidatingClient) -> None:
+    other = {"resourceType": "MedicationRequest", "id": "draft-1", "status": "draft",
+             "intent": "order", "subject": {"reference": "Patient/x"}}
+    body = hook_request(order(), other, prefetch=seed_prefetch(FIXTURE_NOW))
+    assert client.post(SELECT, json=body).status_code == 200

@@ -106,7 +106,15 @@ def test_image_start_command_serves_readyz(tmp_path: Path) -> None:
 def test_compose_file() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"db", "migrate", "cds"}
+    assert set(services) == {"db", "migrate", "cds", "proxy"}
+    # uvicorn has no header timeout: only the proxy is published, and it cuts slow clients
+    assert "ports" not in services["cds"] and services["proxy"]["ports"] == ["8080:8080"]
+    nginx = (DEPLOY / "proxy" / "nginx.conf").read_text()
+    for directive in ("client_header_timeout 10s;", "client_body_timeout 10s;",
+                      "keepalive_timeout 30s;", "send_timeout 30s;", "proxy_pass http://cds;",
+                      "limit_conn per_client"):
+        assert directive in nginx, directive
+    assert any(v.startswith("./proxy/nginx.conf:") for v in services["proxy"]["volumes"])
     assert services["migrate"]["command"] == ["cds-service", "db", "upgrade"]
     assert services["cds"]["depends_on"]["migrate"]["condition"] == \
         "service_completed_successfully"
@@ -134,7 +142,7 @@ def render(overlay: str) -> list[dict[str, object]]:
 def test_kubernetes_manifests_render_and_validate(tmp_path: Path) -> None:
     docs = render("overlays/production")
     kinds = sorted(str(d["kind"]) for d in docs)
-    assert kinds == sorted(["ConfigMap", "ConfigMap", "Deployment", "Service",
+    assert kinds == sorted(["ConfigMap", "ConfigMap", "Deployment", "Service", "Ingress",
                             "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
                             "Job"])
     deployment = next(d for d in docs if d["kind"] == "Deployment")
@@ -155,6 +163,11 @@ def test_kubernetes_manifests_render_and_validate(tmp_path: Path) -> None:
     for name, text in data.items():
         (mounted / name).write_text(text)
     load_templates(mounted)
+    ingress = next(d for d in docs if d["kind"] == "Ingress")
+    notes: dict[str, str] = ingress["metadata"]["annotations"]  # type: ignore[index]
+    assert notes["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "30"
+    assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
+    assert ingress["spec"]["rules"][0]["host"] == "cds.hospital.example.org"  # type: ignore
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
     assert hpa["spec"]["minReplicas"] == 3  # type: ignore[index]
     rendered = tmp_path / "rendered.yaml"

@@ -100,9 +100,16 @@ def test_openapi_is_not_served_in_production_unless_asked(tmp_path: Path) -> Non
 def test_openapi_describes_the_real_bodies() -> None:
     with ValidatingClient(create_app(dev_settings(), clock=lambda: FIXTURE_NOW)) as c:
         doc = c.get("/openapi.json").json()
-    hook = doc["paths"]["/cds-services/{service_id}"]["post"]
+    assert "/cds-services/{service_id}" not in doc["paths"]  # one path per service
+    hook = doc["paths"]["/cds-services/lbp-imaging-order-select"]["post"]
     assert hook["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/HookRequest"}
+        "$ref": "#/components/schemas/OrderSelectRequest"}
+    assert doc["components"]["schemas"]["OrderSelectRequest"]["allOf"] == [
+        {"$ref": "#/components/schemas/HookRequest"},
+        {"properties": {"hook": {"const": "order-select"}}}]
+    sign = doc["paths"]["/cds-services/lbp-imaging-order-sign"]["post"]
+    assert sign["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/OrderSignRequest"}
     assert set(hook["responses"]) >= {"200", "400", "401", "404", "412", "413"}
     assert "422" not in hook["responses"]
     error = hook["responses"]["400"]["content"]["application/fhir+json"]["schema"]
@@ -113,7 +120,7 @@ def test_openapi_describes_the_real_bodies() -> None:
     schemas = doc["components"]["schemas"]
     assert {"HookRequest", "Feedback", "ServiceResponse", "OperationOutcome"} <= set(schemas)
     assert "context" in schemas["HookRequest"]["required"]
-    params = hook["parameters"][0]["schema"]["enum"]
+    params = feedback["parameters"][0]["schema"]["enum"]
     assert params == ["lbp-imaging-order-select", "lbp-imaging-order-sign"]
 
 

@@ -24,7 +24,7 @@ def imported_names(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["protocol.py", "security.py"])
+@pytest.mark.parametrize("module", ["protocol.py", "security.py", "replay.py"])
 def test_protocol_and_security_import_nothing_from_the_store(module: str) -> None:
     path = ROOT / "cds_service" / module
     borrowed = sorted(name for name in imported_names(path)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
+    positive_data_acceptance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -23,9 +24,10 @@ from tests.conftest import FIXTURE_NOW, dev_settings
 ADMIN = "admin-token-for-schemathesis"
 APP = create_app(dev_settings(admin_token=ADMIN), clock=lambda: FIXTURE_NOW)
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
-# No 5xx; and every answer is one the document declares, in its declared type and shape.
+# No 5xx; every answer is one the document declares, in its declared type and shape; and a
+# request the document allows is taken (the document says what the service checks).
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance]
+          response_schema_conformance, positive_data_acceptance]
 EXAMPLES = int(os.environ.get("CDS_SCHEMATHESIS_EXAMPLES", "40"))
 
 

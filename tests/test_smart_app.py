@@ -63,8 +63,10 @@ def ehr(ehr_server: SmartTestServer) -> Iterator[SmartTestServer]:
 def service(tmp_path_factory: pytest.TempPathFactory,
             ehr_server: SmartTestServer) -> Iterator[tuple[str, Path]]:
     data = tmp_path_factory.mktemp("smart-app")
+    # (each test sets the EHR's configuration: read at every launch; launches not limited)
     with served(data, CDS_FHIR_ALLOWED_SERVERS=ehr_server.base, CDS_PUBLIC_BASE_URL="{base}",
-                CDS_WORKERS="2", CDS_LOG_LEVEL="WARNING") as base:  # sessions shared
+                CDS_WORKERS="2", CDS_LOG_LEVEL="WARNING", CDS_SMART_CONFIG_CACHE_SECONDS="0",
+                CDS_SMART_LAUNCHES_PER_MINUTE="100000") as base:  # sessions shared
         yield base, data
 
 
@@ -556,19 +558,31 @@ def test_session_expiry_token_timeout_and_no_token_in_logs(
     assert PATIENT not in logged and "code=" not in logged
 
 
-def test_expired_sessions_are_deleted_at_the_next_launch(tmp_path: Path,
-                                                         ehr: SmartTestServer) -> None:
+def test_launches_write_no_rows_and_expired_sessions_go_at_the_next_sign_in(
+        tmp_path: Path, ehr: SmartTestServer) -> None:
     clock = Clock()
     url = f"sqlite+aiosqlite:///{tmp_path / 'cds.db'}"
     settings = dev_settings(data_dir=tmp_path, database_url=url, fhir_allowed_servers=ehr.base,
                             smart_session_seconds=60)
+
+    def rows() -> int:
+        with sqlite3.connect(tmp_path / "cds.db") as db:
+            return int(db.execute("SELECT count(*) FROM app_session").fetchone()[0])
+
     with TestClient(create_app(settings, clock=clock), follow_redirects=False) as client:
-        launch(client, ehr)
-        launch(client, ehr)
+        for _ in range(5):  # anonymous launches: no session row
+            assert launch(client, ehr).status_code == 302
+        assert rows() == 0
+        assert sign_in(client, ehr).status_code == 303
+        first = httpx.Cookies(client.cookies)
+        client.cookies.clear()  # another browser
+        assert sign_in(client, ehr).status_code == 303
+        client.cookies = first
+        assert sign_in(client, ehr).status_code == 303  # replaces this browser's first row
+        assert rows() == 2
         clock.now += timedelta(seconds=61)
-        launch(client, ehr)
-    with sqlite3.connect(tmp_path / "cds.db") as db:
-        assert db.execute("SELECT count(*) FROM app_session").fetchone() == (1,)
+        assert sign_in(client, ehr).status_code == 303
+    assert rows() == 1
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -582,22 +596,21 @@ async def _sessions(url: str) -> None:
     now = datetime.now(UTC)
     try:
         await store.upgrade()
-        row = {"id": "a" * 64, "state": "s" * 64, "verifier": "v" * 86, "iss": "https://x/fhir",
+        row = {"id": "a" * 64, "state": None, "verifier": None, "iss": "https://x/fhir",
                "token_endpoint": "https://x/token", "redirect_uri": "https://cds/app/callback",
-               "granted": None, "created_at": now, "expires_at": now + timedelta(minutes=15)}
-        await store.save_app_session(row)
-        await store.save_app_session({**row, "id": "b" * 64,
-                                      "expires_at": now - timedelta(seconds=1)})
-        assert (await store.app_session("a" * 64, now)).verifier == "v" * 86  # type: ignore
-        assert await store.app_session("b" * 64, now) is None  # expired
-        assert not await store.claim_app_session("a" * 64, "wrong", now)
-        assert await store.claim_app_session("a" * 64, "s" * 64, now)
-        assert not await store.claim_app_session("a" * 64, "s" * 64, now)  # once only
-        await store.grant_app_session("a" * 64, "sealed")
+               "granted": "sealed", "created_at": now,
+               "expires_at": now + timedelta(minutes=15)}
+        await store.replace_app_session(None, row)
+        await store.replace_app_session(None, {**row, "id": "b" * 64,
+                                               "expires_at": now - timedelta(seconds=1)})
         kept = await store.app_session("a" * 64, now)
-        assert kept is not None and kept.granted == "sealed" and kept.verifier is None
+        assert kept is not None and kept.granted == "sealed"
+        assert await store.app_session("b" * 64, now) is None  # expired
+        await store.replace_app_session("a" * 64, {**row, "id": "c" * 64})  # rotated
+        assert await store.app_session("a" * 64, now) is None
+        assert await store.app_session("c" * 64, now) is not None
         assert await store.drop_app_sessions(now) == 1
-        assert await store.app_session("a" * 64, now) is not None
+        assert await store.app_session("c" * 64, now) is not None
     finally:
         await store.dispose()
 

@@ -104,3 +104,29 @@ class CountRequests:
                 scope.get("endpoint"), "unmatched")
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.refresh_audit_queue()  # a hook call queues its audit row
+
+
+class PageHeaders:
+    """Headers every response under a path prefix carries unless it sets them itself (a page's
+    CSP, nosniff, no-store): the pages' own, and their errors (404, 405, 413) alike."""
+
+    def __init__(self, app: ASGIApp, rules: list[tuple[str, dict[str, str]]]):
+        self.app = app
+        self.rules = [(prefix, [(k.lower().encode(), v.encode()) for k, v in headers.items()])
+                      for prefix, headers in rules]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        added = next((h for prefix, h in self.rules if path.startswith(prefix)), None)
+        if added is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                have = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []),
+                                      *((k, v) for k, v in added if k not in have)]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

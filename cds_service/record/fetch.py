@@ -317,9 +317,12 @@ class FhirFetcher:
     addresses checked."""
 
     def __init__(self, policy: FetchPolicy, client: httpx.AsyncClient | None = None,
-                 resolver: Resolver = system_resolver) -> None:
+                 resolver: Resolver = system_resolver, byte_budget: int | None = None) -> None:
         self.policy = policy
         self._resolve = resolver
+        # bytes every answer together may take (None: no budget beyond each answer's cap): a
+        # fetcher made for one SMART page view bounds what that view holds in memory
+        self.bytes_left = byte_budget
         self._refused: set[str] = set()  # hosts already reported as not allow-listed
         self.client = client or httpx.AsyncClient(
             follow_redirects=False, timeout=policy.timeout_seconds,
@@ -329,6 +332,19 @@ class FhirFetcher:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    def within_budget(self, size: int) -> bool:
+        return self.bytes_left is None or size <= self.bytes_left
+
+    def spend(self, size: int) -> bool:
+        """Take ``size`` bytes from the budget: False (and nothing taken) past it."""
+        if self.bytes_left is None:
+            return True
+        if size > self.bytes_left:
+            self.bytes_left = 0  # what is read now is dropped: nothing more for the others
+            return False
+        self.bytes_left -= size
+        return True
 
     async def complete(self, record: PatientRecord, server: str | None,
                        token: str | None, keys: Iterable[str] | None = None) -> FetchReport:
@@ -483,6 +499,8 @@ class FhirFetcher:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > cap:
                 return "too-large"
+            if declared.isdigit() and not self.within_budget(int(declared)):
+                return "over-budget"
             coding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
             if coding not in ("identity", "gzip"):
                 return "bad-encoding"
@@ -495,10 +513,14 @@ class FhirFetcher:
                     size += len(chunk)
                     if size > cap:
                         return "too-large"
+                    if not self.spend(len(chunk)):
+                        return "over-budget"
                     body.append(chunk)
                 tail = inflate.flush() if inflate else b""
                 if size + len(tail) > cap:
                     return "too-large"
+                if not self.spend(len(tail)):
+                    return "over-budget"
                 body.append(tail)
             except zlib.error:
                 return "bad-encoding"

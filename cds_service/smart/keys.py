@@ -79,3 +79,17 @@ class SessionKeys:
             return self._fernet(session_id).decrypt(sealed.encode())
         except (InvalidToken, ValueError):
             return None
+
+    def seal_launch(self, plain: bytes) -> str:
+        """A launch's state for its cookie (encrypted and signed: the PKCE verifier is in it)."""
+        return Fernet(base64.urlsafe_b64encode(self._mac("launch", ""))).encrypt(plain).decode()
+
+    def open_launch(self, sealed: str | None, seconds: int) -> bytes | None:
+        """The launch sealed here at most ``seconds`` ago, else None."""
+        if not sealed or len(sealed) > 8000:
+            return None
+        try:
+            return Fernet(base64.urlsafe_b64encode(self._mac("launch", ""))).decrypt(
+                sealed.encode(), ttl=seconds)
+        except (InvalidToken, ValueError):
+            return None

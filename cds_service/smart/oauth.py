@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import orjson
 
+from cds_service import lengths
 from cds_service.record.fetch import normalize_base
 from cds_service.smart.outbound import Outbound, Reply
-from cds_service.smart.problems import Problem, ehr_down
+from cds_service.smart.problems import Problem, ehr_down, unusable_configuration
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 ERROR_CODE = re.compile(r"[\x20-\x7e]{1,80}")  # an OAuth error code as it may be shown
@@ -91,6 +92,9 @@ async def discover(out: Outbound, iss: str) -> SmartConfig:
     authorize, token = doc.get("authorization_endpoint"), doc.get("token_endpoint")
     if out.target(authorize) is None or out.target(token) is None:
         raise ehr_down(what, "no usable authorization_endpoint and token_endpoint")
+    if len(token) > lengths.SMART_URL:
+        raise unusable_configuration(f"its token_endpoint is longer than {lengths.SMART_URL} "
+                                     "characters")
     methods = doc.get("code_challenge_methods_supported")
     if not isinstance(methods, list) or "S256" not in methods:
         raise ehr_down(what, "PKCE with S256 is not offered (code_challenge_methods_supported)")

@@ -41,9 +41,11 @@ class Reply:
 class Outbound:
     """One request's clients (used as ``async with``; closed at the end of the request)."""
 
-    def __init__(self, policy: FetchPolicy, resolver: Resolver = system_resolver):
+    def __init__(self, policy: FetchPolicy, resolver: Resolver = system_resolver,
+                 byte_budget: int | None = None):
         self.policy = policy
-        self.fhir = FhirFetcher(policy, resolver=resolver)
+        # one budget of bytes for everything this request reads, every source and page
+        self.fhir = FhirFetcher(policy, resolver=resolver, byte_budget=byte_budget)
         self._resolve = resolver
 
     async def __aenter__(self) -> Self:
@@ -70,7 +72,7 @@ class Outbound:
     async def send(self, method: str, url: str, **kwargs: Any) -> Reply | str:
         """One request (``headers``, ``content`` or ``data`` as httpx takes them): the reply,
         or a fault label: bad-url, unsafe-address, unresolvable, timeout, connection-error,
-        too-large, bad-encoding."""
+        too-large, over-budget, bad-encoding."""
         target = self.target(url)
         if target is None:
             return "bad-url"
@@ -93,6 +95,8 @@ class Outbound:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > MAX_REPLY_BYTES:
                 return "too-large"
+            if declared.isdigit() and not self.fhir.within_budget(int(declared)):
+                return "over-budget"
             coding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
             if coding != "identity":
                 return "bad-encoding"
@@ -101,4 +105,6 @@ class Outbound:
                 body += chunk
                 if len(body) > MAX_REPLY_BYTES:
                     return "too-large"
+                if not self.fhir.spend(len(chunk)):
+                    return "over-budget"
         return Reply(response.status_code, bytes(body), response.headers)

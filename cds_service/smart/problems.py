@@ -6,8 +6,10 @@ from __future__ import annotations
 class Problem(Exception):
     """A failure the app explains on a page: its HTTP status, a title and what to do."""
 
-    def __init__(self, status: int, title: str, text: str, advice: str = ""):
+    def __init__(self, status: int, title: str, text: str, advice: str = "",
+                 headers: dict[str, str] | None = None):
         super().__init__(title)
+        self.headers = headers or {}
         self.status = status
         self.title = title
         self.text = text
@@ -34,3 +36,9 @@ def ehr_down(what: str, fault: str) -> Problem:
                    f"{what} failed ({fault}).",
                    "Try again in a moment; if it keeps failing, rate the order from the record "
                    "and tell the EHR's administrators.")
+
+
+def unusable_configuration(why: str) -> Problem:
+    return Problem(502, "The EHR's configuration cannot be used by the app",
+                   f"The EHR's SMART configuration is unusable: {why}.",
+                   "Tell the EHR's administrators; meanwhile rate the order from the record.")

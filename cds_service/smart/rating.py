@@ -27,7 +27,8 @@ SOURCE_NAMES = {"patient": "demographics (age, sex)", "conditions": "problem lis
 UNREAD = {"http-500": "the server failed", "timeout": "no answer in time",
           "connection-error": "no connection", "http-404": "not found",
           "retry-failed": "the server failed twice", "budget-exhausted": "no answer in time",
-          "http-403": "not granted to the app", "http-401": "not granted to the app"}
+          "http-403": "not granted to the app", "http-401": "not granted to the app",
+          "over-budget": "more than the app reads for one page", "too-large": "too large"}
 
 
 @dataclass

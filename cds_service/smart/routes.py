@@ -30,8 +30,10 @@ from cds_service.questionnaire import Question, build_response, parse_form
 from cds_service.record.fetch import normalize_base, server_allowed
 from cds_service.smart.context import AppContext, parse_app_context
 from cds_service.smart.identity import signed_in_user
+from cds_service.smart.launches import Launch, too_many
 from cds_service.smart.oauth import (
     Grant,
+    SmartConfig,
     authorize_url,
     can_write_responses,
     discover,
@@ -61,7 +63,7 @@ from cds_service.smart.rating import (
     unavailable_view,
     why_line,
 )
-from cds_service.smart.service import PROBE, Session, SmartApp
+from cds_service.smart.service import PROBE, Session, SmartApp, digest
 from cds_service.store import StoreUnavailable
 
 log = logging.getLogger("cds_service.smart")
@@ -105,7 +107,9 @@ async def _explain(handler: Handler, request: Request) -> Response:
         log.info("app page refused", extra={"route": request.url.path,
                                             "status": problem.status,
                                             "problem": problem.title})
-        return page(problem_page(problem), problem.status)
+        response = page(problem_page(problem), problem.status)
+        response.headers.update(problem.headers)
+        return response
     except StoreUnavailable:
         log.error("app session store unavailable", extra={"route": request.url.path})
         return page(problem_page(Problem(
@@ -147,8 +151,10 @@ async def launch(request: Request) -> Response:
         framed = _framed(smart, request, iss, launch_id)
         if framed is not None:
             return framed
-    async with smart.outbound() as out:
-        config = await discover(out, iss)
+    address = request.client.host if request.client else "?"
+    if not smart.launches.allow(address):
+        raise too_many(smart.launches.retry_after())
+    config = await _configuration(smart, iss)
     redirect_uri = f"{smart.base_url(request)}/app/callback"
     state = smart.keys.new_id()
     verifier, challenge = pkce_pair()
@@ -157,9 +163,18 @@ async def launch(request: Request) -> Response:
                            redirect_uri=redirect_uri, scope=settings.smart_scopes, state=state,
                            iss=iss, launch=launch_id, challenge=challenge)
     response = RedirectResponse(target, status_code=302, headers=HEADERS)
-    await smart.begin(response, request, state=state, verifier=verifier, iss=iss,
-                      token_endpoint=config.token_endpoint, redirect_uri=redirect_uri)
+    smart.start(response, request, Launch(digest(state), verifier, iss, config.token_endpoint,
+                                          redirect_uri))
     return response
+
+
+async def _configuration(smart: SmartApp, iss: str) -> SmartConfig:
+    """The EHR's SMART configuration, read once per ``iss`` for minutes."""
+    async def read() -> SmartConfig:
+        async with smart.outbound() as out:
+            return await discover(out, iss)
+
+    return await smart.configs.get(iss, read)
 
 
 def _framed(smart: SmartApp, request: Request, iss: str, launch_id: str) -> Response | None:
@@ -171,7 +186,7 @@ def _framed(smart: SmartApp, request: Request, iss: str, launch_id: str) -> Resp
                                     status_code=303, headers=HEADERS)
         smart.set_cookie(response, request, PROBE, "1")
         return response
-    if request.cookies.get(PROBE):
+    if request.cookies.get(smart.cookie_name(request, PROBE)):
         return None
     log.info("app cookie not kept in a frame")
     return page(framed_page(f"launch?{urlencode(again)}"))
@@ -182,11 +197,10 @@ def _framed(smart: SmartApp, request: Request, iss: str, launch_id: str) -> Resp
 async def callback(request: Request) -> Response:
     smart = _smart(request)
     state = _param(request, "state")
-    session = await smart.load(request)
-    if session is None or not state or not smart.state_matches(session, state):
+    launched = smart.launch_of(request)
+    if launched is None or not state or not smart.state_matches(launched, state):
         raise bad_state()
-    verifier = session.row.verifier
-    if not await smart.claim(session, state) or not verifier:
+    if not await smart.spend(launched):
         raise bad_state()
     error = _param(request, "error")
     if error:
@@ -200,16 +214,18 @@ async def callback(request: Request) -> Response:
         raise bad_state()
     client_id = smart.settings.smart_client_id
     async with smart.outbound() as out:
-        grant, id_token = await exchange(out, session.row.token_endpoint, code=code,
-                                         redirect_uri=session.row.redirect_uri,
-                                         client_id=client_id, verifier=verifier,
+        grant, id_token = await exchange(out, launched.token_endpoint, code=code,
+                                         redirect_uri=launched.redirect_uri,
+                                         client_id=client_id, verifier=launched.verifier,
                                          requested_scope=smart.settings.smart_scopes)
-        if id_token:  # the keys that sign it: from the SMART configuration (read again)
-            config = await discover(out, session.row.iss)
-            signed = await signed_in_user(out, config, id_token, client_id, session.row.iss)
-            grant = dataclasses.replace(grant, user=signed.user, user_problem=signed.problem)
-    await smart.keep(session, grant)
-    return RedirectResponse("questions", status_code=303, headers=HEADERS)
+    if id_token:  # the keys that sign it: from the SMART configuration
+        config = await _configuration(smart, launched.iss)
+        async with smart.outbound() as out:
+            signed = await signed_in_user(out, config, id_token, client_id, launched.iss)
+        grant = dataclasses.replace(grant, user=signed.user, user_problem=signed.problem)
+    response = RedirectResponse("questions", status_code=303, headers=HEADERS)
+    await smart.sign_in(response, request, launched, grant)
+    return response
 
 
 async def _granted(request: Request) -> tuple[SmartApp, Session]:

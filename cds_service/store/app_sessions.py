@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from cds_service.store.database import Database
@@ -13,18 +13,8 @@ from cds_service.store.models import AppSession
 
 
 class AppSessionRows(Database):
-    """The app sessions: saved, read while live, their ``state`` used once, expired ones
-    dropped."""
-
-    async def save_app_session(self, values: dict[str, Any]) -> None:
-        """Insert an app session (``values``: every column) or replace the row of its id."""
-        stmt = self._upsert(AppSession).values(**values).on_conflict_do_update(
-            index_elements=["id"], set_={k: v for k, v in values.items() if k != "id"})
-        try:
-            async with self.engine.begin() as conn:
-                await conn.execute(stmt)
-        except (SQLAlchemyError, OSError) as exc:
-            raise self._failure(exc) from exc
+    """The app sessions: created at the sign-in (replacing the browser's earlier one), read
+    while live, expired ones dropped."""
 
     async def app_session(self, key: str, now: datetime) -> AppSession | None:
         """The app session of that key, unless it is unknown or expired."""
@@ -35,24 +25,14 @@ class AppSessionRows(Database):
         except (SQLAlchemyError, OSError) as exc:
             raise self._failure(exc) from exc
 
-    async def claim_app_session(self, key: str, state: str, now: datetime) -> bool:
-        """Use the session's ``state`` once: True when it matched and was live (the state and
-        the PKCE verifier are cleared in the same statement: a second callback finds none)."""
-        stmt = update(AppSession).where(
-            AppSession.id == key, AppSession.state == state, AppSession.expires_at > now,
-        ).values(state=None, verifier=None)
+    async def replace_app_session(self, old: str | None, values: dict[str, Any]) -> None:
+        """Insert a new app session (``values``: every column), deleting the row of ``old``
+        (the session the browser had before) in the same transaction."""
         try:
             async with self.engine.begin() as conn:
-                return bool((await conn.execute(stmt)).rowcount)
-        except (SQLAlchemyError, OSError) as exc:
-            raise self._failure(exc) from exc
-
-    async def grant_app_session(self, key: str, granted: str) -> None:
-        """Store what the EHR granted (encrypted by the caller) in the session."""
-        try:
-            async with self.engine.begin() as conn:
-                await conn.execute(update(AppSession).where(AppSession.id == key)
-                                   .values(granted=granted))
+                if old is not None:
+                    await conn.execute(delete(AppSession).where(AppSession.id == old))
+                await conn.execute(self._upsert(AppSession).values(**values))
         except (SQLAlchemyError, OSError) as exc:
             raise self._failure(exc) from exc
 

@@ -133,9 +133,9 @@ class AppSession(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the cookie id
     state: Mapped[str | None] = mapped_column(String(64), nullable=True)  # SHA-256 of `state`
     verifier: Mapped[str | None] = mapped_column(String(128), nullable=True)  # PKCE, until used
-    iss: Mapped[str] = mapped_column(String(2000))
-    token_endpoint: Mapped[str] = mapped_column(String(2000))
-    redirect_uri: Mapped[str] = mapped_column(String(2000))
+    iss: Mapped[str] = mapped_column(String(lengths.SMART_URL))
+    token_endpoint: Mapped[str] = mapped_column(String(lengths.SMART_URL))
+    redirect_uri: Mapped[str] = mapped_column(String(lengths.SMART_URL))
     granted: Mapped[str | None] = mapped_column(Text, nullable=True)  # encrypted (Fernet)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)

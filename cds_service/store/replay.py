@@ -44,3 +44,24 @@ class DatabaseReplayCache:
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
         return True
+
+    async def remember(self, entries: list[tuple[str, float]]) -> int:
+        """Store ``(key, expires_at)`` pairs accepted by a process on its own (while the database
+        did not answer); the number another process had already stored, unexpired."""
+        if not entries:
+            return 0
+        upsert = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
+        now = datetime.now(UTC)
+        rows = {hashlib.sha256(k.encode()).hexdigest(): datetime.fromtimestamp(exp, UTC)
+                for k, exp in entries}
+        statement = upsert(JwtSeen).values(
+            [{"key": k, "expires_at": exp} for k, exp in rows.items()])
+        statement = statement.on_conflict_do_update(
+            index_elements=["key"], set_={"expires_at": statement.excluded.expires_at},
+            where=JwtSeen.expires_at < now)  # a stale row is taken over, a live one kept
+        try:
+            async with self.store.engine.begin() as conn:
+                result = await conn.execute(statement)
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        return len(rows) - max(result.rowcount, 0)
