@@ -71,12 +71,14 @@ PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer
 
 
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#])")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # control characters (terminal escapes, bells)
 
 
 def literal(text: str) -> str:
     """Text from the record, shown as written in a card's markdown: the characters markdown or
-    HTML would read as markup escaped, line breaks made spaces (a table cell stays one cell)."""
-    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.split()))
+    HTML would read as markup escaped, line breaks and control characters made spaces (a table
+    cell stays one cell)."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(CONTROL.sub(" ", text).split()))
 
 
 class TemplateProblem(StartupError, ValueError):
