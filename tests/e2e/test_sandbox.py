@@ -221,8 +221,9 @@ def test_failing_fhir_query_is_fetched_by_the_service(
     call = sandbox.pick_order("72149")  # a card now, with the fetched therapy as its evidence
     assert call.status == 200, f"the service answered {call.status}: {call.body}"
     assert len(call.cards) == 1 and "usually not appropriate" in call.cards[0]["summary"]
-    assert "Procedure/seed-pt-eval" in call.cards[0]["detail"]
-    expect(sandbox.cards()).to_contain_text("Procedure/seed-pt-eval")
+    assert "| PT evaluation (97161) | Conservative care | 2026" in call.cards[0]["detail"]
+    assert ", procedures |" in call.cards[0]["detail"]  # (where it is recorded, in words)
+    expect(sandbox.cards()).to_contain_text("PT evaluation (97161)")
     expect(sandbox.rating()).to_have_text(NOT_APPROPRIATE)
 
     tried = fhir.requests("POST", "Procedure/_search") + fhir.requests("GET", "Procedure")
