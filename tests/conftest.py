@@ -21,6 +21,7 @@ from tests.cds_validator import (
     validate_operation_outcome,
     validate_service_response,
 )
+from tests.smart_server import SmartTestServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -77,6 +78,20 @@ def client(settings: Settings) -> Iterator[ValidatingClient]:
     app = create_app(settings, clock=lambda: FIXTURE_NOW)
     with ValidatingClient(app) as c:
         yield c
+
+
+# The SMART apps' test EHR (tests/smart_server.py): one per module, reset for each test.
+@pytest.fixture(scope="module")
+def ehr_server() -> Iterator[SmartTestServer]:
+    with SmartTestServer(datetime.now(UTC)) as server:
+        yield server
+
+
+@pytest.fixture
+def ehr(ehr_server: SmartTestServer) -> Iterator[SmartTestServer]:
+    ehr_server.reset()
+    yield ehr_server
+    ehr_server.release.set()
 
 
 def load_json(path: Path) -> Any:

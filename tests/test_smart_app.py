@@ -47,19 +47,6 @@ MRI = "MRI lumbar spine without IV contrast"
 
 
 @pytest.fixture(scope="module")
-def ehr_server() -> Iterator[SmartTestServer]:
-    with SmartTestServer(datetime.now(UTC)) as server:
-        yield server
-
-
-@pytest.fixture
-def ehr(ehr_server: SmartTestServer) -> Iterator[SmartTestServer]:
-    ehr_server.reset()
-    yield ehr_server
-    ehr_server.release.set()
-
-
-@pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory,
             ehr_server: SmartTestServer) -> Iterator[tuple[str, Path]]:
     data = tmp_path_factory.mktemp("smart-app")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,6 @@ from tests.test_smart_app import Clock, assert_page, authorise, launch, sign_in
 from tests.test_store import BACKENDS, database
 
 HTTPS = "https://cds.example.test"
-
-
-@pytest.fixture(scope="module")
-def ehr_server() -> Iterator[SmartTestServer]:
-    with SmartTestServer(datetime.now(UTC)) as server:
-        yield server
-
-
-@pytest.fixture
-def ehr(ehr_server: SmartTestServer) -> Iterator[SmartTestServer]:
-    ehr_server.reset()
-    yield ehr_server
-    ehr_server.release.set()
 
 
 def app_client(tmp_path: Path, ehr: SmartTestServer, base_url: str = HTTPS,

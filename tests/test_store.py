@@ -21,6 +21,7 @@ from cds_service.app import create_app
 from cds_service.store import FeedbackRecord, Store
 from cds_service.store.models import CardShown, FeedbackItem, HookCall
 from tests.conftest import FIXTURE_NOW, FIXTURES, SELECT, SIGN, ValidatingClient, dev_settings
+from tests.dropping_proxy import pipe
 
 PG_URL = os.environ.get("CDS_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
@@ -262,16 +263,6 @@ class TcpProxy:
         self.server: asyncio.base_events.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -279,7 +270,7 @@ class TcpProxy:
             writer.close()
             return
         self.writers += [writer, up_writer]
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     def start(self) -> None:
         async def go() -> None:
