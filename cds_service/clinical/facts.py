@@ -21,11 +21,11 @@ from cds_service.clinical.rules import (
     candidate_fact,
     care_fact,
     child_fact,
+    coded_fact,
     device_scanned,
     duration_fact,
     elderly_fact,
     indication_fact,
-    patient_fact,
     prior_surgery_fact,
     recent_mri_fact,
     rule_context,
@@ -54,7 +54,7 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any],
     if not isinstance(drafts, DraftScan):
         drafts = scan_drafts(drafts, knowledge)
     ctx = rule_context(scan, order, drafts, knowledge, now, params)
-    found = {row.name: patient_fact(row, ctx) for row in CODED_FACTS}
+    found = {row.name: coded_fact(row, ctx) for row in CODED_FACTS}
     found["indication"], other_indication = indication_fact(ctx, lumbar)
     found["duration"], categories, dated, assumptions = duration_fact(ctx)
     candidate = found["intervention_candidate"] = candidate_fact(ctx)

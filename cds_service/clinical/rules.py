@@ -287,18 +287,6 @@ def _benign(ctx: RuleContext, hit: Hit) -> bool:
     return False
 
 
-def patient_fact(row: FactSpec, ctx: RuleContext) -> Fact:
-    """:func:`coded_fact`, derived once per call when the order adds no reason of its own (the
-    fact then reads the record alone, and every such order of the call shares it)."""
-    if ctx.reasons:
-        return coded_fact(row, ctx)
-    key = ("coded", row.name, ctx.now, ctx.current_since, id(ctx.params))
-    fact = ctx.scan.memo.get(key)
-    if fact is None:
-        fact = ctx.scan.memo[key] = coded_fact(row, ctx)
-    return fact
-
-
 def coded_fact(row: FactSpec, ctx: RuleContext) -> Fact:
     """One fact from its value sets (hits in scope, then the companion and text rules) and from
     the medication classes that count for it."""

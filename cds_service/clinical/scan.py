@@ -232,7 +232,8 @@ def scan_record(record: PatientRecord, knowledge: Knowledge) -> RecordScan:
     birth = _birth(record)
     conditions: list[Hit] = []
     opaque: list[Hit] = []
-    screen, by_text = knowledge.screen, knowledge.text_finds and knowledge.sets_by_text
+    screen = knowledge.screen
+    by_text = knowledge.sets_by_text if knowledge.text_finds else None
     for raw in record.conditions.resources:
         code = raw.get("code")
         sets, _, readable = screen(code)
