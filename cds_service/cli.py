@@ -1,4 +1,4 @@
-"""Command line: ``cds-service serve`` and ``cds-service evaluate FILE``."""
+"""Command line: ``cds-service serve``, ``evaluate FILE``, ``db``, ``report``, ``native``."""
 
 from __future__ import annotations
 
@@ -216,6 +216,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_native(args: argparse.Namespace) -> int:
+    from cds_service import native
+
+    if args.action == "build":
+        return native.build()
+    print(native.STATE)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--html", metavar="FILE", help="write the HTML page to FILE")
     report.set_defaults(func=cmd_report)
+    compiled = sub.add_parser("native", help="the compiled hot path (mypyc): build, or status")
+    compiled.add_argument("action", choices=["build", "status"])
+    compiled.set_defaults(func=cmd_native)
     args = parser.parse_args(argv)
     try:
         code = int(args.func(args))

@@ -51,6 +51,7 @@ def outcome_of(r: httpx.Response) -> dict[str, Any]:
 # ------------------------------------------------------------------ 1: linear cost, limits
 
 
+@pytest.mark.sources
 def test_order_sign_screens_each_draft_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     real = scan_module._order_like_hit
@@ -257,6 +258,7 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> dict
     return calls
 
 
+@pytest.mark.sources
 def test_the_record_is_read_once_per_call_whatever_the_drafts(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Which conditions are in scope is patient-level work: found once per call, not once per
@@ -279,6 +281,7 @@ def test_the_record_is_read_once_per_call_whatever_the_drafts(
     assert counts[(2, 120)] <= 2 * counts[(2, 60)] + 10, counts  # twice the record: twice
 
 
+@pytest.mark.sources
 def test_evidence_is_de_duplicated_by_key_not_by_scanning_a_list(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Evidence rows are kept in a dict: comparing each new row with every earlier one made a

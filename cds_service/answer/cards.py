@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import date, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -130,7 +130,7 @@ class Names:
     """Each piece of evidence in words (``finding``) and as a finding (``_key``), worked out once
     per process: a card names the same few codes again and again."""
 
-    LIMIT = 8192  # entries kept (cleared when full)
+    LIMIT: ClassVar[int] = 8192  # entries kept (cleared when full)
 
     def __init__(self, knowledge: Knowledge):
         self.knowledge = knowledge

@@ -54,7 +54,8 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any],
     if not isinstance(drafts, DraftScan):
         drafts = scan_drafts(drafts, knowledge)
     ctx = rule_context(scan, order, drafts, knowledge, now, params)
-    found = {row.name: coded_fact(row, ctx) for row in CODED_FACTS}
+    # Facts by the registry's names (Any: mypy cannot see that each name is a Fact field)
+    found: dict[str, Any] = {row.name: coded_fact(row, ctx) for row in CODED_FACTS}
     found["indication"], other_indication = indication_fact(ctx, lumbar)
     found["duration"], categories, dated, assumptions = duration_fact(ctx)
     candidate = found["intervention_candidate"] = candidate_fact(ctx)

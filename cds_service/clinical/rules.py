@@ -149,7 +149,7 @@ class RuleContext:
         window = self.now - timedelta(days=self.params.care_window_days)
         ended = [h.end or h.start for h in self.scan.conditions
                  if not h.active and h.sets & LBP_SETS and (h.end or h.start)]
-        return max([window, *ended])  # type: ignore[type-var]
+        return max([window] + [e for e in ended if e is not None])
 
     def unreadable(self, sets: frozenset[str]) -> bool:
         """A procedure or order of these value sets failed validation."""
@@ -378,7 +378,7 @@ def _companions(ctx: RuleContext, needs: frozenset[str],
     ankylosed spine lets any recent trauma count), returned to be shown beside it."""
     if any(per_set[c].found for c in needs if c in per_set):
         return True, []
-    found = [pair for c in sorted(needs - per_set.keys())
+    found = [pair for c in sorted(c for c in needs if c not in per_set)
              for pair in _set_hits(ctx, c, Scope.ACTIVE).found]
     return bool(found), found
 
@@ -488,7 +488,8 @@ def duration_fact(ctx: RuleContext) -> tuple[Fact, frozenset[str], bool, list[An
         missing = not_sent([ctx.scan.record.conditions]) or ["onset not documented"]
         return Fact("duration", Tri.UNKNOWN, [], missing), ALL_DURATIONS, False, []
     assert ep.onset_lo is not None and ep.onset_hi is not None
-    assumptions = [("duration-from-recorded-date", {})] if ep.onset_lo == MIN_TIME else []
+    assumptions: list[tuple[str, dict[str, Any]]] = (
+        [("duration-from-recorded-date", {})] if ep.onset_lo == MIN_TIME else [])
     categories = duration_categories(ctx.now - ep.onset_hi, ctx.now - ep.onset_lo)
     fact = Fact("duration", Tri.YES, [h.evidence("onset of low back pain") for h in ep.dated])
     return fact, categories, ep.onset_lo != MIN_TIME, assumptions
@@ -544,7 +545,7 @@ def care_fact(ctx: RuleContext,
     rec, params, now = ctx.scan.record, ctx.params, ctx.now
     weeks, evidence, unreadable = _first_care(ctx.scan, ctx.care_since, now)
     onset = ctx.episode.onset_lo
-    if weeks is not None and onset not in (None, MIN_TIME):  # never longer than the episode
+    if weeks is not None and onset is not None and onset != MIN_TIME:  # never past the episode
         weeks = min(weeks, max(0.0, (now - onset).total_seconds() / WEEK))
     sources = {"procedures": rec.procedures, "servicerequests": rec.service_requests,
                "medications": rec.medications}

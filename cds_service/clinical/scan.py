@@ -44,8 +44,9 @@ DAYS_PER = {"d": 1, "day": 1, "days": 1, "wk": 7, "week": 7, "weeks": 7, "mo": 3
 # Words of a referral's code or text that make it a referral to therapy (care, not candidacy).
 THERAPY_REFERRAL = ("physio", "physical therap", "chiropract", "manual therap", "exercise therap")
 EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
-MODELS = {"Condition": Condition, "Procedure": FhirProcedure, "ServiceRequest": ServiceRequest,
-          "MedicationRequest": MedicationRequest, "AllergyIntolerance": AllergyIntolerance}
+MODELS: dict[str, Any] = {
+    "Condition": Condition, "Procedure": FhirProcedure, "ServiceRequest": ServiceRequest,
+    "MedicationRequest": MedicationRequest, "AllergyIntolerance": AllergyIntolerance}
 
 
 @dataclass

@@ -254,8 +254,8 @@ def outcome_in(world: World, knowledge: Knowledge, ordered: Procedure,
     if not variants:
         pama = ("no-criteria-apply" if ordered.region == "lumbar" or other_indication
                 else None)
-        alts = _deficit_study(knowledge, ordered, world) if deficit else ()
-        return Outcome(variants, pama, None, alts, False)
+        deficit_alts = _deficit_study(knowledge, ordered, world) if deficit else ()
+        return Outcome(variants, pama, None, deficit_alts, False)
     category = knowledge.category(ordered.id, rated_by(variants))
     alts, fallback = _alternatives(knowledge, ordered, variants, world.mri_safety, avoid)
     return Outcome(variants, PAMA_CODE[category], category, alts, fallback,

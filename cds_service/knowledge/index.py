@@ -170,6 +170,7 @@ class Knowledge:
     _medication_matcher: MedicationMatcher = field(default_factory=MedicationMatcher,
                                                    repr=False)
     _medication_cache: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
+    _systems_read: frozenset[str] | None = field(default=None, repr=False)
 
     def normalize(self, system: str | None, code: str | None) -> tuple[str, str] | None:
         """The (system, code) pair used for comparisons, or None for an empty coding."""
@@ -186,10 +187,10 @@ class Knowledge:
         local code) cannot be told apart from one that matters."""
         if type(system) is not str:
             return False
-        known = self.__dict__.get("_systems_read")
+        known = self._systems_read
         if known is None:
             known = frozenset(s for s, _ in (*self._exact, *self._prefix, *self._procedure_codes))
-            self.__dict__["_systems_read"] = known
+            self._systems_read = known
         return self.aliases.get(system.strip(), system.strip()) in known
 
     def valuesets_of(self, system: str | None, code: str | None) -> frozenset[str]:
