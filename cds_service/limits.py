@@ -61,11 +61,12 @@ def check_request(body: Any, limits: Limits) -> Exceeded | None:
     return None
 
 
-def check_resources(key: str, resources: Iterable[Mapping[str, Any]],
+def check_resources(key: str, resources: list[dict[str, Any]],
                     limits: Limits) -> Exceeded | None:
     """The first limit a patient-record resource exceeds in the concepts the service reads.
 
-    (The loop is written out: it runs for every concept of every resource of a chart.)
+    (The loop is written out, with concrete types for the compiled module: it runs for every
+    concept of every resource of a chart.)
     """
     most, longest = limits.max_codings, limits.max_code_length
     for resource in resources:

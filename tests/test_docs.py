@@ -36,6 +36,7 @@ EDITING = DOCS / "editing-knowledge.md"
 # CDS_ variables read outside the Settings model: by `cds-service serve`, the tests, the benchmark.
 OTHER_VARIABLES = frozenset({
     "CDS_WORKERS",  # cds_service/cli.py
+    "CDS_NATIVE",  # cds_service/native.py
     "CDS_TEST_POSTGRES_URL",  # tests/, .ci/run
     "CDS_BENCH_POSTGRES_URL",  # bench/soak.py
     "CDS_PEER_DIR", "CDS_PEER_INSTALL_TIMEOUT",  # bench/peer.py

@@ -100,7 +100,8 @@ def _item_answers(items: Any, questions: Questions) -> Iterable[tuple[str, Answe
         if not isinstance(item, dict):
             continue
         yield from _item_answers(item.get("item"), questions)
-        question = questions.by_link.get(item.get("linkId"))  # type: ignore[arg-type]
+        link = item.get("linkId")
+        question = questions.by_link.get(link) if isinstance(link, str) else None
         answers = item.get("answer")
         if question is None or not isinstance(answers, list) or not answers:
             continue

@@ -172,7 +172,7 @@ class Knowledge:
     _medication_cache: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
     _systems_read: frozenset[str] | None = field(default=None, repr=False)
 
-    def normalize(self, system: str | None, code: str | None) -> tuple[str, str] | None:
+    def normalize(self, system: Any, code: Any) -> tuple[str, str] | None:
         """The (system, code) pair used for comparisons, or None for an empty coding."""
         if not system or not code or not isinstance(system, str) or not isinstance(code, str):
             return None
@@ -193,8 +193,9 @@ class Knowledge:
             self._systems_read = known
         return self.aliases.get(system.strip(), system.strip()) in known
 
-    def valuesets_of(self, system: str | None, code: str | None) -> frozenset[str]:
-        """Ids of every value set the coding belongs to (empty for most codes: a cheap check).
+    def valuesets_of(self, system: Any, code: Any) -> frozenset[str]:
+        """Ids of every value set the coding belongs to (empty for most codes: a cheap check);
+        any JSON value may come in (typed Any: the compiled module checks declared types).
 
         Only codes that could be in the knowledge are looked up and cached: one longer than any
         known code (plus slack for padding) cannot match, so the cache stays small whatever a
