@@ -5,11 +5,12 @@
 
 The modules in ``MODULES`` are plain typed Python (the clinical core, the record, the answer).
 mypyc (part of mypy) turns them into C extension modules beside their sources: about 40 % less
-of the service's own CPU per hook call (30 % of the whole call), the same code. A compiled module is used only while it was built from the
-sources on disk: ``native.json`` records a digest of them, and when it is missing, stale (a
-source edited since the build) or the build failed, every listed module is loaded from its
-``.py`` file instead (all or none: compiled modules call each other directly). ``CDS_NATIVE=0``
-asks for pure Python. The state is logged at start-up and shown by ``status``.
+of the service's own CPU per hook call (30 % of the whole call), the same code. A compiled
+module is used only while it was built from the sources on disk: ``native.json`` records a
+digest of them, and when it is missing, stale (a source edited since the build) or the build
+failed, every listed module is loaded from its ``.py`` file instead (all or none: compiled
+modules call each other directly). ``CDS_NATIVE=0`` asks for pure Python. The state is logged
+at start-up and shown by ``status``.
 
 mypyc trusts the type hints: a value of another type than declared raises ``TypeError`` where
 plain Python would carry on. The test suite runs against the compiled modules for that reason.
