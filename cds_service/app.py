@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.telemetry import TelemetryConfig
 from starlette.datastructures import State
 
 from cds_service.api import router
@@ -34,6 +35,12 @@ __all__ = ["ConfigurationError", "create_app", "lifespan"]
 
 log = logging.getLogger("cds_service.app")
 
+# FastAPI's own OpenTelemetry hooks stay off: it would export validation failures and exception
+# messages (which can quote a chart) wherever a global provider points, and it checks for a
+# provider on every request. The service's metrics are its Prometheus counters.
+NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False,
+                                 "operation_spans": False}
+
 
 def create_app(settings: Settings | None = None, *,
                clock: Callable[[], datetime] | None = None) -> FastAPI:
@@ -43,7 +50,8 @@ def create_app(settings: Settings | None = None, *,
     show_openapi = settings.env != "production" or settings.openapi_public
     app = FastAPI(title="Lumbar imaging appropriateness CDS service", version="0.1.0",
                   docs_url=None, redoc_url=None, lifespan=lifespan,  # no CDN pages
-                  openapi_url="/openapi.json" if show_openapi else None)
+                  openapi_url="/openapi.json" if show_openapi else None,
+                  telemetry=NO_TELEMETRY)
     app.openapi = openapi_once(app)  # type: ignore[method-assign]
     app.state = AppState({"services": services})
     install_error_handlers(app)

@@ -159,9 +159,6 @@ class ServiceResponse(_Out):
     systemActions: list[Action] | None = None
     extension: dict[str, Any] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
-
 
 class ServiceDescription(_Out):
     hook: str

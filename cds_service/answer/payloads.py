@@ -7,11 +7,13 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import BaseModel
+
 from cds_service.answer.rating import Rated
 from cds_service.clinical.facts import Facts
 from cds_service.clinical.scenario import Alternative
 from cds_service.codesystems import SystemUrls
-from cds_service.protocol import Action, Card, ServiceResponse
+from cds_service.protocol import Action, Card
 from cds_service.record.prefetch import as_list
 
 PAMA = "http://fhir.org/argonaut/Extension/pama-rating"
@@ -66,10 +68,29 @@ def response_body(cards: list[Card], actions: list[Action]) -> dict[str, Any]:
     """The CDS Hooks response (the route's and ``cds-service evaluate``'s): the cards and the
     rating actions, also under ``extension.systemActions``, the older Argonaut location the
     sandbox reads."""
-    body = ServiceResponse(cards=cards, systemActions=actions or None).to_json()
+    body: dict[str, Any] = {"cards": [plain(card) for card in cards]}
     if actions:  # the same actions, dumped once
-        body["extension"] = {"systemActions": body["systemActions"]}
+        body["systemActions"] = dumped = [plain(action) for action in actions]
+        body["extension"] = {"systemActions": dumped}
     return body
+
+
+def plain(model: BaseModel) -> dict[str, Any]:
+    """A response model as JSON values, its unset (None) fields left out: what
+    ``model_dump(mode="json", exclude_none=True)`` gives for the response models (str, bool,
+    JSON dicts, lists of models), without pydantic's serialiser on each call. The models were
+    validated when they were built; ``tests/test_response_body.py`` holds the two equal."""
+    out: dict[str, Any] = {}
+    for name, value in model.__dict__.items():
+        if value is None:
+            continue
+        if isinstance(value, BaseModel):
+            out[name] = plain(value)
+        elif type(value) is list:
+            out[name] = [plain(v) if isinstance(v, BaseModel) else v for v in value]
+        else:
+            out[name] = value
+    return out
 
 
 class Payloads:
