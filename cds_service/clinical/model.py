@@ -57,6 +57,14 @@ class Fact:
     evidence: list[Evidence] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
+    # (written out: a compiled class's own __init__ is native; the one @dataclass makes is not)
+    def __init__(self, name: str, value: Tri, evidence: list[Evidence] | None = None,
+                 missing: list[str] | None = None) -> None:
+        self.name = name
+        self.value = value
+        self.evidence = [] if evidence is None else evidence
+        self.missing = [] if missing is None else missing
+
     def possible(self) -> tuple[bool, ...]:
         """The truth values this fact can take."""
         if self.value is Tri.YES:

@@ -214,6 +214,12 @@ class _SetHits:
     undated: list[Hit] = field(default_factory=list)
     unreadable: bool = False
 
+    # (written out: a compiled class's own __init__ is native; the one @dataclass makes is not)
+    def __init__(self) -> None:
+        self.found = []
+        self.undated = []
+        self.unreadable = False
+
 
 def _set_hits(ctx: RuleContext, vs: str, scope: Scope) -> _SetHits:
     """The order's reasons and the problem list's conditions of one value set, in its scope."""

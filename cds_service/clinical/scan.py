@@ -70,6 +70,18 @@ class Hit:
     until: datetime | None = None
     words: str | None = None  # the concept's own text where ``raw`` is not its resource
 
+    # (written out: a compiled class's own __init__ is native; the one @dataclass makes is not)
+    def __init__(self, rtype: str, rid: str, sets: frozenset[str], coding: dict[str, Any],
+                 active: bool, usable: bool, start: datetime | None, end: datetime | None,
+                 procedure: str | None = None, raw: Mapping[str, Any] | None = None,
+                 text: str = "", _readable: bool | None = None, until: datetime | None = None,
+                 words: str | None = None) -> None:
+        self.rtype, self.rid, self.sets, self.coding = rtype, rid, sets, coding
+        self.active, self.usable, self.start, self.end = active, usable, start, end
+        self.procedure = procedure
+        self.raw = {} if raw is None else raw
+        self.text, self._readable, self.until, self.words = text, _readable, until, words
+
     @property
     def readable(self) -> bool:
         """Whether the resource passes FHIR R4B validation (checked once, only when used)."""

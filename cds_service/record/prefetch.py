@@ -51,6 +51,14 @@ class Source:
     note: str | None = None
     next_url: str | None = None
 
+    # (written out: a compiled class's own __init__ is native; the one @dataclass makes is not)
+    def __init__(self, state: SourceState, resources: list[dict[str, Any]] | None = None,
+                 note: str | None = None, next_url: str | None = None) -> None:
+        self.state = state
+        self.resources = [] if resources is None else resources
+        self.note = note
+        self.next_url = next_url
+
     @property
     def received(self) -> bool:
         return self.state is not SourceState.MISSING
