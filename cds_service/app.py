@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
 from starlette.datastructures import State
 
-from cds_service.api import router
+from cds_service.api import HOT_ROUTES, router
 from cds_service.api.error_handlers import install_error_handlers
 from cds_service.api.hooks import SERVICES
 from cds_service.api.middleware import BodyLimit, CountRequests, PageHeaders
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, *,
     app.openapi = openapi_once(app)  # type: ignore[method-assign]
     app.state = AppState({"services": services})
     install_error_handlers(app)
+    app.router.routes[0:0] = HOT_ROUTES  # the hook call and feedback: matched first
     app.include_router(router)
     if settings.smart_app_enabled:  # off: no /app/ routes (and no card links)
         app.state.smart = SmartApp(settings, services.engine, services.store, services.clock,

@@ -20,16 +20,16 @@ from cds_service.api import admin, feedback, fhir, hooks, ops
 from cds_service.codesystems import PATH
 from cds_service.questionnaire import QUESTIONNAIRE_PATH
 
-router = APIRouter()
-
-# The hook call and its feedback are plain routes, matched before the others: nearly all traffic
-# is theirs, and they read their own bodies (no parameters for FastAPI to solve on each call).
-# openapi.py describes them.
-router.routes.extend([
+# The hook call and its feedback are plain routes that create_app puts first on the
+# application's own router: nearly all traffic is theirs, they are matched by one pattern each
+# (not through an included router), and they read their own bodies (no parameters for FastAPI
+# to solve on each call). openapi.py describes them.
+HOT_ROUTES = [
     Route("/cds-services/{service_id}", hooks.hook, methods=["POST"], name="hook"),
     Route("/cds-services/{service_id}/feedback", feedback.feedback, methods=["POST"],
           name="feedback"),
-])
+]
+router = APIRouter()
 # The other endpoints, in the order they are matched and listed in /openapi.json.
 for path, endpoint in (("/healthz", ops.healthz),
                        ("/cds-services", hooks.discovery),

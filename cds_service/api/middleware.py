@@ -8,7 +8,7 @@ import asyncio
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cds_service.api import router
+from cds_service.api import HOT_ROUTES, router
 from cds_service.errors import issue, outcome_response
 from cds_service.metrics import Metrics
 
@@ -84,7 +84,8 @@ class CountRequests:
         self.app = app
         self.metrics = metrics
         # plain Starlette routes name their endpoint, not themselves, in the scope
-        self.templates = {r.endpoint: r.path for r in router.routes if isinstance(r, Route)}
+        self.templates = {r.endpoint: r.path for r in [*HOT_ROUTES, *router.routes]
+                          if isinstance(r, Route)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
