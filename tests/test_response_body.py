@@ -5,12 +5,14 @@ gives, key for key and in the same order."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
 
 from cds_service.answer.payloads import plain, response_body
 from cds_service.engine import Engine
+from cds_service.ids import new_uuid
 from cds_service.knowledge import load_knowledge
 from cds_service.protocol import (
     Action,
@@ -80,3 +82,14 @@ def test_every_optional_field_and_nesting() -> None:
     # None inside a resource is the resource's own (kept, as pydantic keeps it)
     assert plain(card)["suggestions"][0]["actions"][0]["resource"] == {"a": None,
                                                                        "b": [1, {"c": None}]}
+
+
+def test_new_uuid_is_a_random_version_4_uuid() -> None:
+    made = [new_uuid() for _ in range(2000)]
+    assert len(set(made)) == len(made)
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text  # the canonical form: lower case, 8-4-4-4-12
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # every variant digit (8, 9, a, b) occurs: the two random bits are used
+    assert {text[19] for text in made} == set("89ab")

@@ -3,7 +3,6 @@ suggestion writes, the system action that records a rating, and the response bod
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +12,7 @@ from cds_service.answer.rating import Rated
 from cds_service.clinical.facts import Facts
 from cds_service.clinical.scenario import Alternative
 from cds_service.codesystems import SystemUrls
+from cds_service.ids import new_uuid
 from cds_service.protocol import Action, Card
 from cds_service.record.prefetch import as_list
 
@@ -112,7 +112,7 @@ class Payloads:
         ext: list[dict[str, Any]] = [
             {"url": PAMA, "valueCodeableConcept": {"coding": codings}},
             {"url": PAMA_QCDSM, "valueString": self.qcdsm_id},
-            {"url": PAMA_CONSULT, "valueUri": f"urn:uuid:{uuid.uuid4()}"},
+            {"url": PAMA_CONSULT, "valueUri": f"urn:uuid:{new_uuid()}"},
         ]
         if self.auc_applied:
             ext.append({"url": PAMA_AUC, "valueUri": self.auc_applied})

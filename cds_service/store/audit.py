@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from cds_service.errors import StoreUnavailable
+from cds_service.ids import new_uuid
 from cds_service.store.database import Database
 from cds_service.store.models import CardShown, HookCall
 from cds_service.store.values import CARD_COLUMNS, HOOK_CALL_COLUMNS, fit_row, is_data_error
@@ -53,7 +53,7 @@ class CallAudit:
     cards: list[CardAudit]
     latency_ms: float
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=new_uuid)
 
 
 @dataclass
