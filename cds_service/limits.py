@@ -65,8 +65,9 @@ def check_resources(key: str, resources: list[dict[str, Any]],
                     limits: Limits) -> Exceeded | None:
     """The first limit a patient-record resource exceeds in the concepts the service reads.
 
-    (The loop is written out, with concrete types for the compiled module: it runs for every
-    concept of every resource of a chart.)
+    (Written for the compiled module, which runs it for every concept of every resource of a
+    chart: ``isinstance`` narrows a JSON value to a list or dict, so the loops index the list
+    and read the dict directly, with no iterator or tuple made per concept.)
     """
     most, longest = limits.max_codings, limits.max_code_length
     for resource in resources:
@@ -74,22 +75,34 @@ def check_resources(key: str, resources: list[dict[str, Any]],
             value = resource.get(name)
             if value is None:
                 continue
-            for concept in value if type(value) is list else (value,):
-                codings = concept.get("coding") if type(concept) is dict else None
-                if type(codings) is not list:
-                    continue
-                over = len(codings) > most
-                for coding in codings if not over else ():
-                    if type(coding) is dict:
-                        code, system = coding.get("code"), coding.get("system")
-                        if ((type(code) is str and len(code) > longest)
-                                or (type(system) is str and len(system) > longest)):
-                            over = True
-                            break
-                if over:
-                    return Exceeded(_concept_fault(concept, limits) or "over limits",
-                                    f"prefetch.{key}")
+            if isinstance(value, list):
+                for concept in value:
+                    if _over(concept, most, longest):
+                        return _exceeded(concept, key, limits)
+            elif _over(value, most, longest):
+                return _exceeded(value, key, limits)
     return None
+
+
+def _over(concept: Any, most: int, longest: int) -> bool:
+    if not isinstance(concept, dict):
+        return False
+    codings = concept.get("coding")
+    if not isinstance(codings, list):
+        return False
+    if len(codings) > most:
+        return True
+    for coding in codings:
+        if isinstance(coding, dict):
+            code, system = coding.get("code"), coding.get("system")
+            if ((isinstance(code, str) and len(code) > longest)
+                    or (isinstance(system, str) and len(system) > longest)):
+                return True
+    return False
+
+
+def _exceeded(concept: dict[str, Any], key: str, limits: Limits) -> Exceeded:
+    return Exceeded(_concept_fault(concept, limits) or "over limits", f"prefetch.{key}")
 
 
 def _concept_fault(concept: Mapping[str, Any], limits: Limits) -> str | None:

@@ -124,6 +124,19 @@ def test_too_many_codings_or_too_long_a_code_is_413(api: ValidatingClient, where
                                          else ["prefetch.conditions"])
 
 
+def test_a_concept_in_a_list_is_checked_too(api: ValidatingClient) -> None:
+    """reasonCode is a list of concepts: the second one over the limit is found."""
+    prefetch = seed_prefetch(FIXTURE_NOW)
+    prefetch["servicerequests"]["entry"].append({"resource": {
+        "resourceType": "ServiceRequest", "id": "sr-long", "status": "active",
+        "intent": "order", "subject": {"reference": "Patient/pt-seed"},
+        "reasonCode": [{"text": "back pain"}, {"coding": [
+            {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M" * 600}]}]}})
+    r = api.post(SELECT, json=hook_request(order(cpt="72148"), prefetch=prefetch))
+    assert r.status_code == 413, r.text
+    assert outcome_of(r)["expression"] == ["prefetch.servicerequests"]
+
+
 # ------------------------------------------------------------------ 2: bounded caches
 
 
