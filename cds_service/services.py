@@ -21,6 +21,7 @@ from cds_service.errors import StartupError
 from cds_service.knowledge import load_knowledge
 from cds_service.limits import Limits
 from cds_service.metrics import Metrics
+from cds_service.override_reasons import OverrideReasons
 from cds_service.record.fetch import FetchPolicy, FhirFetcher
 from cds_service.render import load_templates
 from cds_service.replay import FallbackReplayStore, SharedReplayStore
@@ -48,10 +49,9 @@ class Services:
     metrics: Metrics
     clock: Callable[[], datetime]
     limits: Limits
-    # override reason code -> the display the cards offer (feedback may name one by code alone)
-    offered: dict[str, str] = field(default_factory=dict)
-    # the override-reason systems of our cards: today's and those of former canonical bases
-    override_systems: frozenset[str] = frozenset()
+    # what an override reason in feedback means: its display (feedback may name one by code
+    # alone) and its Non-Adherence Reason category (the report)
+    reasons: OverrideReasons = field(default_factory=OverrideReasons)
 
 
 def build_services(settings: Settings, clock: Callable[[], datetime]) -> Services:
@@ -75,9 +75,7 @@ def build_services(settings: Settings, clock: Callable[[], datetime]) -> Service
     return Services(
         settings=settings, engine=engine, store=store, audits=audits, verifier=verifier,
         fetcher=fetcher, metrics=metrics, clock=clock, limits=request_limits(settings),
-        offered={r["code"]: r["display"] for kind in templates.kinds.values()
-                 for r in kind.override_reasons},
-        override_systems=override_systems(engine, settings))
+        reasons=OverrideReasons.of(templates, override_systems(engine, settings)))
 
 
 def check_production(settings: Settings) -> None:

@@ -35,6 +35,7 @@ from cds_service.clinical.scenario import (
 )
 from cds_service.codesystems import SystemUrls
 from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
+from cds_service.nonadherence import SYSTEM as NON_ADHERENCE
 from cds_service.protocol import Action, Card, CardSource, Coding, Link, Suggestion
 from cds_service.questionnaire import Questions, questions_to_ask
 from cds_service.render import (
@@ -214,9 +215,12 @@ class CardBuilder:
             raise SCENARIO_MISSING.fail(common, "scenarios", name=unnamed[0],
                                         all=", ".join(knowledge.variants))
         check_summaries(templates, self.summary_bounds())
-        # card kind -> the override reasons its cards offer (the same on every card)
+        # card kind -> the override reasons its cards offer (the same on every card): the
+        # service's own first, then the HL7 Non-Adherence Reason codes that fit the card
         self._reasons = {kind: [Coding(system=systems.override_reason, code=r["code"],
                                        display=r["display"]) for r in k.override_reasons]
+                         + [Coding(system=NON_ADHERENCE, code=r["code"], display=r["display"])
+                            for r in k.non_adherence]
                          for kind, k in templates.kinds.items()}
 
     def card(self, rated: Rated, choice: CardChoice) -> Card:
