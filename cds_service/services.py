@@ -75,7 +75,8 @@ def build_services(settings: Settings, clock: Callable[[], datetime]) -> Service
     return Services(
         settings=settings, engine=engine, store=store, audits=audits, verifier=verifier,
         fetcher=fetcher, metrics=metrics, clock=clock, limits=request_limits(settings),
-        reasons=OverrideReasons.of(templates, override_systems(engine, settings)))
+        reasons=OverrideReasons.of(templates,
+                                   override_systems(settings, templates.override_system)))
 
 
 def check_production(settings: Settings) -> None:
@@ -173,12 +174,14 @@ def request_limits(settings: Settings) -> Limits:
                   max_code_length=settings.max_code_length)
 
 
-def override_systems(engine: Engine, settings: Settings) -> frozenset[str]:
-    """The override-reason systems feedback may name: today's, and those our cards carried
-    under former canonical bases (CDS_CANONICAL_BASE_PREVIOUS) or before the systems resolved."""
+def override_systems(settings: Settings, site_system: str | None = None) -> frozenset[str]:
+    """The override-reason systems feedback may name: today's (a site's own, when
+    cards/common.yaml names one), and those our cards carried under former canonical bases
+    (CDS_CANONICAL_BASE_PREVIOUS) or before the systems resolved."""
+    today = SystemUrls.under(settings.canonical_root, site_system).override_reason
     former = [SystemUrls.under(root).override_reason
               for root in settings.previous_canonical_roots]
-    return frozenset([engine.systems.override_reason, LEGACY_OVERRIDE_SYSTEM, *former])
+    return frozenset([today, LEGACY_OVERRIDE_SYSTEM, *former])
 
 
 def build_audit_writer(settings: Settings, store: Store, metrics: Metrics) -> AuditWriter:
