@@ -44,7 +44,7 @@ log = logging.getLogger("cds_service.app")
 
 # The CDS Hooks version the services implement (discovery ``version``): 3.0.0's obligations on
 # a service are met (see docs/integrating.md), and every answer stays one a 2.0 client reads.
-CDS_HOOKS_VERSION = "3.0.0"
+SPEC_VERSION = "3.0.0"
 # The hook definitions served (discovery ``hookVersion``), from the CDS Hooks hook library:
 # order-select 1.0; order-sign 1.1.0, its change log's version that also covers orders re-signed
 # after revision (a status other than draft), which the service rates like drafts.
@@ -58,7 +58,7 @@ SERVICES: dict[str, ServiceDescription] = {
                     "Appropriateness Criteria for Low Back Pain and suggests the study that "
                     "fits the patient's scenario; returns a PAMA appropriateness rating.",
         prefetch={k: q for k, (_, q) in PREFETCH_TEMPLATES.items()},
-        version=CDS_HOOKS_VERSION, hookVersion=HOOK_VERSIONS["order-select"]),
+        version=SPEC_VERSION, hookVersion=HOOK_VERSIONS["order-select"]),
     "lbp-imaging-order-sign": ServiceDescription(
         hook="order-sign", id="lbp-imaging-order-sign",
         title="Lumbar imaging appropriateness (order sign)",
@@ -66,7 +66,7 @@ SERVICES: dict[str, ServiceDescription] = {
                     "re-signed after revision) against the ACR Appropriateness Criteria for "
                     "Low Back Pain; returns PAMA ratings.",
         prefetch={k: q for k, (_, q) in PREFETCH_TEMPLATES.items()},
-        version=CDS_HOOKS_VERSION, hookVersion=HOOK_VERSIONS["order-sign"]),
+        version=SPEC_VERSION, hookVersion=HOOK_VERSIONS["order-sign"]),
 }
 
 
