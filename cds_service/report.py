@@ -103,8 +103,9 @@ def override_categories(overrides: list[FeedbackItem],
     counts: Counter[str | None] = Counter(
         categorise(f.override_system, f.override_code) if categorise else None
         for f in overrides)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is None, kv[0] or ""))
     return [{"code": code, "display": nonadherence.display_of(code) or UNCATEGORISED,
-             "count": n} for code, n in counts.most_common()]
+             "count": n} for code, n in ranked]
 
 
 def _bars(rows: list[dict[str, Any]], key: str, title: str) -> str:
