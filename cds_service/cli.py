@@ -180,17 +180,32 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override_reasons() -> Any:
+    """What the cards' override reasons mean (their categories), from the card templates."""
+    from cds_service.override_reasons import OverrideReasons
+    from cds_service.render import load_templates
+    from cds_service.services import override_systems
+    from cds_service.settings import get_settings
+
+    settings = get_settings()
+    templates = load_templates(settings.cards_dir)
+    return OverrideReasons.of(templates, override_systems(settings, templates.override_system))
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     import asyncio
 
     from cds_service.report import build_report, parse_day, render_html
+
+    reasons = _override_reasons()
 
     async def run() -> dict[str, Any]:
         store = _store()
         try:
             start, end = parse_day(args.start), parse_day(args.end)
             cards, feedback, latest = await store.rows(start, end, args.service)
-            return build_report(cards, feedback, start, end, args.service, latest)
+            return build_report(cards, feedback, start, end, args.service, latest,
+                                reasons.category)
         finally:
             await store.dispose()
 
@@ -213,6 +228,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("\noverride reasons:")
         for r in report["override_reasons"]:
             print(f"  {r['count']:>5}  {r['display']} ({r['code']})")
+        print("\noverrides by category (HL7 Non-Adherence Reason):")
+        for r in report["override_categories"]:
+            print(f"  {r['count']:>5}  {r['display']}" + (f" ({r['code']})" if r["code"] else ""))
     return 0
 
 

@@ -167,6 +167,9 @@ class ServiceDescription(_Out):
     description: str
     prefetch: dict[str, str] | None = None
     usageRequirements: str | None = None
+    # CDS Hooks 3.0 (a 2.0 client ignores them): the specification and hook versions served
+    version: str | None = None
+    hookVersion: str | None = None
 
 
 class Discovery(_Out):

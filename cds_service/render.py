@@ -21,8 +21,9 @@ from typing import Any, Literal
 import orjson
 from jinja2 import DictLoader, StrictUndefined, TemplateError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from cds_service import nonadherence
 from cds_service.errors import StartupError
 from cds_service.knowledge.checks import Check, closest, fix_for
 from cds_service.knowledge.models import FileModel, Name, Text
@@ -90,7 +91,9 @@ class CardKind:
     name: str
     indicator: str
     templates: dict[str, Any]
-    override_reasons: list[dict[str, str]] = field(default_factory=list)
+    override_reasons: list[dict[str, str]] = field(default_factory=list)  # the service's own
+    # the HL7 Non-Adherence Reason codes offered after them: code and display (nonadherence.py)
+    non_adherence: list[dict[str, str]] = field(default_factory=list)
     # field -> the context variables its template reads (the memo key)
     reads: dict[str, tuple[str, ...]] = field(default_factory=dict)
     summary_tree: Any = None  # the summary's syntax tree (its longest length is checked)
@@ -109,6 +112,9 @@ class CardTemplates:
     phrases: dict[str, str] = field(default_factory=dict)
     scenarios: dict[str, str] = field(default_factory=dict)  # variant -> its name in a summary
     directory: Path | None = None  # where the templates were read (named in messages)
+    # reasons the cards offered before (code, display, now: the Non-Adherence code offered
+    # instead): feedback naming one still counts
+    former_reasons: list[dict[str, str]] = field(default_factory=list)
     _memo: dict[tuple[str, str, bytes], str] = field(default_factory=dict, repr=False)
 
     def phrase(self, code: str, **params: Any) -> str:
@@ -268,6 +274,39 @@ CARD_CHECKS = (CATEGORY_MISSING, CATEGORY_UNKNOWN, WORDING_MISSING, WORDING_UNKN
                SUMMARY_TOO_LONG, SUMMARY_UNBOUNDED, SCENARIO_MISSING)
 
 
+def _category(value: str | None) -> str | None:
+    if value is not None and value not in nonadherence.CATEGORIES:
+        raise ValueError(f"not a Non-Adherence Reason category: {value!r} (one of "
+                         f"{', '.join(nonadherence.CATEGORIES)})")
+    return value
+
+
+def _non_adherence_code(value: str) -> str:
+    if value not in nonadherence.BY_CODE:
+        near = closest(value, nonadherence.BY_CODE)
+        raise ValueError(f"not a Non-Adherence Reason code: {value!r}"
+                         + (f" (did you mean {near!r}?)" if near else ""))
+    return value
+
+
+class OverrideReason(FileModel):
+    code: Name = Field(description="the reason's code (EHRs send it back: keep it)")
+    display: Name = Field(description="the reason as shown")
+    category: Name | None = Field(
+        None, description="the HL7 Non-Adherence Reason category it counts under in the report "
+                          "(e.g. `cds-not-applicable`)")
+
+    _check_category = field_validator("category")(_category)
+
+
+class FormerReason(FileModel):
+    code: Name = Field(description="a reason code the cards offered before")
+    display: Name = Field(description="the display they offered with it")
+    now: Name = Field(description="the HL7 Non-Adherence Reason code offered instead")
+
+    _check_now = field_validator("now")(_non_adherence_code)
+
+
 class CardSourceFile(FileModel):
     label: Name = Field(description="the source named on every card")
     url: Text | None = Field(None, description="a link to the source")
@@ -290,11 +329,8 @@ class CommonFile(FileModel):
                                          description="the wording of each assumption")
     scenarios: dict[str, Text] = Field(
         default_factory=dict, description="per variant (V1 ...): its short name in a summary")
-
-
-class OverrideReason(FileModel):
-    code: Name = Field(description="the reason's code (EHRs send it back: keep it)")
-    display: Name = Field(description="the reason as shown")
+    former_override_reasons: list[FormerReason] = Field(
+        default_factory=list, description="reasons no longer offered, that feedback may name")
 
 
 class KindFile(FileModel):
@@ -310,7 +346,16 @@ class KindFile(FileModel):
     cancel_label: Text | None = Field(None, description="the label of a cancel")
     cancel_description: Text | None = Field(None, description="the action of a cancel")
     override_reasons: list[OverrideReason] = Field(
-        default_factory=list, description="the reasons offered for an override")
+        default_factory=list, description="the service's own reasons offered for an override "
+                                          "(first on the card)")
+    non_adherence_reasons: list[Name] = Field(
+        default_factory=list, description="HL7 Non-Adherence Reason codes offered after them "
+                                          "(their displays are the code system's)")
+
+    @field_validator("non_adherence_reasons")
+    @classmethod
+    def _known(cls, codes: list[str]) -> list[str]:
+        return [_non_adherence_code(c) for c in codes]
 
 
 def load_templates(directory: Path) -> CardTemplates:
@@ -337,7 +382,8 @@ def load_templates(directory: Path) -> CardTemplates:
         categories=dict(common.categories), kinds=kinds,
         facts={name: dict(wording) for name, wording in common.facts.items()},
         assumptions=dict(common.assumptions), phrases=dict(common.phrases),
-        scenarios=dict(common.scenarios), directory=directory)
+        scenarios=dict(common.scenarios), directory=directory,
+        former_reasons=[r.model_dump() for r in common.former_override_reasons])
     _test_render(templates, directory)
     return templates
 
@@ -353,8 +399,11 @@ def _card_kind(env: Any, kind: str, path: Path, evidence: str) -> CardKind:
                 reads[name] = _reads(env, text, {"evidence": evidence})
             except TemplateError as exc:
                 raise TEMPLATE_COMPILE.fail(path, name, error=exc) from exc
-    reasons = [r.model_dump() for r in data.override_reasons]
-    return CardKind(kind, data.indicator, compiled, reasons, reads, env.parse(data.summary))
+    reasons = [r.model_dump(exclude_none=True) for r in data.override_reasons]
+    standard = [{"code": c, "display": nonadherence.BY_CODE[c].display}
+                for c in data.non_adherence_reasons]
+    return CardKind(kind, data.indicator, compiled, reasons, standard, reads,
+                    env.parse(data.summary))
 
 
 def _check_categories(categories: dict[str, str], path: Path) -> None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from html import escape
 from typing import Any
 
+from cds_service import nonadherence
 from cds_service.store.models import CardShown, FeedbackItem
 
 OUTCOMES = ("accepted", "overridden", "ignored", "superseded")
+UNCATEGORISED = "No category (no reason given, or a reason of another system)"
+# (system, code) of an override reason -> its HL7 Non-Adherence Reason category, or None
+Categorise = Callable[[str | None, str | None], str | None]
 COLORS = {"accepted": "#2e7d32", "overridden": "#c62828", "ignored": "#9e9e9e",
           "superseded": "#cfd8dc"}
 
@@ -22,8 +27,11 @@ def _week(moment: datetime) -> str:
 def build_report(cards: list[CardShown], feedback: list[FeedbackItem],
                  start: datetime | None = None, end: datetime | None = None,
                  service: str | None = None,
-                 latest_calls: dict[str, datetime] | None = None) -> dict[str, Any]:
-    """Counts per card kind, per rating and per week; override reasons; unknown-card feedback.
+                 latest_calls: dict[str, datetime] | None = None,
+                 categorise: Categorise | None = None) -> dict[str, Any]:
+    """Counts per card kind, per rating and per week; override reasons, and their HL7
+    Non-Adherence Reason categories (``categorise``: what the service knows of a reason);
+    unknown-card feedback.
 
     A card's outcome is the last feedback about it (accepted then overridden is overridden, and
     counts as a changed mind); with no feedback, it is *superseded* when a later call about the
@@ -61,11 +69,12 @@ def build_report(cards: list[CardShown], feedback: list[FeedbackItem],
             bucket["shown"] += 1
             bucket[o] += 1
             bucket["changed_mind"] += changed
+    overrides = [f for f in feedback if f.outcome == "overridden" and f.known_card
+                 and latest.get(f.card_uuid) is f]
     reasons: Counter[tuple[str, str]] = Counter()
-    for f in feedback:
-        if f.outcome == "overridden" and f.known_card and latest.get(f.card_uuid) is f:
-            code = f.override_code or "(no reason given)"
-            reasons[(code, f.override_display or code)] += 1
+    for f in overrides:
+        code = f.override_code or "(no reason given)"
+        reasons[(code, f.override_display or code)] += 1
 
     def rows(groups: dict[str, Counter[str]], key: str) -> list[dict[str, Any]]:
         return [{key: name, "shown": c["shown"], **{o: c[o] for o in OUTCOMES},
@@ -81,9 +90,22 @@ def build_report(cards: list[CardShown], feedback: list[FeedbackItem],
         "by_rating": rows(by_rating, "rating"),
         "override_reasons": [{"code": code, "display": display, "count": n}
                              for (code, display), n in reasons.most_common()],
+        "override_categories": override_categories(overrides, categorise),
         "weekly": rows(by_week, "week"),
         "unknown_card_feedback": sum(1 for f in feedback if not f.known_card),
     }
+
+
+def override_categories(overrides: list[FeedbackItem],
+                        categorise: Categorise | None) -> list[dict[str, Any]]:
+    """The overrides counted by HL7 Non-Adherence Reason category (CDS Hooks 3.0), so that sites
+    compare; those with no category (no reason, another system's) in one row with no code."""
+    counts: Counter[str | None] = Counter(
+        categorise(f.override_system, f.override_code) if categorise else None
+        for f in overrides)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is None, kv[0] or ""))
+    return [{"code": code, "display": nonadherence.display_of(code) or UNCATEGORISED,
+             "count": n} for code, n in ranked]
 
 
 def _bars(rows: list[dict[str, Any]], key: str, title: str) -> str:
@@ -157,6 +179,9 @@ def render_html(report: dict[str, Any]) -> str:
     t = report["totals"]
     reasons = "".join(f'<tr><td>{escape(r["display"])}</td><td>{escape(r["code"])}</td>'
                       f'<td class="n">{r["count"]}</td></tr>' for r in report["override_reasons"])
+    categories = "".join(f'<tr><td>{escape(r["display"])}</td><td>{escape(r["code"] or "")}'
+                         f'</td><td class="n">{r["count"]}</td></tr>'
+                         for r in report["override_categories"])
     period = f"{escape(str(f['from'] or 'the beginning'))} to {escape(str(f['to'] or 'now'))}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -196,6 +221,11 @@ ignored.</p>
 <h2>Override reasons</h2>
 <table><thead><tr><th>reason</th><th>code</th><th>count</th></tr></thead>
 <tbody>{reasons or '<tr><td colspan="3">none</td></tr>'}</tbody></table>
+<h2 id="categories">Overrides by category</h2>
+<p>The HL7 Non-Adherence Reason categories of CDS Hooks 3.0, the same at every site: an HL7 reason
+counts under its own category, one of this service's under the category it is filed under.</p>
+<table><thead><tr><th>category</th><th>code</th><th>count</th></tr></thead>
+<tbody>{categories or '<tr><td colspan="3">none</td></tr>'}</tbody></table>
 <h2>Weekly trend</h2>{_trend(report['weekly'])}
 {_table(report['weekly'], 'week')}
 <p><small>Ratings from the ACR Appropriateness Criteria for Low Back Pain (2021).</small></p>

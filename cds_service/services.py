@@ -21,6 +21,7 @@ from cds_service.errors import StartupError
 from cds_service.knowledge import load_knowledge
 from cds_service.limits import Limits
 from cds_service.metrics import Metrics
+from cds_service.override_reasons import OverrideReasons
 from cds_service.record.fetch import FetchPolicy, FhirFetcher
 from cds_service.render import load_templates
 from cds_service.replay import FallbackReplayStore, SharedReplayStore
@@ -48,10 +49,9 @@ class Services:
     metrics: Metrics
     clock: Callable[[], datetime]
     limits: Limits
-    # override reason code -> the display the cards offer (feedback may name one by code alone)
-    offered: dict[str, str] = field(default_factory=dict)
-    # the override-reason systems of our cards: today's and those of former canonical bases
-    override_systems: frozenset[str] = frozenset()
+    # what an override reason in feedback means: its display (feedback may name one by code
+    # alone) and its Non-Adherence Reason category (the report)
+    reasons: OverrideReasons = field(default_factory=OverrideReasons)
 
 
 def build_services(settings: Settings, clock: Callable[[], datetime]) -> Services:
@@ -75,9 +75,8 @@ def build_services(settings: Settings, clock: Callable[[], datetime]) -> Service
     return Services(
         settings=settings, engine=engine, store=store, audits=audits, verifier=verifier,
         fetcher=fetcher, metrics=metrics, clock=clock, limits=request_limits(settings),
-        offered={r["code"]: r["display"] for kind in templates.kinds.values()
-                 for r in kind.override_reasons},
-        override_systems=override_systems(engine, settings))
+        reasons=OverrideReasons.of(templates,
+                                   override_systems(settings, templates.override_system)))
 
 
 def check_production(settings: Settings) -> None:
@@ -175,12 +174,14 @@ def request_limits(settings: Settings) -> Limits:
                   max_code_length=settings.max_code_length)
 
 
-def override_systems(engine: Engine, settings: Settings) -> frozenset[str]:
-    """The override-reason systems feedback may name: today's, and those our cards carried
-    under former canonical bases (CDS_CANONICAL_BASE_PREVIOUS) or before the systems resolved."""
+def override_systems(settings: Settings, site_system: str | None = None) -> frozenset[str]:
+    """The override-reason systems feedback may name: today's (a site's own, when
+    cards/common.yaml names one), and those our cards carried under former canonical bases
+    (CDS_CANONICAL_BASE_PREVIOUS) or before the systems resolved."""
+    today = SystemUrls.under(settings.canonical_root, site_system).override_reason
     former = [SystemUrls.under(root).override_reason
               for root in settings.previous_canonical_roots]
-    return frozenset([engine.systems.override_reason, LEGACY_OVERRIDE_SYSTEM, *former])
+    return frozenset([today, LEGACY_OVERRIDE_SYSTEM, *former])
 
 
 def build_audit_writer(settings: Settings, store: Store, metrics: Metrics) -> AuditWriter:

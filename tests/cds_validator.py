@@ -14,6 +14,7 @@ PAMA_SYSTEM = "http://fhir.org/argonaut/CodeSystem/pama-rating"
 PAMA_CODES = {"appropriate", "not-appropriate", "no-criteria-apply"}
 URL = re.compile(r"^https?://[^\s/]+")
 REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
+SEMVER = re.compile(r"\d+\.\d+(\.\d+)?")
 
 
 def _is_uuid(value: Any) -> bool:
@@ -242,6 +243,9 @@ def validate_discovery(body: Any) -> list[str]:
                 problems.append(f"{p}/{key}: required")
         if "title" in s and not isinstance(s["title"], str):
             problems.append(f"{p}/title: must be a string")
+        for key in ("version", "hookVersion"):  # CDS Hooks 3.0: the versions implemented
+            if key in s and not (isinstance(s[key], str) and SEMVER.fullmatch(s[key])):
+                problems.append(f"{p}/{key}: must be a version (major.minor[.patch])")
         prefetch = s.get("prefetch")
         if prefetch is not None and not (isinstance(prefetch, dict) and all(
                 isinstance(v, str) for v in prefetch.values())):

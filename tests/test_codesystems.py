@@ -16,6 +16,7 @@ from cds_service.app import create_app
 from cds_service.codesystems import LEGACY_OVERRIDE_SYSTEM
 from cds_service.engine import Engine
 from cds_service.knowledge import load_knowledge
+from cds_service.nonadherence import SYSTEM as NON_ADHERENCE
 from cds_service.render import load_templates
 from cds_service.settings import Settings
 from tests.builders import hook_request, order, seed_prefetch
@@ -104,7 +105,9 @@ def test_a_site_system_of_override_reasons_is_used_and_not_served(tmp_path: Path
         r = c.post(SELECT, json=hook_request(order("x", cpt="72149"),
                                              prefetch=seed_prefetch(FIXTURE_NOW)))
         reasons = r.json()["cards"][0]["overrideReasons"]
-        assert {x["system"] for x in reasons} == {"urn:oid:1.2.3.4"}
+        # the site's system names our own reasons; the HL7 codes keep HL7's system
+        assert {x["system"] for x in reasons} == {"urn:oid:1.2.3.4", NON_ADHERENCE}
+        assert reasons[0]["system"] == "urn:oid:1.2.3.4"
         assert c.get("/fhir/CodeSystem/override-reason").status_code == 404
         assert c.get("/fhir/CodeSystem/acr-appropriateness-category").status_code == 200
 

@@ -5,7 +5,6 @@ open."""
 from __future__ import annotations
 
 import re
-import uuid
 from datetime import date, datetime
 from typing import Any, ClassVar
 
@@ -34,7 +33,9 @@ from cds_service.clinical.scenario import (
     rated_by,
 )
 from cds_service.codesystems import SystemUrls
+from cds_service.ids import new_uuid
 from cds_service.knowledge import CATEGORY_RANK, Knowledge, Procedure
+from cds_service.nonadherence import SYSTEM as NON_ADHERENCE
 from cds_service.protocol import Action, Card, CardSource, Coding, Link, Suggestion
 from cds_service.questionnaire import Questions, questions_to_ask
 from cds_service.render import (
@@ -214,9 +215,12 @@ class CardBuilder:
             raise SCENARIO_MISSING.fail(common, "scenarios", name=unnamed[0],
                                         all=", ".join(knowledge.variants))
         check_summaries(templates, self.summary_bounds())
-        # card kind -> the override reasons its cards offer (the same on every card)
+        # card kind -> the override reasons its cards offer (the same on every card): the
+        # service's own first, then the HL7 Non-Adherence Reason codes that fit the card
         self._reasons = {kind: [Coding(system=systems.override_reason, code=r["code"],
                                        display=r["display"]) for r in k.override_reasons]
+                         + [Coding(system=NON_ADHERENCE, code=r["code"], display=r["display"])
+                            for r in k.non_adherence]
                          for kind, k in templates.kinds.items()}
 
     def card(self, rated: Rated, choice: CardChoice) -> Card:
@@ -229,7 +233,7 @@ class CardBuilder:
         if choice.cancel:
             suggestions.append(Suggestion(
                 label=t.render(kind, "cancel_label", ctx) or "Cancel the order",
-                uuid=str(uuid.uuid4()),
+                uuid=new_uuid(),
                 actions=[Action(type="delete",
                                 description=t.render(kind, "cancel_description", ctx)
                                 or "Remove the draft order",
@@ -237,7 +241,7 @@ class CardBuilder:
         reasons = self._reasons[kind]
         links = self._app_link(kind, rated)
         return Card(
-            uuid=str(uuid.uuid4()),
+            uuid=new_uuid(),
             summary=t.render(kind, "summary", ctx) or rated.procedure.name,
             indicator=t.kinds[kind].indicator,  # type: ignore[arg-type]
             source=self.source,
@@ -253,7 +257,7 @@ class CardBuilder:
         sctx = {**ctx, "suggestion": self._alt(alt.procedure, alt.category)}
         return Suggestion(
             label=t.render(kind, "suggestion_label", sctx) or alt.procedure.name,
-            uuid=str(uuid.uuid4()),
+            uuid=new_uuid(),
             isRecommended=True if first and alt.category == "UA" else None,
             actions=[Action(type="update",
                             description=t.render(kind, "action_description", sctx)

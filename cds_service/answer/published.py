@@ -21,7 +21,10 @@ class Published:
 def publish(systems: SystemUrls, templates: CardTemplates, questions: Questions,
             canonical_root: str, version: str) -> Published:
     """Every resource, built once at start-up."""
+    # our own reasons, today's and former ones (feedback may still name those): the HL7
+    # Non-Adherence Reason codes the cards also offer are HL7's, not published here
     reasons = [r for k in templates.kinds.values() for r in k.override_reasons]
+    reasons += templates.former_reasons
     systems_by_id = code_systems(systems, templates.categories, reasons, version)
     systems_by_id[questions.answers_system_id] = answers_code_system(
         questions, canonical_root, version)

@@ -37,7 +37,8 @@ async def report(request: Request, start: str | None = None, end: str | None = N
         s.metrics.db_errors.labels("report").inc()
         raise ProtocolError(503, "transient", "database unavailable",
                             headers={"Retry-After": "5"}) from None
-    body = build_report(cards, feedback_rows, since, until, service, latest)
+    body = build_report(cards, feedback_rows, since, until, service, latest,
+                        s.reasons.category)
     if "application/json" in request.headers.get("accept", ""):
         return json_response(body)
     return Response(render_html(body), media_type="text/html; charset=utf-8")

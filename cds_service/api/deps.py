@@ -39,6 +39,12 @@ def check_bearer(request: Request, token: str) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
+def tenant_of(claims: dict[str, Any] | None) -> str | None:
+    """The EHR tenant a verified JWT names (its optional ``tenant`` claim), for the audit."""
+    tenant = claims.get("tenant") if claims else None
+    return tenant if isinstance(tenant, str) and tenant else None
+
+
 def require_admin(request: Request, s: Services) -> None:
     """The admin token (CDS_ADMIN_TOKEN); without one configured the endpoint does not exist."""
     if not s.settings.admin_token:
@@ -46,12 +52,13 @@ def require_admin(request: Request, s: Services) -> None:
     check_bearer(request, s.settings.admin_token)
 
 
-async def authenticate(request: Request, s: Services) -> None:
-    """The calling EHR's JWT (not in development mode); 401 without detail when refused."""
+async def authenticate(request: Request, s: Services) -> dict[str, Any] | None:
+    """The calling EHR's JWT (not in development mode): its verified claims (None when no
+    token is checked); 401 without detail when refused."""
     try:
         token = bearer_token(request.headers.get("authorization"))
         if s.verifier is None:
-            return
+            return None
         if token is None:
             raise AuthError("no bearer token")
         if s.settings.public_base_url:
@@ -61,7 +68,7 @@ async def authenticate(request: Request, s: Services) -> None:
         else:
             raise AuthError("no CDS_PUBLIC_BASE_URL to check aud against")
         # a database outage does not stop this: the replay check falls back to this process
-        await s.verifier.verify(token, audience)
+        return await s.verifier.verify(token, audience)
     except AuthError as exc:
         log.info("authentication refused", extra={"reason": str(exc), "path": request.url.path})
         raise ProtocolError(401, "login", "authentication failed",

@@ -65,12 +65,11 @@ async def feedback(request: Request) -> Response:
 
 def feedback_record(item: Any, s: Services) -> FeedbackRecord:
     """A feedback item as stored; an override reason named by code alone gets the display
-    the service offered (when it is one of ours)."""
+    the service offered (when it is one of ours, or an HL7 Non-Adherence Reason code)."""
     reason = item.overrideReason.reason if item.overrideReason else None
     display = None
     if reason is not None:
-        ours = reason.system is None or reason.system in s.override_systems
-        display = reason.display or (s.offered.get(reason.code) if ours else None)
+        display = reason.display or s.reasons.display(reason.system, reason.code)
     return FeedbackRecord(
         card=item.card, outcome=item.outcome, outcome_timestamp=item.outcomeTimestamp,
         accepted_suggestions=[a.id for a in item.acceptedSuggestions or []],

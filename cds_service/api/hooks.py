@@ -18,7 +18,13 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from cds_service.api.deps import authenticate, get_services, json_response, read_json
+from cds_service.api.deps import (
+    authenticate,
+    get_services,
+    json_response,
+    read_json,
+    tenant_of,
+)
 from cds_service.engine import OrderResult, Rated
 from cds_service.errors import ProtocolError, issue, outcome_response, validation_issues
 from cds_service.limits import Limits, check_request, check_resources
@@ -36,6 +42,14 @@ from cds_service.store import CallAudit, CardAudit
 
 log = logging.getLogger("cds_service.app")
 
+# The CDS Hooks version the services implement (discovery ``version``): 3.0.0's obligations on
+# a service are met (see docs/integrating.md), and every answer stays one a 2.0 client reads.
+SPEC_VERSION = "3.0.0"
+# The hook definitions served (discovery ``hookVersion``), from the CDS Hooks hook library:
+# order-select 1.0; order-sign 1.1.0, its change log's version that also covers orders re-signed
+# after revision (a status other than draft), which the service rates like drafts.
+HOOK_VERSIONS = {"order-select": "1.0", "order-sign": "1.1.0"}
+
 SERVICES: dict[str, ServiceDescription] = {
     "lbp-imaging-order-select": ServiceDescription(
         hook="order-select", id="lbp-imaging-order-select",
@@ -43,13 +57,16 @@ SERVICES: dict[str, ServiceDescription] = {
         description="Rates a selected lumbar spine imaging order against the ACR "
                     "Appropriateness Criteria for Low Back Pain and suggests the study that "
                     "fits the patient's scenario; returns a PAMA appropriateness rating.",
-        prefetch={k: q for k, (_, q) in PREFETCH_TEMPLATES.items()}),
+        prefetch={k: q for k, (_, q) in PREFETCH_TEMPLATES.items()},
+        version=SPEC_VERSION, hookVersion=HOOK_VERSIONS["order-select"]),
     "lbp-imaging-order-sign": ServiceDescription(
         hook="order-sign", id="lbp-imaging-order-sign",
         title="Lumbar imaging appropriateness (order sign)",
-        description="Rates every draft lumbar spine imaging order at signing against the ACR "
-                    "Appropriateness Criteria for Low Back Pain; returns PAMA ratings.",
-        prefetch={k: q for k, (_, q) in PREFETCH_TEMPLATES.items()}),
+        description="Rates every draft lumbar spine imaging order at signing (and orders "
+                    "re-signed after revision) against the ACR Appropriateness Criteria for "
+                    "Low Back Pain; returns PAMA ratings.",
+        prefetch={k: q for k, (_, q) in PREFETCH_TEMPLATES.items()},
+        version=SPEC_VERSION, hookVersion=HOOK_VERSIONS["order-sign"]),
 }
 
 
@@ -71,7 +88,7 @@ async def hook(request: Request) -> Response:
     service_id: str = request.path_params["service_id"]
     s = get_services(request)
     described = known_service(service_id)  # an unknown service is a 404, ahead of the 401
-    await authenticate(request, s)
+    tenant = tenant_of(await authenticate(request, s))
     started = time.perf_counter()
     call, size = await parse_hook(request, described, s.limits)
     if isinstance(call, Response):
@@ -92,7 +109,7 @@ async def hook(request: Request) -> Response:
     if await saved_answers(call, record, results, fetch_outcomes, s):  # rated with them
         results = await rate()
     return await answer(service_id, call, record, results, fetch_outcomes, s, now, started,
-                        offload)
+                        offload, tenant)
 
 
 PER_ORDER_COST = 100  # an order's own work (facts, decision, card), in record resources
@@ -139,7 +156,8 @@ async def patient_record(call: HookRequest,
     if record.missing_keys():  # (the hook has an imaging order to rate)
         auth = call.fhirAuthorization
         fetched = await s.fetcher.complete(record, call.fhirServer,
-                                           auth.access_token if auth else None)
+                                           auth.access_token if auth else None,
+                                           scope=auth.scope if auth else None)
         outcomes = fetched.outcomes
         drop_over_limits(record, outcomes, s.limits)
         for outcome in outcomes.values():  # counted whatever the answer
@@ -160,7 +178,8 @@ async def saved_answers(call: HookRequest, record: PatientRecord, rated: list[Ra
         return False  # nothing would be asked: the answers change nothing
     auth = call.fhirAuthorization
     fetched = await s.fetcher.complete(record, call.fhirServer,
-                                       auth.access_token if auth else None, keys=[key])
+                                       auth.access_token if auth else None, keys=[key],
+                                       scope=auth.scope if auth else None)
     outcomes.update(fetched.outcomes)
     drop_over_limits(record, outcomes, s.limits)
     for outcome in fetched.outcomes.values():
@@ -171,7 +190,7 @@ async def saved_answers(call: HookRequest, record: PatientRecord, rated: list[Ra
 def drop_over_limits(record: PatientRecord, outcomes: dict[str, str], limits: Limits) -> None:
     """A fetched source over the request limits is not used (its facts stay unknown)."""
     for key, source in record.sources().items():
-        if outcomes.get(key) in (None, "not-allowed", "no-server", "no-token"):
+        if outcomes.get(key) in (None, "not-allowed", "no-server", "no-token", "not-granted"):
             continue
         if source.resources and check_resources(key, source.resources, limits):
             record.replace_source(key, Source(SourceState.MISSING, note="over limits"))
@@ -180,7 +199,8 @@ def drop_over_limits(record: PatientRecord, outcomes: dict[str, str], limits: Li
 
 async def answer(service_id: str, call: HookRequest, record: PatientRecord,
                  rated: list[Rated], fetch_outcomes: dict[str, str], s: Services,
-                 now: datetime, started: float, offload: bool = False) -> Response:
+                 now: datetime, started: float, offload: bool = False,
+                 tenant: str | None = None) -> Response:
     """Answer: 412 when an order cannot be rated without what is missing; else the cards and
     ratings, counted in the metrics and queued for the audit."""
     missing = record.missing_keys()
@@ -188,8 +208,7 @@ async def answer(service_id: str, call: HookRequest, record: PatientRecord,
         log.info("undecidable without data", extra={
             "hookInstance": call.hookInstance, "missing": missing, "fetch": fetch_outcomes})
         return outcome_response(412, [issue(
-            "incomplete", "prefetch data needed to rate the order is missing and could not "
-            f"be fetched from the FHIR server: {', '.join(missing)}",
+            "incomplete", missing_prefetch(missing, fetch_outcomes),
             [f"prefetch.{k}" for k in missing])])
     said = (await anyio.to_thread.run_sync(s.engine.answer, rated) if offload
             else s.engine.answer(rated))
@@ -202,7 +221,7 @@ async def answer(service_id: str, call: HookRequest, record: PatientRecord,
     elapsed = time.perf_counter() - started
     s.metrics.latency.labels(call.hook).observe(elapsed)
     if results:
-        s.audits.submit(audit_row(service_id, call, results, elapsed * 1000, now))
+        s.audits.submit(audit_row(service_id, call, results, elapsed * 1000, now, tenant))
     log.info("hook evaluated", extra={
         "hookInstance": call.hookInstance, "hook": call.hook, "service": service_id,
         "cards": len(said.cards), "ratings": len(said.actions), "missing": missing,
@@ -210,9 +229,20 @@ async def answer(service_id: str, call: HookRequest, record: PatientRecord,
     return json_response(said.body())
 
 
+def missing_prefetch(missing: list[str], fetch_outcomes: dict[str, str]) -> str:
+    """The 412's diagnostics: each missing prefetch key by name, its query, and why the FHIR
+    server did not supply it (as CDS Hooks 3.0's example names the key)."""
+    named = [f"'{k}' ({PREFETCH_TEMPLATES[k][1]}; "
+             f"fetch: {fetch_outcomes.get(k, 'not tried')})" if k in PREFETCH_TEMPLATES
+             else f"'{k}'" for k in missing]
+    return (f"prefetch key{'s' if len(missing) > 1 else ''} {', '.join(named)} needed to rate "
+            "the order: missing from the request and not fetched from the FHIR server")
+
+
 def audit_row(service_id: str, request: HookRequest, results: list[OrderResult],
-              latency_ms: float, created_at: datetime) -> CallAudit:
-    """What the audit keeps of a call (the store hashes the patient and order ids)."""
+              latency_ms: float, created_at: datetime, tenant: str | None = None) -> CallAudit:
+    """What the audit keeps of a call (the store hashes the patient and order ids; the EHR
+    tenant its JWT named is kept as named)."""
     variants = next((r.decision.variants for r in results if r.decision.variants), None)
     cards = []
     for r in results:
@@ -229,4 +259,4 @@ def audit_row(service_id: str, request: HookRequest, results: list[OrderResult],
         orders=[{"procedure": r.procedure.id, "pama": r.decision.pama,
                  "category": r.decision.category, "order_id": str(r.order.get("id") or ""),
                  "variants": sorted(r.decision.variants or [])} for r in results],
-        cards=cards, latency_ms=round(latency_ms, 3), created_at=created_at)
+        cards=cards, latency_ms=round(latency_ms, 3), created_at=created_at, tenant=tenant)

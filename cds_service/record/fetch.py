@@ -44,6 +44,7 @@ from cds_service.record.prefetch import (
     SourceState,
     source_from_value,
 )
+from cds_service.scopes import can_read, can_search
 
 log = logging.getLogger("cds_service.fetch")
 
@@ -347,24 +348,30 @@ class FhirFetcher:
         return True
 
     async def complete(self, record: PatientRecord, server: str | None,
-                       token: str | None, keys: Iterable[str] | None = None) -> FetchReport:
+                       token: str | None, keys: Iterable[str] | None = None,
+                       scope: str | None = None) -> FetchReport:
         # (a None token: no Authorization header is sent; only when the policy allows it)
         """Fetch every missing or partial source (of ``keys`` only, when given); update
-        ``record`` in place."""
+        ``record`` in place. ``scope``: the token's SMART scopes (v1 or v2), when the EHR says
+        them; a source they do not let the token read is not asked for (``not-granted``)."""
         report = FetchReport()
         only = None if keys is None else set(keys)
         wanted = {k: s for k, s in record.sources().items()
                   if s.state is not SourceState.COMPLETE and (only is None or k in only)}
+        if scope and token:
+            refused = [k for k in wanted if not scope_allows(scope, k)]
+            report.outcomes = {k: "not-granted" for k in refused}
+            wanted = {k: s for k, s in wanted.items() if k not in refused}
         if not wanted:
             return report
         if not server:
-            report.outcomes = {k: "no-server" for k in wanted}
+            report.outcomes |= {k: "no-server" for k in wanted}
             return report
         if not token and not self.policy.without_token:
-            report.outcomes = {k: "no-token" for k in wanted}
+            report.outcomes |= {k: "no-token" for k in wanted}
             return report
         if not server_allowed(server, self.policy):
-            report.outcomes = {k: "not-allowed" for k in wanted}
+            report.outcomes |= {k: "not-allowed" for k in wanted}
             _warn_once(self._refused, urlsplit(server).hostname or "?",
                        "fhirServer not allow-listed; no fetch (said once per host; the "
                        "metric cds_fhir_fetch_total{outcome=\"not-allowed\"} counts them)")
@@ -374,7 +381,7 @@ class FhirFetcher:
         host = connect_host(base)
         addresses = await self._check(host)
         if isinstance(addresses, str):
-            report.outcomes = {k: addresses for k in wanted}
+            report.outcomes |= {k: addresses for k in wanted}
             return report
         keys = list(wanted)
         with pinned(host, addresses):
@@ -525,6 +532,13 @@ class FhirFetcher:
             except zlib.error:
                 return "bad-encoding"
         return 200, b"".join(body)
+
+
+def scope_allows(scope: str, key: str) -> bool:
+    """Whether SMART scopes let a token make a prefetch key's query: a read by id for the
+    patient, a search for the others."""
+    rtype, template = PREFETCH_TEMPLATES[key]
+    return can_search(scope, rtype) if "?" in template else can_read(scope, rtype)
 
 
 def _warn_once(seen: set[str], key: str, message: str) -> None:

@@ -15,6 +15,7 @@ import orjson
 
 from cds_service import lengths
 from cds_service.record.fetch import normalize_base
+from cds_service.scopes import can_create
 from cds_service.smart.outbound import Outbound, Reply
 from cds_service.smart.problems import Problem, ehr_down, unusable_configuration
 
@@ -22,7 +23,6 @@ FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 ERROR_CODE = re.compile(r"[\x20-\x7e]{1,80}")  # an OAuth error code as it may be shown
 # The signed-in user, as the id_token's fhirUser claim names a practitioner (relative or absolute).
 FHIR_USER = re.compile(r"(?:https?://[^\s]{1,400}/)?(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}")
-WRITE_SCOPE = re.compile(r"(patient|user)/(QuestionnaireResponse|\*)\.([a-z*]+)(\?.*)?")
 
 
 @dataclass(frozen=True)
@@ -182,11 +182,4 @@ def _handle(value: Any) -> str | None:
 def can_write_responses(scope: str) -> bool:
     """Whether the granted scopes let the app create a QuestionnaireResponse (SMART v2
     ``.c``/``.cruds``, or v1 ``.write``/``.*``; patient or user level; a type or ``*``)."""
-    for item in scope.split():
-        match = WRITE_SCOPE.fullmatch(item)
-        if not match:
-            continue
-        perms = match.group(3)
-        if perms in ("write", "*") or ("c" in perms and set(perms) <= set("cruds")):
-            return True
-    return False
+    return can_create(scope, "QuestionnaireResponse")

@@ -54,6 +54,7 @@ class CallAudit:
     latency_ms: float
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     id: str = field(default_factory=new_uuid)
+    tenant: str | None = None  # the EHR tenant the caller's JWT named
 
 
 @dataclass
@@ -124,7 +125,8 @@ class CallRows(Database):
             call = {"id": a.id, "created_at": a.created_at, "service_id": a.service_id,
                     "hook": a.hook, "hook_instance": a.hook_instance,
                     "patient_hash": self.patient_hash(a.patient_id),
-                    "scenario": a.scenario, "orders": orders, "latency_ms": a.latency_ms}
+                    "scenario": a.scenario, "orders": orders, "latency_ms": a.latency_ms,
+                    "tenant": a.tenant}
             changed = fit_row(HOOK_CALL_COLUMNS, call)
             for c in a.cards:
                 card = {"uuid": c.uuid, "hook_call_id": a.id, "created_at": a.created_at,

@@ -70,14 +70,14 @@ class Database:
     async def dispose(self) -> None:
         await self.engine.dispose()
 
-    async def upgrade(self) -> None:
-        """Apply every Alembic migration not yet applied."""
+    async def upgrade(self, revision: str = "head") -> None:
+        """Apply every Alembic migration not yet applied (up to ``revision``)."""
         def run(connection: Connection) -> None:
             cfg = Config()
             cfg.set_main_option("script_location", str(MIGRATIONS))
             cfg.set_main_option("sqlalchemy.url", self.url)
             cfg.attributes["connection"] = connection
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
 
         try:
             async with self.engine.begin() as conn:

@@ -67,6 +67,9 @@ class HookCall(Base):
     scenario: Mapped[str | None] = mapped_column(String(40), nullable=True)
     orders: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     latency_ms: Mapped[float] = mapped_column(Float)
+    # the EHR tenant the caller's JWT named (its ``tenant`` claim), when it named one
+    tenant: Mapped[str | None] = mapped_column(String(lengths.TENANT), nullable=True,
+                                               index=True)
 
 
 class CardShown(Base):
