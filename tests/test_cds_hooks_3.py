@@ -35,6 +35,8 @@ HL7 = nonadherence.SYSTEM
 FOUND_IN_CODE_SYSTEM = {  # as the code system gives them (its JSON, commit 16b2bfc7)
     "cds-not-applicable": "PC CDS does not apply to patient",
     "recipient-concerns-outcomes": "Recipient has concerns regarding potential health outcomes",
+    "recipient-disagrees-evidence":
+        "Recipient disagrees with recommendation because of issues with the evidence",
     "patient-contraindication": "Patient has contraindication to recommended action",
     "indication-order-exists": "Patient has indication/order for intended action",
     "action-completed": "Recommended action was already completed",
@@ -124,12 +126,12 @@ def test_a_warning_card_offers_non_adherence_reasons_after_its_own(
     standard = [r for r in reasons if r["system"] == HL7]
     assert reasons == own + standard  # the service's own first (the sandbox reads the first)
     assert {r["code"]: r["display"] for r in standard} == {
-        code: FOUND_IN_CODE_SYSTEM[code] for code in (
-            "patient-contraindication", "expert-contradicts", "risk-benefit-ratio",
-            "service-not-available")}
-    # kept where no HL7 code says it: a red flag the record lacks, a shared decision
-    assert {"red-flag-present", "patient-preference"} <= {r["code"] for r in own}
-    assert "mri-contraindicated" not in {r["code"] for r in reasons}  # now an HL7 code
+        code: FOUND_IN_CODE_SYSTEM[code] for code in ("expert-contradicts", "risk-benefit-ratio")}
+    # kept where no HL7 code says it as plainly: a red flag the record lacks, a shared decision,
+    # MRI not tolerated (not "a contraindication to the recommended action")
+    assert {"red-flag-present", "patient-preference", "mri-contraindicated"} <= {
+        r["code"] for r in own}
+    assert "patient-contraindication" not in {r["code"] for r in reasons}
 
 
 def test_every_card_kind_offers_only_real_codes_with_their_display() -> None:
@@ -141,8 +143,11 @@ def test_every_card_kind_offers_only_real_codes_with_their_display() -> None:
             offered.setdefault(name, []).append(r["code"])
         for r in kind.override_reasons:  # each own reason is filed under a category
             assert r["category"] in nonadherence.CATEGORIES, (name, r)
-    assert offered["cauda-equina"] == ["action-completed", "patient-contraindication"]
-    assert "patient-contraindication" in offered["better-alternative"]
+    # no general HL7 wording beside a safety finding (it could read as setting it aside)
+    assert not {"cauda-equina", "mri-safety", "contrast-risk"} & set(offered)
+    assert offered["better-alternative"] == ["service-not-available", "expert-contradicts"]
+    assert "mri-contraindicated" in {r["code"] for r in
+                                     templates.kinds["cauda-equina"].override_reasons}
 
 
 def test_an_unknown_non_adherence_code_stops_the_start(tmp_path: Path) -> None:
@@ -169,27 +174,28 @@ def test_overrides_are_reported_by_reason_and_by_category(db_url: str, tmp_path:
     with ValidatingClient(app_for(db_url, tmp_path)) as c:
         cards = [card_for(c, "72149") for _ in range(4)]
         ours = cards[0]["overrideReasons"][0]["system"]
-        items = [override(cards[0], "patient-contraindication", HL7, 1),
+        items = [override(cards[0], "risk-benefit-ratio", HL7, 1),
                  override(cards[1], "mri-contraindicated", ours, 2),
-                 override(cards[2], "patient-preference", ours, 3),
+                 override(cards[2], "specialist-request", ours, 3),
                  override(cards[3], "x-1", "urn:other", 4, "Something else")]
         r = c.post(SELECT + "/feedback", json={"feedback": items})
         assert r.status_code == 200 and r.json()["stored"] == 4, r.text
         body = report(c)
         page = c.get("/admin/report", headers={"Authorization": f"Bearer {ADMIN}"}).text
     stored = {f.override_code: f for f in rows(db_url, FeedbackItem)}
-    assert stored["patient-contraindication"].override_system == HL7
-    assert stored["patient-contraindication"].override_display == \
-        FOUND_IN_CODE_SYSTEM["patient-contraindication"]
+    assert stored["risk-benefit-ratio"].override_system == HL7
+    assert stored["risk-benefit-ratio"].override_display == \
+        FOUND_IN_CODE_SYSTEM["risk-benefit-ratio"]
     assert stored["mri-contraindicated"].override_display == "MRI contraindicated or not tolerated"
+    assert stored["specialist-request"].override_display == \
+        "Requested by a specialist (spine surgery, neurology, oncology)"
     assert {r["code"]: r["count"] for r in body["override_reasons"]} == {
-        "patient-contraindication": 1, "mri-contraindicated": 1, "patient-preference": 1,
-        "x-1": 1}
+        "risk-benefit-ratio": 1, "mri-contraindicated": 1, "specialist-request": 1, "x-1": 1}
     assert body["override_categories"] == [
         {"code": "recipient-concerns-outcomes", "count": 2,
          "display": FOUND_IN_CODE_SYSTEM["recipient-concerns-outcomes"]},
-        {"code": "does-not-align-preferences", "count": 1,
-         "display": "Recommendation does not align with patient preferences or values"},
+        {"code": "recipient-disagrees-evidence", "count": 1,
+         "display": FOUND_IN_CODE_SYSTEM["recipient-disagrees-evidence"]},
         {"code": None, "count": 1,
          "display": "No category (no reason given, or a reason of another system)"}]
     assert "Overrides by category" in page
