@@ -1,6 +1,6 @@
 """The response body is written without pydantic's serialiser (cds_service.answer.payloads.plain):
 for every fixture it is what ``model_dump(mode="json", exclude_none=True)`` of the response model
-gives, key for key and in the same order."""
+gives, key for key and in the same order; and the random ids it carries are version 4 UUIDs."""
 
 from __future__ import annotations
 
