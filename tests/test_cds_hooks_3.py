@@ -146,8 +146,10 @@ def test_every_card_kind_offers_only_real_codes_with_their_display() -> None:
     # no general HL7 wording beside a safety finding (it could read as setting it aside)
     assert not {"cauda-equina", "mri-safety", "contrast-risk"} & set(offered)
     assert offered["better-alternative"] == ["service-not-available", "expert-contradicts"]
-    assert "mri-contraindicated" in {r["code"] for r in
-                                     templates.kinds["cauda-equina"].override_reasons}
+    # the critical card's reasons each say what was done instead (never "MRI not tolerated"
+    # alone, which leaves a study that cannot show the cauda equina)
+    assert [r["code"] for r in templates.kinds["cauda-equina"].override_reasons] == [
+        "already-evaluated", "mri-not-possible-now", "record-incomplete"]
 
 
 def test_an_unknown_non_adherence_code_stops_the_start(tmp_path: Path) -> None:

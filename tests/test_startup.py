@@ -48,8 +48,8 @@ def test_missing_card_kind_fails_the_start(tmp_path: Path) -> None:
 def test_override_reason_without_display_fails(tmp_path: Path) -> None:
     cards = copy_dir(ROOT / "cards", tmp_path, "cards")
     path = cards / "cauda-equina.yaml"
-    path.write_text(path.read_text().replace('display: "Clinical findings not captured in '
-                                             'the record"', "x: y"))
+    path.write_text(path.read_text().replace('display: "The record used here is incomplete or '
+                                             'wrong"', "x: y"))
     with pytest.raises(TemplateProblem, match="display"):
         load_templates(cards)
 
