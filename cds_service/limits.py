@@ -8,7 +8,7 @@ caller answers 413 with an OperationOutcome naming the limit and where it was ex
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,55 +67,34 @@ def check_resources(key: str, resources: list[dict[str, Any]],
 
     (Written for the compiled module, which runs it for every concept of every resource of a
     chart: ``isinstance`` narrows a JSON value to a list or dict, so the loops index the list
-    and read the dict directly, with no iterator or tuple made per concept.)
+    and read the dict directly.)
     """
-    most, longest = limits.max_codings, limits.max_code_length
     for resource in resources:
         for name in READ_CONCEPTS:
             value = resource.get(name)
             if value is None:
                 continue
-            if isinstance(value, list):
-                for concept in value:
-                    if _over(concept, most, longest):
-                        return _exceeded(concept, key, limits)
-            elif _over(value, most, longest):
-                return _exceeded(value, key, limits)
+            fault = (next((f for c in value if (f := _concept_fault(c, limits))), None)
+                     if isinstance(value, list) else _concept_fault(value, limits))
+            if fault:
+                return Exceeded(fault, f"prefetch.{key}")
     return None
 
 
-def _over(concept: Any, most: int, longest: int) -> bool:
+def _concept_fault(concept: Any, limits: Limits) -> str | None:
+    """What is wrong with a concept (too many codings, a code or system too long), or None."""
     if not isinstance(concept, dict):
-        return False
+        return None
     codings = concept.get("coding")
     if not isinstance(codings, list):
-        return False
-    if len(codings) > most:
-        return True
-    for coding in codings:
-        if isinstance(coding, dict):
-            code, system = coding.get("code"), coding.get("system")
-            if ((isinstance(code, str) and len(code) > longest)
-                    or (isinstance(system, str) and len(system) > longest)):
-                return True
-    return False
-
-
-def _exceeded(concept: dict[str, Any], key: str, limits: Limits) -> Exceeded:
-    return Exceeded(_concept_fault(concept, limits) or "over limits", f"prefetch.{key}")
-
-
-def _concept_fault(concept: Mapping[str, Any], limits: Limits) -> str | None:
-    codings = concept.get("coding")
-    if type(codings) is not list:
         return None
     if len(codings) > limits.max_codings:
         return f"{len(codings)} codings in one concept; at most {limits.max_codings}"
     longest = limits.max_code_length
     for coding in codings:
-        if type(coding) is dict:
+        if isinstance(coding, dict):
             code, system = coding.get("code"), coding.get("system")
-            if ((type(code) is str and len(code) > longest)
-                    or (type(system) is str and len(system) > longest)):
+            if ((isinstance(code, str) and len(code) > longest)
+                    or (isinstance(system, str) and len(system) > longest)):
                 return f"a code or system longer than {longest} characters"
     return None

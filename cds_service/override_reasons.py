@@ -4,7 +4,7 @@ service's own codes (today's or a former one) or an HL7 code."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cds_service import nonadherence
@@ -37,18 +37,19 @@ class OverrideReasons:
 
     def display(self, system: str | None, code: str | None) -> str | None:
         """The display the service offers (or offered) with a code, None if it is not ours."""
-        if system == nonadherence.SYSTEM:
-            return nonadherence.display_of(code)
-        if not self.ours(system):
-            return None
-        own = self.own.get(code or "")
-        return own[0] if own else (nonadherence.display_of(code) if system is None else None)
+        return self._look(system, code, 0, nonadherence.display_of)
 
     def category(self, system: str | None, code: str | None) -> str | None:
         """The Non-Adherence Reason category a reason counts under, None if it has none."""
+        return self._look(system, code, 1, nonadherence.category_of)
+
+    def _look(self, system: str | None, code: str | None, at: int,
+              standard: Callable[[str | None], str | None]) -> str | None:
+        """An HL7 code's own value; one of ours from the cards (a code sent with no system
+        that is not ours is read as an HL7 code); None for another system's."""
         if system == nonadherence.SYSTEM:
-            return nonadherence.category_of(code)
+            return standard(code)
         if not self.ours(system):
             return None
         own = self.own.get(code or "")
-        return own[1] if own else (nonadherence.category_of(code) if system is None else None)
+        return own[at] if own else (standard(code) if system is None else None)
