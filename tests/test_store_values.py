@@ -8,6 +8,8 @@ used to drop UTC offsets.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from cds_service.store import (
     Store,
 )
 from cds_service.store.models import CardShown, FeedbackItem, HookCall
+from cds_service.store.values import HOOK_CALL_COLUMNS, fit_row
 from tests import test_store as base
 from tests.conftest import SELECT, ValidatingClient
 
@@ -225,3 +228,30 @@ def test_instants_with_offsets_are_kept_apart_and_deduplicated(db_url: str,
                       datetime(2026, 11, 2, 15, tzinfo=UTC)]
     assert all(t.tzinfo is not None and t.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
                for t in stored)
+
+
+@pytest.mark.parametrize(("orders", "fitted"), [
+    ([{"procedure": "mri", "variants": ["V3"]}], None),  # plain: kept as it is
+    ([{"procedure": "a\\u0000b"}], None),  # the text backslash-u0000 is not a NUL
+    ([{"procedure": "mri", "nested": [{"note": "a\x00b"}]}], [{"procedure": "mri", "nested": [
+        {"note": "a\ufffdb"}]}]),
+    ([{"procedure": "\ud800"}], [{"procedure": "?"}]),  # a lone surrogate cannot be encoded
+    ([{1: "x"}], [{"1": "x"}]),  # a key that is not text
+])
+def test_json_values_are_fitted_only_where_they_cannot_be_stored(
+        orders: list[dict[Any, Any]], fitted: list[dict[str, Any]] | None) -> None:
+    row = {"id": "x", "orders": orders}
+    changed = fit_row(HOOK_CALL_COLUMNS, row)
+    assert changed is (fitted is not None)
+    assert row["orders"] == (fitted if fitted is not None else orders)
+
+
+def test_keyed_hashes_are_hmac_sha256_of_the_ids(tmp_path: Path) -> None:
+    """Rows written before and after stay comparable: the same keyed hash of the same id."""
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'h.db'}", "k" * 32)
+    for patient in ("p1", "p2", "é"):
+        assert store.patient_hash(patient) == hmac.new(
+            b"k" * 32, patient.encode(), hashlib.sha256).hexdigest()
+        assert store.order_hash(patient, "o1") == hmac.new(
+            b"k" * 32, f"{patient}\x1fo1".encode(), hashlib.sha256).hexdigest()
+    assert store.order_hash("p1", None) is None

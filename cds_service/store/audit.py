@@ -119,8 +119,11 @@ class CallRows(Database):
                                                       list[dict[str, Any]], int]:
         calls, cards, fixed = [], [], 0
         for a in audits:
+            # each order's hash once (its card names the same order)
+            ids = {o.get("order_id") for o in a.orders} | {c.order_id for c in a.cards}
+            hashes = {i: self.order_hash(a.patient_id, i) for i in ids}
             orders = [{**{k: v for k, v in o.items() if k != "order_id"},
-                       "order_hash": self.order_hash(a.patient_id, o.get("order_id"))}
+                       "order_hash": hashes[o.get("order_id")]}
                       for o in a.orders]
             call = {"id": a.id, "created_at": a.created_at, "service_id": a.service_id,
                     "hook": a.hook, "hook_instance": a.hook_instance,
@@ -133,7 +136,7 @@ class CallRows(Database):
                         "service_id": a.service_id, "kind": c.kind, "indicator": c.indicator,
                         "procedure": c.procedure, "pama": c.pama, "category": c.category,
                         "suggestions": c.suggestions,
-                        "order_hash": self.order_hash(a.patient_id, c.order_id)}
+                        "order_hash": hashes[c.order_id]}
                 changed = fit_row(CARD_COLUMNS, card) or changed
                 cards.append(card)
             calls.append(call)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import delete, event, false, select
@@ -24,6 +26,15 @@ from cds_service.store.models import HookCall
 from cds_service.store.values import InvalidValue, is_data_error, is_read_only
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def json_text(value: Any) -> str:
+    """A JSON column's text: orjson's (a tenth of the standard library's cost per audit row);
+    the standard library's for what orjson refuses (a key that is not text, a lone surrogate)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -42,30 +53,37 @@ class Database:
         self.url = url
         self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
         self._key = hash_key.encode()
+        # HMAC-SHA256 keyed once; each hash copies it (the key is not set up again per value)
+        self._keyed = hmac.new(self._key, digestmod=hashlib.sha256)
         if self.dialect == "sqlite":
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: AsyncEngine = create_async_engine(
-                url, poolclass=NullPool, connect_args={"timeout": 10})
+                url, poolclass=NullPool, connect_args={"timeout": 10}, json_serializer=json_text)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_async_engine(
                 url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_timeout=3,
-                connect_args={"timeout": connect_timeout, "command_timeout": 5})
+                connect_args={"timeout": connect_timeout, "command_timeout": 5},
+                json_serializer=json_text)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._upsert = pg_insert if self.dialect == "postgresql" else sqlite_insert
 
     def patient_hash(self, patient_id: str) -> str:
-        return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()
+        return self._hash(patient_id.encode())
 
     def order_hash(self, patient_id: str, order_id: str | None) -> str | None:
         """A keyed hash of (patient, draft order): the same order of the same patient across
         calls (a later call about it supersedes an earlier card), and nothing readable."""
         if not order_id:
             return None
-        return hmac.new(self._key, f"{patient_id}\x1f{order_id}".encode(),
-                        hashlib.sha256).hexdigest()
+        return self._hash(f"{patient_id}\x1f{order_id}".encode())
+
+    def _hash(self, data: bytes) -> str:
+        h = self._keyed.copy()
+        h.update(data)
+        return h.hexdigest()
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import JSON, String, Table
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
@@ -70,12 +71,24 @@ def text_fits(value: str, limit: int | None) -> bool:
 
 
 def _json_fits(value: Any) -> bool:
+    """Every key text and every text storable. Checked first in one pass of orjson, which
+    refuses what cannot be encoded (a lone surrogate, a key that is not text) and writes a
+    NUL as an escape; only a value that fails that is walked."""
+    try:
+        if b"\\u0000" not in orjson.dumps(value):
+            return True
+    except TypeError:
+        pass
+    return _walk_fits(value)
+
+
+def _walk_fits(value: Any) -> bool:
     if isinstance(value, str):
         return text_fits(value, None)
     if isinstance(value, list):
-        return all(_json_fits(v) for v in value)
+        return all(_walk_fits(v) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and text_fits(k, None) and _json_fits(v)
+        return all(isinstance(k, str) and text_fits(k, None) and _walk_fits(v)
                    for k, v in value.items())
     return True
 
@@ -95,7 +108,9 @@ def fit_row(columns: Columns, row: dict[str, Any]) -> bool:
     changed = False
     for name, limit in columns.strings.items():
         value = row.get(name)
-        if isinstance(value, str) and not text_fits(value, limit):
+        if (isinstance(value, str) and not (value.isascii() and "\x00" not in value
+                                            and (limit is None or len(value) <= limit))
+                and not text_fits(value, limit)):
             row[name] = fit_text(value, limit)
             changed = True
     for name in columns.json:
