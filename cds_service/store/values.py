@@ -108,9 +108,7 @@ def fit_row(columns: Columns, row: dict[str, Any]) -> bool:
     changed = False
     for name, limit in columns.strings.items():
         value = row.get(name)
-        if (isinstance(value, str) and not (value.isascii() and "\x00" not in value
-                                            and (limit is None or len(value) <= limit))
-                and not text_fits(value, limit)):
+        if isinstance(value, str) and not text_fits(value, limit):
             row[name] = fit_text(value, limit)
             changed = True
     for name in columns.json:
