@@ -107,6 +107,9 @@ def test_launched_from_a_menu_by_the_smart_launcher(browser: Any, fhir: SandboxF
         elif "conservative-care" in asked:
             page.locator('input[name="conservative-care"][value="yes"]').check()
             page.locator('input[name="conservative-care-weeks"]').fill("8")
+        elif "pain-duration" in asked:  # the problem list (the pain's onset) was not read
+            assert unread, f"the pain's duration asked of a record read whole: {asked}"
+            page.locator('input[name="pain-duration"][value="chronic"]').check()
         else:  # the record settles the rating: the red flags are asked
             assert "cauda-equina" in asked, asked
             page.locator('input[name="cauda-equina"][value="no"]').check()
