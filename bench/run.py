@@ -1,15 +1,18 @@
 """Load benchmark: the service against the bare FastAPI stack and the Node peer, same bodies.
 
-    .venv/bin/python bench/run.py [--duration 10] [--connections 8] [--only a-seed-100] [--no-peer]
+    .venv/bin/python bench/run.py [--duration 10] [--rounds 3] [--connections 8]
+                                  [--only a-seed-100] [--no-peer]
 
 Needs wrk (Debian: apt-get install wrk); installs nothing into the system and says what is missing.
 The peer is the CDS Hooks project's own `pama-imaging` sample service (Node.js, bench/peer.py),
 started by this script with its npm dependencies cached under the system temp dir; it is skipped
 with a message (not an error) when Node.js/npm is missing or the peer cannot be installed, and
 for a request kind it does not answer with 200 (it serves order-select only).
-Prints requests/s, p50/p90/p99 latency and errors per request kind and server, the ratios
-service/bare and service/peer measured in the same run, and the service worker's memory before
-and after.
+Service and peer take turns (``--rounds``, who goes first alternating), so that a machine whose
+speed drifts during the run moves both: each round's service/peer ratio is measured back to back
+and the median is reported, with every round's. Prints requests/s, p50/p90/p99 latency, errors
+and the server's CPU time per request (all its threads, from /proc) per request kind and server,
+the ratios service/bare and service/peer, and the service worker's memory before and after.
 """
 
 from __future__ import annotations
@@ -104,43 +107,126 @@ def wrk(url: str, body_file: Path, duration: float, connections: int) -> dict[st
     return result
 
 
-def measure_peer(peer: node_peer.Peer | None, skip: str, hook: str, body_file: Path,
-                 svc: dict[str, Any], warm: float, args: argparse.Namespace) -> dict[str, Any]:
-    """The peer's numbers for one request kind, like the other two: a 200 check, warm-up, run.
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    {"peer": wrk result (+ "answer") or {"skipped": why}, "ratio_peer": service/peer or None}.
-    """
+
+def measured(pid: int, url: str, body_file: Path, duration: float,
+             connections: int) -> dict[str, Any]:
+    """One wrk run, with the server's CPU time per answered request (microseconds)."""
+    before = cpu_seconds(pid)
+    result = wrk(url, body_file, duration, connections)
+    used = cpu_seconds(pid) - before
+    result["cpu_us"] = used * 1e6 / result["requests"] if result["requests"] else float("nan")
+    return result
+
+
+def peer_check(peer: node_peer.Peer | None, skip: str, hook: str,
+               body_file: Path) -> str | None:
+    """None when the peer answers this request kind with 200 (its answer is then in
+    ``peer_answers``); otherwise why it is skipped for it."""
     if peer is None:
-        return {"peer": {"skipped": skip}, "ratio_peer": None}
+        return skip
     if hook != node_peer.HOOK:
-        return {"peer": {"skipped": f"pama-imaging serves {node_peer.HOOK} only, not {hook}"},
-                "ratio_peer": None}
+        return f"pama-imaging serves {node_peer.HOOK} only, not {hook}"
     try:
         check = httpx.post(peer.url, content=body_file.read_bytes(),
                            headers={"Content-Type": "application/json"}, timeout=10)
     except httpx.HTTPError as exc:
-        return {"peer": {"skipped": f"peer did not answer ({exc!r}; log {peer.log})"},
-                "ratio_peer": None}
+        return f"peer did not answer ({exc!r}; log {peer.log})"
     if check.status_code != 200:
         first = check.text.strip().splitlines()[0][:120] if check.text.strip() else ""
-        return {"peer": {"skipped": f"peer answered {check.status_code} ({first})"},
-                "ratio_peer": None}
+        return f"peer answered {check.status_code} ({first})"
     answer = check.json()
     actions = answer.get("extension", {}).get("systemActions", [])
     ratings = [e["valueCodeableConcept"]["coding"][0]["code"]
                for a in actions for e in a["resource"].get("extension", [])
                if e.get("url", "").endswith("/pama-rating")]
-    wrk(peer.url, body_file, warm, args.connections)
-    result = wrk(peer.url, body_file, args.duration, args.connections)
-    result["answer"] = (f"{len(answer.get('cards', []))} cards, {len(actions)} systemActions"
-                        + (f" (rating {', '.join(ratings)})" if ratings else ""))
-    return {"peer": result, "ratio_peer": svc["rps"] / result["rps"] if result["rps"] else 0.0}
+    peer_answers[str(body_file)] = (f"{len(answer.get('cards', []))} cards, {len(actions)} "
+                                    "systemActions"
+                                    + (f" (rating {', '.join(ratings)})" if ratings else ""))
+    return None
+
+
+peer_answers: dict[str, str] = {}
+
+
+def _list(values: list[float]) -> str:
+    return "/".join(f"{v:.0f}" for v in values)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A server's rounds as one result: the median round's figures (by req/s), the median CPU
+    per request, the total requests and errors."""
+    by_rps = sorted(runs, key=lambda r: r["rps"])
+    out = dict(by_rps[len(by_rps) // 2])
+    out["rps"] = median([r["rps"] for r in runs])
+    out["cpu_us"] = median([r["cpu_us"] for r in runs])
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["rounds_rps"] = [r["rps"] for r in runs]
+    return out
+
+
+def measure_kind(name: str, hook: str, body_file: Path, service: subprocess.Popen[bytes],
+                 urls: dict[str, str], bare: subprocess.Popen[bytes],
+                 peer: node_peer.Peer | None, peer_skip: str,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """One request kind: service and peer in alternating rounds (each round's ratio measured
+    back to back, who goes first alternating), the bare stack once."""
+    warm = min(2.0, args.duration)
+    skipped = peer_check(peer, peer_skip, hook, body_file)
+    servers = {"service": (service.pid, urls["service"])}
+    if skipped is None and peer is not None:
+        servers["peer"] = (peer.proc.pid, peer.url)
+    for _, url in servers.values():
+        wrk(url, body_file, warm, args.connections)
+    mem_before = rss_mb(service.pid)
+    rounds: list[dict[str, Any]] = []
+    for i in range(args.rounds):
+        order = list(servers) if i % 2 == 0 else list(reversed(servers))
+        this = {who: measured(*servers[who], body_file, args.duration, args.connections)
+                for who in order}
+        if "peer" in this:
+            this["ratio_peer"] = (this["service"]["rps"] / this["peer"]["rps"]
+                                  if this["peer"]["rps"] else 0.0)
+        rounds.append(this)
+    mem_after = rss_mb(service.pid)
+    wrk(urls["bare"], body_file, warm, args.connections)
+    ref = measured(bare.pid, urls["bare"], body_file, args.duration, args.connections)
+    svc = summary([r["service"] for r in rounds])
+    result: dict[str, Any] = {
+        "bytes": body_file.stat().st_size, "service": svc, "bare": ref,
+        "ratio": svc["rps"] / ref["rps"] if ref["rps"] else 0.0,
+        "rss_before_mb": mem_before, "rss_after_mb": mem_after}
+    if "peer" in servers:
+        result["peer"] = summary([r["peer"] for r in rounds])
+        result["peer"]["answer"] = peer_answers[str(body_file)]
+        ratios = [r["ratio_peer"] for r in rounds]
+        result["ratio_peer"] = median(ratios)
+        result["ratio_peer_rounds"] = ratios
+        result["cpu_ratio_peer"] = (result["peer"]["cpu_us"] / svc["cpu_us"]
+                                    if svc["cpu_us"] else 0.0)
+    else:
+        result["peer"] = {"skipped": skipped}
+        result["ratio_peer"] = None
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating service/peer rounds per request kind (median kept)")
     parser.add_argument("--only", action="append", help="request kinds to run (default all)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--no-peer", action="store_true", help="do not run the Node peer")
@@ -182,27 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, (hook, _) in requests.items():
             path = f"/cds-services/lbp-imaging-{hook}"
-            check = httpx.post(f"http://127.0.0.1:{service_port}{path}",
-                               content=files[name].read_bytes(),
+            urls = {"service": f"http://127.0.0.1:{service_port}{path}",
+                    "bare": f"http://127.0.0.1:{bare_port}{path}"}
+            check = httpx.post(urls["service"], content=files[name].read_bytes(),
                                headers={"Content-Type": "application/json"}, timeout=10)
             if check.status_code != 200:
                 raise SystemExit(f"{name}: service answered {check.status_code}: {check.text}")
-            cards = len(check.json()["cards"])
-            warm = min(2.0, args.duration)
-            wrk(f"http://127.0.0.1:{service_port}{path}", files[name], warm, args.connections)
-            mem_before = rss_mb(service.pid)
-            svc = wrk(f"http://127.0.0.1:{service_port}{path}", files[name], args.duration,
-                      args.connections)
-            mem_after = rss_mb(service.pid)
-            wrk(f"http://127.0.0.1:{bare_port}{path}", files[name], warm, args.connections)
-            ref = wrk(f"http://127.0.0.1:{bare_port}{path}", files[name], args.duration,
-                      args.connections)
-            results[name] = {"bytes": files[name].stat().st_size, "cards": cards,
-                             "service": svc, "bare": ref,
-                             "ratio": svc["rps"] / ref["rps"] if ref["rps"] else 0.0,
-                             "rss_before_mb": mem_before, "rss_after_mb": mem_after}
-            results[name].update(measure_peer(peer, peer_skip, hook, files[name], svc, warm,
-                                              args))
+            results[name] = measure_kind(name, hook, files[name], service, urls, bare, peer,
+                                         peer_skip, args)
+            results[name]["cards"] = len(check.json()["cards"])
     finally:
         service.terminate()
         bare.terminate()
@@ -212,10 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         bare.wait(10)
 
     print(f"one uvicorn worker each, one node process for the peer, {args.connections} "
-          f"connections, {args.duration:.0f} s per run, wrk -t2; "
-          "ratio = service req/s / bare req/s and / peer req/s")
+          f"connections, wrk -t2; {args.rounds} alternating rounds of {args.duration:.0f} s for "
+          "service and peer (median), the bare stack once")
+    print("ratio = service req/s / bare req/s and / peer req/s (the median of the rounds' "
+          "ratios, each measured back to back); CPU = the server's CPU time per request")
     print(f"{'request':<14}{'KB':>6}  {'server':<8}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}"
-          f"{'p99 ms':>9}{'errors':>8}{'ratio/bare':>11}{'ratio/peer':>11}")
+          f"{'p99 ms':>9}{'errors':>8}{'CPU us':>8}{'ratio/bare':>11}{'ratio/peer':>11}")
     for name, r in results.items():
         for who in ("service", "bare", "peer"):
             x = r[who]
@@ -228,8 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                 vs_peer = f"{r['ratio_peer']:.2f}" if r["ratio_peer"] is not None else "-"
                 ratios = f"{r['ratio']:>11.2f}{vs_peer:>11}"
             print(f"{head}{x['rps']:>9.0f}{x['p50']:>9.2f}{x['p90']:>9.2f}{x['p99']:>9.2f}"
-                  f"{x['errors']:>8}{ratios}")
+                  f"{x['errors']:>8}{x['cpu_us']:>8.0f}{ratios}")
     print()
+    for name, r in results.items():
+        if r["ratio_peer"] is not None:
+            rounds = ", ".join(f"{x:.2f}" for x in r["ratio_peer_rounds"])
+            print(f"{name}: service/peer by round {rounds} (median {r['ratio_peer']:.2f}); "
+                  f"service req/s {_list(r['service']['rounds_rps'])}, peer "
+                  f"{_list(r['peer']['rounds_rps'])}; CPU per request: peer/service "
+                  f"{r['cpu_ratio_peer']:.2f}")
     for name, r in results.items():
         if "answer" in r["peer"]:
             print(f"{name}: peer answered 200 with {r['peer']['answer']}")

@@ -38,8 +38,8 @@ def _peer_module() -> ModuleType:
 def test_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "CDS_PEER_INSTALL_TIMEOUT": "120"}
-    run = subprocess.run([sys.executable, "bench/run.py", "--duration", "1", "--only",
-                          "c-sandbox", "--json", str(out)], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "bench/run.py", "--duration", "1", "--rounds", "2",
+                          "--only", "c-sandbox", "--json", str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "c-sandbox" in run.stdout
@@ -48,6 +48,9 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert result["service"]["requests"] > 0 and result["bare"]["requests"] > 0
     assert result["service"]["errors"] == 0 and result["cards"] == 1
     assert result["ratio"] > 0
+    # the server's own CPU time per request, read from /proc around each run
+    assert result["service"]["cpu_us"] > 0 and result["bare"]["cpu_us"] > 0
+    assert len(result["service"]["rounds_rps"]) == 2
 
     peer = result["peer"]
     if not NODE:
@@ -62,6 +65,11 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert "skipped" not in peer, peer
     assert "peer: sandbox-cds-services pama-imaging" in run.stdout
     assert peer["requests"] > 0 and peer["errors"] == 0 and result["ratio_peer"] > 0
+    # two rounds, each ratio measured back to back; the reported one is their median
+    rounds = result["ratio_peer_rounds"]
+    assert len(rounds) == 2 and result["ratio_peer"] == pytest.approx(sum(rounds) / 2)
+    assert peer["cpu_us"] > 0 and result["cpu_ratio_peer"] > 0
+    assert "service/peer by round" in run.stdout
     # The sandbox's own request: the peer rates CT lumbar (72133) for low back pain.
     assert peer["answer"] == "0 cards, 1 systemActions (rating not-appropriate)"
 
