@@ -17,7 +17,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cds_service.errors import StoreUnavailable
 from cds_service.ids import new_uuid
-from cds_service.store.bulk import DriverInsert
 from cds_service.store.database import Database
 from cds_service.store.models import CardShown, HookCall
 from cds_service.store.values import CARD_COLUMNS, HOOK_CALL_COLUMNS, fit_row, is_data_error
@@ -70,8 +69,6 @@ class AuditResult:
 class CallRows(Database):
     """Writing the audit of hook calls: one row per call, one per card shown."""
 
-    _audit_inserts: tuple[DriverInsert, DriverInsert] | None = None  # compiled on first use
-
     async def record_calls(self, audits: list[CallAudit]) -> AuditResult:
         """Store a batch of hook calls; one bad call never takes the others with it.
 
@@ -110,18 +107,13 @@ class CallRows(Database):
 
     async def _insert_calls(self, calls: list[dict[str, Any]],
                             cards: list[dict[str, Any]]) -> None:
-        inserts = self._audit_inserts
-        if inserts is None:
-            dialect = self.engine.dialect
-            inserts = self._audit_inserts = (
-                DriverInsert(self._upsert(HookCall).on_conflict_do_nothing(
-                    index_elements=["id"]), dialect),
-                DriverInsert(self._upsert(CardShown).on_conflict_do_nothing(
-                    index_elements=["uuid"]), dialect))
-        instants: dict[Any, Any] = {}  # a call and its cards share their instant
         async with self.engine.begin() as conn:
-            await inserts[0].run(conn, calls, instants)
-            await inserts[1].run(conn, cards, instants)
+            await conn.execute(
+                self._upsert(HookCall).on_conflict_do_nothing(index_elements=["id"]), calls)
+            if cards:
+                await conn.execute(
+                    self._upsert(CardShown).on_conflict_do_nothing(index_elements=["uuid"]),
+                    cards)
 
     def _rows(self, audits: list[CallAudit]) -> tuple[list[dict[str, Any]],
                                                       list[dict[str, Any]], int]:
