@@ -87,6 +87,23 @@ def test_the_cards_name_every_red_flag_as_checked() -> None:
     assert "prior lumbar surgery" not in why and "age" not in why
 
 
+def test_beside_an_age_that_is_fracture_risk_the_line_names_what_was_checked() -> None:
+    """A patient of 94 is rated by fracture risk (V6) for her age: the line must not also say
+    that fracture risk was checked and not found; it names trauma, osteoporosis and steroid
+    use, and the age on record."""
+    templates = load_templates(ROOT / "cards")
+    engine = Engine(load_knowledge(), templates, dev_settings())
+    prefetch = seed_prefetch(NOW)
+    prefetch["patient"] = {**prefetch["patient"], "birthDate": day(NOW, 94 * 365 + 40)}
+    facts, decision = rate(prefetch, "mri-w")
+    assert facts.fact("elderly").value is Tri.YES and "V6" in (decision.variants or ())
+    why = engine.cards._why(facts, NOW)
+    checked = why.split("no red flags recorded (checked: ", 1)[1].split(")", 1)[0]
+    assert "fracture risk" not in checked, why
+    assert all(templates.fact_short(n) in checked for n in ("trauma", "osteoporosis", "steroids"))
+    assert "on record: age 94" in why
+
+
 # ------------------------------------------------------------------ each coded row
 
 
