@@ -282,6 +282,29 @@ def test_a_medication_course_counts_its_documented_supply() -> None:
     assert facts.care_weeks == pytest.approx(1 / 7)
 
 
+def test_weeks_counted_up_to_today_on_an_active_order_are_said_to_be() -> None:
+    """An order still active with no end date is taken as care up to today: the weeks claim
+    more than any date on record, so the card names the order and says so."""
+    ongoing = medication("nap", "Naproxen 500 mg tablet", 63)
+    facts, _ = rate(record(140, medications=[ongoing]))
+    assert ("care-order-still-active", {"date": day(NOW, 63)}) in facts.assumptions
+    ended = medication("nap", "Naproxen 500 mg tablet", 70, "active", dispenseRequest={
+        "validityPeriod": {"start": day(NOW, 70), "end": day(NOW, 42)}})
+    once = medication("nap", "Naproxen 500 mg tablet", 63, "completed")
+    visits = [pt("a", 56), pt("b", 7)]
+    for care in ([ended], [once]):
+        facts, _ = rate(record(140, medications=care))
+        assert not [a for a in facts.assumptions if a[0] == "care-order-still-active"], care
+    facts, _ = rate(record(140, procedures=visits))
+    assert not [a for a in facts.assumptions if a[0] == "care-order-still-active"]
+    # an older active order, and a later dated visit that ends the span: nothing counted to
+    # today, nothing said
+    facts, _ = rate(record(140, procedures=[pt("b", 7)], medications=[
+        medication("nap", "Naproxen 500 mg tablet", 63, "active", dispenseRequest={
+            "validityPeriod": {"start": day(NOW, 63), "end": day(NOW, 35)}})]))
+    assert not [a for a in facts.assumptions if a[0] == "care-order-still-active"]
+
+
 def test_care_is_never_longer_than_the_episode() -> None:
     facts, _ = rate(record(20, medications=[medication("nap", "Naproxen 500 mg tablet", 30)]))
     # 20 days and a half: the onset's day began at midnight, the clock is at noon

@@ -59,7 +59,9 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any],
     found["indication"], other_indication = indication_fact(ctx, lumbar)
     found["duration"], categories, dated, assumptions = duration_fact(ctx)
     candidate = found["intervention_candidate"] = candidate_fact(ctx)
-    found["conservative_care"], care_weeks, care_states = care_fact(ctx, candidate)
+    found["conservative_care"], care_weeks, care_states, open_end = care_fact(ctx, candidate)
+    if open_end is not None:  # the weeks run up to today on an order with no end: said so
+        assumptions.append(("care-order-still-active", {"date": open_end}))
     assumed = (candidate.value is not Tri.YES and params.assume_candidate_after_failed_care
                and "done" in care_states)
     if assumed:

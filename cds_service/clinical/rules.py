@@ -30,6 +30,7 @@ from cds_service.clinical.registry import (
     spec,
 )
 from cds_service.clinical.scan import (
+    ONGOING,
     DraftScan,
     Hit,
     RecordScan,
@@ -521,9 +522,11 @@ def _care_until(hit: Hit, now: datetime) -> datetime:
 
 
 def _first_care(scan: RecordScan, cutoff: datetime,
-                now: datetime) -> tuple[float | None, list[Evidence], bool]:
+                now: datetime) -> tuple[float | None, list[Evidence], bool, str | None]:
     """Documented weeks of conservative care in this episode (therapy or medication): from the
-    first care to the latest (a single order or visit is no week of care)."""
+    first care to the latest (a single order or visit is no week of care). Last: the date of
+    the latest care when it is an order still active with no documented end, counted up to
+    now (the card says so), else None."""
     care = [h for h in scan.procedures + scan.service_requests + scan.medications
             if h.usable and h.sets & CARE_SETS]
     episode = sorted((h for h in care if h.start and h.start <= now
@@ -533,41 +536,47 @@ def _first_care(scan: RecordScan, cutoff: datetime,
         # unreadable care, or a medication that cannot be read ordered in the episode: unknown
         opaque = any(OPAQUE in h.sets and (h.start is None or (h.end or h.start) >= cutoff)
                      for h in scan.medications)
-        return None, [], any(not h.readable for h in care) or opaque
+        return None, [], any(not h.readable for h in care) or opaque, None
     first = episode[0]
     assert first.start is not None
     latest = max(episode, key=lambda h: _care_until(h, now))
-    span = _care_until(latest, now) - max(first.start, cutoff)
+    until = _care_until(latest, now)
+    span = until - max(first.start, cutoff)
     weeks = max(0.0, span.total_seconds() / WEEK)
     evidence = [first.evidence("first conservative care of this episode")]
     if latest is not first:
         evidence.append(latest.evidence("latest conservative care of this episode"))
-    return weeks, evidence, False
+    open_end = None
+    if latest.until == ONGOING and latest.start is not None and latest.start < until:
+        open_end = latest.start.date().isoformat()
+    return weeks, evidence, False, open_end
 
 
-def care_fact(ctx: RuleContext,
-              candidate: Fact) -> tuple[Fact, float | None, tuple[str, ...]]:
-    """Conservative care in this episode: the fact, its weeks, the states it may be in."""
+def care_fact(ctx: RuleContext, candidate: Fact
+              ) -> tuple[Fact, float | None, tuple[str, ...], str | None]:
+    """Conservative care in this episode: the fact, its weeks, the states it may be in, and
+    the date of an order still active with no end that the weeks count up to now (or None)."""
     rec, params, now = ctx.scan.record, ctx.params, ctx.now
-    weeks, evidence, unreadable = _first_care(ctx.scan, ctx.care_since, now)
+    weeks, evidence, unreadable, open_end = _first_care(ctx.scan, ctx.care_since, now)
     onset = ctx.episode.onset_lo
     if weeks is not None and onset is not None and onset != MIN_TIME:  # never past the episode
         weeks = min(weeks, max(0.0, (now - onset).total_seconds() / WEEK))
     sources = {"procedures": rec.procedures, "servicerequests": rec.service_requests,
                "medications": rec.medications}
     if weeks is not None and weeks >= params.conservative_care_weeks:
-        return Fact("conservative_care", Tri.YES, evidence), weeks, ("done",)
+        return Fact("conservative_care", Tri.YES, evidence), weeks, ("done",), open_end
     if weeks is not None:
         sources_open = [k for k, s in sources.items() if s.state is not SourceState.COMPLETE]
         states = ("under-way", "done") if sources_open else ("under-way",)
-        return Fact("conservative_care", Tri.NO, evidence, sources_open), weeks, states
+        return (Fact("conservative_care", Tri.NO, evidence, sources_open), weeks, states,
+                open_end)
     care = settle("conservative_care", [], sources, unreadable)
     long_enough = onset is None or now - onset >= timedelta(weeks=params.conservative_care_weeks)
     if care.value is Tri.NO and candidate.value is Tri.YES and long_enough:
         # An intervention candidate after weeks of pain with no care on record: the record is
         # silent, not negative.
         care = Fact("conservative_care", Tri.UNKNOWN, [], ["care of a candidate"])
-    return care, None, ("none",) if care.value is Tri.NO else CARE_STATES
+    return care, None, ("none",) if care.value is Tri.NO else CARE_STATES, None
 
 
 def candidate_fact(ctx: RuleContext) -> Fact:
