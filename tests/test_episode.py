@@ -287,22 +287,26 @@ def test_weeks_counted_up_to_today_on_an_active_order_are_said_to_be() -> None:
     more than any date on record, so the card names the order and says so."""
     ongoing = medication("nap", "Naproxen 500 mg tablet", 63)
     facts, _ = rate(record(140, medications=[ongoing]))
-    assert ("care-order-still-active", {"date": day(NOW, 63)}) in facts.assumptions
+    assert ("care-order-still-active-alone", {"date": day(NOW, 63), "weeks": 0}
+            ) in facts.assumptions
+    # after documented visits: the weeks documented up to the open order are said too
+    facts, _ = rate(record(140, procedures=[pt("a", 84)], medications=[ongoing]))
+    assert ("care-order-still-active", {"date": day(NOW, 63), "weeks": 3}) in facts.assumptions
     ended = medication("nap", "Naproxen 500 mg tablet", 70, "active", dispenseRequest={
         "validityPeriod": {"start": day(NOW, 70), "end": day(NOW, 42)}})
     once = medication("nap", "Naproxen 500 mg tablet", 63, "completed")
     visits = [pt("a", 56), pt("b", 7)]
     for care in ([ended], [once]):
         facts, _ = rate(record(140, medications=care))
-        assert not [a for a in facts.assumptions if a[0] == "care-order-still-active"], care
+        assert not [a for a in facts.assumptions if a[0].startswith("care-order")], care
     facts, _ = rate(record(140, procedures=visits))
-    assert not [a for a in facts.assumptions if a[0] == "care-order-still-active"]
+    assert not [a for a in facts.assumptions if a[0].startswith("care-order")]
     # an older active order, and a later dated visit that ends the span: nothing counted to
     # today, nothing said
     facts, _ = rate(record(140, procedures=[pt("b", 7)], medications=[
         medication("nap", "Naproxen 500 mg tablet", 63, "active", dispenseRequest={
             "validityPeriod": {"start": day(NOW, 63), "end": day(NOW, 35)}})]))
-    assert not [a for a in facts.assumptions if a[0] == "care-order-still-active"]
+    assert not [a for a in facts.assumptions if a[0].startswith("care-order")]
 
 
 def test_care_is_never_longer_than_the_episode() -> None:

@@ -521,12 +521,12 @@ def _care_until(hit: Hit, now: datetime) -> datetime:
     return min(end, now)
 
 
-def _first_care(scan: RecordScan, cutoff: datetime,
-                now: datetime) -> tuple[float | None, list[Evidence], bool, str | None]:
+def _first_care(scan: RecordScan, cutoff: datetime, now: datetime
+                ) -> tuple[float | None, list[Evidence], bool, tuple[str, str, Any] | None]:
     """Documented weeks of conservative care in this episode (therapy or medication): from the
-    first care to the latest (a single order or visit is no week of care). Last: the date of
-    the latest care when it is an order still active with no documented end, counted up to
-    now (the card says so), else None."""
+    first care to the latest (a single order or visit is no week of care). Last, when the
+    latest care is an order still active with no documented end, counted up to now (the card
+    says so): an assumption (code, its date, the weeks documented up to it), else None."""
     care = [h for h in scan.procedures + scan.service_requests + scan.medications
             if h.usable and h.sets & CARE_SETS]
     episode = sorted((h for h in care if h.start and h.start <= now
@@ -548,14 +548,18 @@ def _first_care(scan: RecordScan, cutoff: datetime,
         evidence.append(latest.evidence("latest conservative care of this episode"))
     open_end = None
     if latest.until == ONGOING and latest.start is not None and latest.start < until:
-        open_end = latest.start.date().isoformat()
+        before = max(0.0, (latest.start - max(first.start, cutoff)).total_seconds() / WEEK)
+        open_end = ("care-order-still-active-alone" if latest is first
+                    else "care-order-still-active", latest.start.date().isoformat(),
+                    int(before))
     return weeks, evidence, False, open_end
 
 
 def care_fact(ctx: RuleContext, candidate: Fact
-              ) -> tuple[Fact, float | None, tuple[str, ...], str | None]:
+              ) -> tuple[Fact, float | None, tuple[str, ...], tuple[str, str, Any] | None]:
     """Conservative care in this episode: the fact, its weeks, the states it may be in, and
-    the date of an order still active with no end that the weeks count up to now (or None)."""
+    (code, date, weeks documented before it) of an order still active with no end that the
+    weeks count up to now (or None)."""
     rec, params, now = ctx.scan.record, ctx.params, ctx.now
     weeks, evidence, unreadable, open_end = _first_care(ctx.scan, ctx.care_since, now)
     onset = ctx.episode.onset_lo
