@@ -440,13 +440,11 @@ class CardBuilder:
             # "fracture risk" names trauma, osteoporosis and steroid use as one; beside an age
             # that is fracture risk by itself (V6), each is named, so that the line never says
             # fracture risk was checked and not found while the card rates by it
-            by_age = facts.fact("elderly").value is Tri.YES
-            checked: list[str] = []
-            for n in FLAGS:
-                if n == FRACTURE_RISK[0] and not by_age:
-                    checked.append(t.phrase("fracture-risk"))
-                elif n not in FRACTURE_RISK[1:] or by_age:
-                    checked.append(t.fact_short(n))
+            if facts.fact("elderly").value is Tri.YES:
+                checked = [t.fact_short(n) for n in FLAGS]
+            else:
+                checked = [t.phrase("fracture-risk") if n == FRACTURE_RISK[0]
+                           else t.fact_short(n) for n in FLAGS if n not in FRACTURE_RISK[1:]]
             parts.append(t.phrase("no-red-flags", checked=", ".join(checked)))
         # prior lumbar surgery and age set the scenario: findings, never red flags
         seen = [facts.fact(n) for n in SCENARIO_FINDINGS if facts.fact(n).value is Tri.YES]

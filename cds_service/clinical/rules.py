@@ -522,7 +522,7 @@ def _care_until(hit: Hit, now: datetime) -> datetime:
 
 
 def _first_care(scan: RecordScan, cutoff: datetime, now: datetime
-                ) -> tuple[float | None, list[Evidence], bool, tuple[str, str, Any] | None]:
+                ) -> tuple[float | None, list[Evidence], bool, tuple[str, str, int] | None]:
     """Documented weeks of conservative care in this episode (therapy or medication): from the
     first care to the latest (a single order or visit is no week of care). Last, when the
     latest care is an order still active with no documented end, counted up to now (the card
@@ -556,7 +556,7 @@ def _first_care(scan: RecordScan, cutoff: datetime, now: datetime
 
 
 def care_fact(ctx: RuleContext, candidate: Fact
-              ) -> tuple[Fact, float | None, tuple[str, ...], tuple[str, str, Any] | None]:
+              ) -> tuple[Fact, float | None, tuple[str, ...], tuple[str, str, int] | None]:
     """Conservative care in this episode: the fact, its weeks, the states it may be in, and
     (code, date, weeks documented before it) of an order still active with no end that the
     weeks count up to now (or None)."""
