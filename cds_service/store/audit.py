@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cds_service.errors import StoreUnavailable
 from cds_service.ids import new_uuid
+from cds_service.store.bulk import MultiRowInsert, sqlite_max_parameters
 from cds_service.store.database import Database
 from cds_service.store.models import CardShown, HookCall
 from cds_service.store.values import CARD_COLUMNS, HOOK_CALL_COLUMNS, fit_row, is_data_error
@@ -69,6 +70,9 @@ class AuditResult:
 class CallRows(Database):
     """Writing the audit of hook calls: one row per call, one per card shown."""
 
+    # SQLite: the two INSERTs as multi-row statements (store/bulk.py says why), built on first use
+    _multi_row: tuple[MultiRowInsert, MultiRowInsert] | None = None
+
     async def record_calls(self, audits: list[CallAudit]) -> AuditResult:
         """Store a batch of hook calls; one bad call never takes the others with it.
 
@@ -107,6 +111,12 @@ class CallRows(Database):
 
     async def _insert_calls(self, calls: list[dict[str, Any]],
                             cards: list[dict[str, Any]]) -> None:
+        if self.dialect == "sqlite":
+            calls_insert, cards_insert = self._sqlite_inserts()
+            async with self.engine.begin() as conn:
+                await calls_insert.run(conn, calls)
+                await cards_insert.run(conn, cards)
+            return
         async with self.engine.begin() as conn:
             await conn.execute(
                 self._upsert(HookCall).on_conflict_do_nothing(index_elements=["id"]), calls)
@@ -114,6 +124,16 @@ class CallRows(Database):
                 await conn.execute(
                     self._upsert(CardShown).on_conflict_do_nothing(index_elements=["uuid"]),
                     cards)
+
+    def _sqlite_inserts(self) -> tuple[MultiRowInsert, MultiRowInsert]:
+        if self._multi_row is None:
+            dialect, limit = self.engine.dialect, sqlite_max_parameters()
+            self._multi_row = (
+                MultiRowInsert(self._upsert(HookCall).on_conflict_do_nothing(
+                    index_elements=["id"]), dialect, limit),
+                MultiRowInsert(self._upsert(CardShown).on_conflict_do_nothing(
+                    index_elements=["uuid"]), dialect, limit))
+        return self._multi_row
 
     def _rows(self, audits: list[CallAudit]) -> tuple[list[dict[str, Any]],
                                                       list[dict[str, Any]], int]:
