@@ -1,12 +1,13 @@
 """Many rows into one SQLite table as a few multi-row INSERT statements.
 
 SQLite's driver runs in a thread of its own (aiosqlite), and Python's ``sqlite3`` lets go of the
-interpreter lock around every statement step, so an ``executemany`` of a thousand audit rows is
-a thousand hand-overs of the lock between that thread and the event loop. While the event loop is
-busy with hook calls each hand-over waits for the interpreter's switch interval (5 ms): under
-sustained load the writer then stored about 500 rows/s against 1,500 calls/s answered, its queue
-filled, and rows were dropped. One statement of many rows is one step: the rows are bound while
-the thread holds the lock (a millisecond), and SQLite writes them with the lock let go.
+interpreter lock around every statement step, so an ``executemany`` of a thousand audit calls
+(a call row and a card row each) was two thousand hand-overs of the lock between that thread and
+the event loop. While the event loop is busy with hook calls each hand-over waits at least the
+interpreter's switch interval (5 ms): at full load the writer stored about 230 rows/s against
+1,575 calls/s answered, its queue filled, and rows were dropped (bench/RESULTS.md, sixth try).
+One statement of many rows is one step: the rows are bound while the thread holds the lock (a
+millisecond), and SQLite writes them with the lock let go.
 
 The statement is SQLAlchemy's own INSERT compiled for the dialect (its ON CONFLICT clause and
 all), repeated over as many rows as SQLite accepts parameters, and every value goes through the
