@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.dml import Insert
 
 from cds_service.errors import StoreUnavailable
 from cds_service.ids import new_uuid
@@ -111,28 +112,30 @@ class CallRows(Database):
 
     async def _insert_calls(self, calls: list[dict[str, Any]],
                             cards: list[dict[str, Any]]) -> None:
+        calls_insert, cards_insert = self._audit_inserts()
         if self.dialect == "sqlite":
-            calls_insert, cards_insert = self._sqlite_inserts()
+            multi_row = self._sqlite_inserts(calls_insert, cards_insert)
             async with self.engine.begin() as conn:
-                await calls_insert.run(conn, calls)
-                await cards_insert.run(conn, cards)
+                await multi_row[0].run(conn, calls)
+                await multi_row[1].run(conn, cards)
             return
         async with self.engine.begin() as conn:
-            await conn.execute(
-                self._upsert(HookCall).on_conflict_do_nothing(index_elements=["id"]), calls)
+            await conn.execute(calls_insert, calls)
             if cards:
-                await conn.execute(
-                    self._upsert(CardShown).on_conflict_do_nothing(index_elements=["uuid"]),
-                    cards)
+                await conn.execute(cards_insert, cards)
 
-    def _sqlite_inserts(self) -> tuple[MultiRowInsert, MultiRowInsert]:
+    def _audit_inserts(self) -> tuple[Insert, Insert]:
+        """The two INSERTs of a batch (a call or card already stored is skipped: a retry after a
+        commit whose answer was lost stores it once)."""
+        return (self._upsert(HookCall).on_conflict_do_nothing(index_elements=["id"]),
+                self._upsert(CardShown).on_conflict_do_nothing(index_elements=["uuid"]))
+
+    def _sqlite_inserts(self, calls_insert: Insert,
+                        cards_insert: Insert) -> tuple[MultiRowInsert, MultiRowInsert]:
         if self._multi_row is None:
             dialect, limit = self.engine.dialect, sqlite_max_parameters()
-            self._multi_row = (
-                MultiRowInsert(self._upsert(HookCall).on_conflict_do_nothing(
-                    index_elements=["id"]), dialect, limit),
-                MultiRowInsert(self._upsert(CardShown).on_conflict_do_nothing(
-                    index_elements=["uuid"]), dialect, limit))
+            self._multi_row = (MultiRowInsert(calls_insert, dialect, limit),
+                               MultiRowInsert(cards_insert, dialect, limit))
         return self._multi_row
 
     def _rows(self, audits: list[CallAudit]) -> tuple[list[dict[str, Any]],
