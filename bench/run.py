@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,43 +125,32 @@ def measured(pid: int, url: str, body_file: Path, duration: float,
 
 
 def peer_check(peer: node_peer.Peer | None, skip: str, hook: str,
-               body_file: Path) -> str | None:
-    """None when the peer answers this request kind with 200 (its answer is then in
-    ``peer_answers``); otherwise why it is skipped for it."""
+               body_file: Path) -> tuple[str | None, str]:
+    """(None, what it answered) when the peer answers this request kind with 200; otherwise
+    (why it is skipped for it, "")."""
     if peer is None:
-        return skip
+        return skip, ""
     if hook != node_peer.HOOK:
-        return f"pama-imaging serves {node_peer.HOOK} only, not {hook}"
+        return f"pama-imaging serves {node_peer.HOOK} only, not {hook}", ""
     try:
         check = httpx.post(peer.url, content=body_file.read_bytes(),
                            headers={"Content-Type": "application/json"}, timeout=10)
     except httpx.HTTPError as exc:
-        return f"peer did not answer ({exc!r}; log {peer.log})"
+        return f"peer did not answer ({exc!r}; log {peer.log})", ""
     if check.status_code != 200:
         first = check.text.strip().splitlines()[0][:120] if check.text.strip() else ""
-        return f"peer answered {check.status_code} ({first})"
+        return f"peer answered {check.status_code} ({first})", ""
     answer = check.json()
     actions = answer.get("extension", {}).get("systemActions", [])
     ratings = [e["valueCodeableConcept"]["coding"][0]["code"]
                for a in actions for e in a["resource"].get("extension", [])
                if e.get("url", "").endswith("/pama-rating")]
-    peer_answers[str(body_file)] = (f"{len(answer.get('cards', []))} cards, {len(actions)} "
-                                    "systemActions"
-                                    + (f" (rating {', '.join(ratings)})" if ratings else ""))
-    return None
-
-
-peer_answers: dict[str, str] = {}
+    return None, (f"{len(answer.get('cards', []))} cards, {len(actions)} systemActions"
+                  + (f" (rating {', '.join(ratings)})" if ratings else ""))
 
 
 def _list(values: list[float]) -> str:
     return "/".join(f"{v:.0f}" for v in values)
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,8 +158,8 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     per request, the total requests and errors."""
     by_rps = sorted(runs, key=lambda r: r["rps"])
     out = dict(by_rps[len(by_rps) // 2])
-    out["rps"] = median([r["rps"] for r in runs])
-    out["cpu_us"] = median([r["cpu_us"] for r in runs])
+    out["rps"] = statistics.median([r["rps"] for r in runs])
+    out["cpu_us"] = statistics.median([r["cpu_us"] for r in runs])
     out["requests"] = sum(r["requests"] for r in runs)
     out["errors"] = sum(r["errors"] for r in runs)
     out["rounds_rps"] = [r["rps"] for r in runs]
@@ -183,7 +173,7 @@ def measure_kind(name: str, hook: str, body_file: Path, service: subprocess.Pope
     """One request kind: service and peer in alternating rounds (each round's ratio measured
     back to back, who goes first alternating), the bare stack once."""
     warm = min(2.0, args.duration)
-    skipped = peer_check(peer, peer_skip, hook, body_file)
+    skipped, peer_answer = peer_check(peer, peer_skip, hook, body_file)
     servers = {"service": (service.pid, urls["service"])}
     if skipped is None and peer is not None:
         servers["peer"] = (peer.proc.pid, peer.url)
@@ -209,9 +199,9 @@ def measure_kind(name: str, hook: str, body_file: Path, service: subprocess.Pope
         "rss_before_mb": mem_before, "rss_after_mb": mem_after}
     if "peer" in servers:
         result["peer"] = summary([r["peer"] for r in rounds])
-        result["peer"]["answer"] = peer_answers[str(body_file)]
+        result["peer"]["answer"] = peer_answer
         ratios = [r["ratio_peer"] for r in rounds]
-        result["ratio_peer"] = median(ratios)
+        result["ratio_peer"] = statistics.median(ratios)
         result["ratio_peer_rounds"] = ratios
         result["cpu_ratio_peer"] = (result["peer"]["cpu_us"] / svc["cpu_us"]
                                     if svc["cpu_us"] else 0.0)
