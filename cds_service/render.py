@@ -64,12 +64,13 @@ PHRASES: dict[str, tuple[str, ...]] = {
 # The assumptions the clinical rules make (common.yaml "assumptions"), with their placeholders.
 ASSUMPTIONS: dict[str, tuple[str, ...]] = {
     "candidate-after-failed-care": ("weeks",), "duration-from-recorded-date": (),
-    "care-order-still-active": ("date", "weeks"), "care-order-still-active-alone": ("date",)}
+    "care-order-still-active": ("date", "weeks", "last"),
+    "care-order-still-active-alone": ("date",)}
 PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer",
                  "checked": "cancer", "weeks": 3, "needed": 6, "questions": "2 questions",
                  "day": "2026-01-01", "entries": "Breast cancer, on treatment",
                  "answered": "more than 12 weeks", "date": "2026-01-01",
-                 "contrast": "gadolinium contrast"}
+                 "contrast": "gadolinium contrast", "last": "2026-02-01"}
 
 
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#])")

@@ -287,11 +287,19 @@ def test_weeks_counted_up_to_today_on_an_active_order_are_said_to_be() -> None:
     more than any date on record, so the card names the order and says so."""
     ongoing = medication("nap", "Naproxen 500 mg tablet", 63)
     facts, _ = rate(record(140, medications=[ongoing]))
-    assert ("care-order-still-active-alone", {"date": day(NOW, 63), "weeks": 0}
+    assert ("care-order-still-active-alone", {"date": day(NOW, 63), "weeks": 0, "last": ""}
             ) in facts.assumptions
-    # after documented visits: the weeks documented up to the open order are said too
+    # after documented visits: the weeks documented, to the open order's date, are said too
     facts, _ = rate(record(140, procedures=[pt("a", 84)], medications=[ongoing]))
-    assert ("care-order-still-active", {"date": day(NOW, 63), "weeks": 3}) in facts.assumptions
+    assert ("care-order-still-active", {"date": day(NOW, 63), "weeks": 3,
+                                        "last": day(NOW, 63)}) in facts.assumptions
+    # the open order is the oldest care and dated visits follow it: it is not the only care,
+    # and the care documented runs to the latest visit (the Synthea patient whose 2014 order
+    # was never closed, with later courses)
+    facts, _ = rate(record(140, procedures=[pt("a", 49), pt("b", 21)], medications=[ongoing]))
+    assert ("care-order-still-active", {"date": day(NOW, 63), "weeks": 6,
+                                        "last": day(NOW, 21)}) in facts.assumptions
+    assert not [a for a in facts.assumptions if a[0] == "care-order-still-active-alone"]
     ended = medication("nap", "Naproxen 500 mg tablet", 70, "active", dispenseRequest={
         "validityPeriod": {"start": day(NOW, 70), "end": day(NOW, 42)}})
     once = medication("nap", "Naproxen 500 mg tablet", 63, "completed")

@@ -522,11 +522,13 @@ def _care_until(hit: Hit, now: datetime) -> datetime:
 
 
 def _first_care(scan: RecordScan, cutoff: datetime, now: datetime
-                ) -> tuple[float | None, list[Evidence], bool, tuple[str, str, int] | None]:
+                ) -> tuple[float | None, list[Evidence], bool, tuple[str, str, int, str] | None]:
     """Documented weeks of conservative care in this episode (therapy or medication): from the
     first care to the latest (a single order or visit is no week of care). Last, when the
     latest care is an order still active with no documented end, counted up to now (the card
-    says so): an assumption (code, its date, the weeks documented up to it), else None."""
+    says so): an assumption (code, the open order's date, the weeks the record documents and the
+    last date it documents; the weeks and date are 0 and "" where that order is the only care),
+    else None."""
     care = [h for h in scan.procedures + scan.service_requests + scan.medications
             if h.usable and h.sets & CARE_SETS]
     episode = sorted((h for h in care if h.start and h.start <= now
@@ -548,18 +550,23 @@ def _first_care(scan: RecordScan, cutoff: datetime, now: datetime
         evidence.append(latest.evidence("latest conservative care of this episode"))
     open_end = None
     if latest.until == ONGOING and latest.start is not None and latest.start < until:
-        before = max(0.0, (latest.start - max(first.start, cutoff)).total_seconds() / WEEK)
-        open_end = ("care-order-still-active-alone" if latest is first
-                    else "care-order-still-active", latest.start.date().isoformat(),
-                    int(before))
+        # what the record documents: each course to its end, an open order to its own date
+        opened = max(h.start for h in episode if h.until == ONGOING and h.start is not None)
+        last = max(h.start if h.until == ONGOING and h.start is not None
+                   else _care_until(h, now) for h in episode)
+        before = max(0.0, (last - max(first.start, cutoff)).total_seconds() / WEEK)
+        open_end = (("care-order-still-active-alone", opened.date().isoformat(), 0, "")
+                    if len(episode) == 1 else
+                    ("care-order-still-active", opened.date().isoformat(), int(before),
+                     last.date().isoformat()))
     return weeks, evidence, False, open_end
 
 
 def care_fact(ctx: RuleContext, candidate: Fact
-              ) -> tuple[Fact, float | None, tuple[str, ...], tuple[str, str, int] | None]:
+              ) -> tuple[Fact, float | None, tuple[str, ...], tuple[str, str, int, str] | None]:
     """Conservative care in this episode: the fact, its weeks, the states it may be in, and
-    (code, date, weeks documented before it) of an order still active with no end that the
-    weeks count up to now (or None)."""
+    the assumption (``_first_care``) when the weeks count up to now on an order still active
+    with no end (or None)."""
     rec, params, now = ctx.scan.record, ctx.params, ctx.now
     weeks, evidence, unreadable, open_end = _first_care(ctx.scan, ctx.care_since, now)
     onset = ctx.episode.onset_lo
