@@ -541,7 +541,8 @@ def _first_care(scan: RecordScan, cutoff: datetime, now: datetime
         return None, [], any(not h.readable for h in care) or opaque, None
     first = episode[0]
     assert first.start is not None
-    latest = max(episode, key=lambda h: _care_until(h, now))
+    # the latest care: the one documented furthest, the later started of open orders (up to now)
+    latest = max(episode, key=lambda h: (_care_until(h, now), h.start or now))
     until = _care_until(latest, now)
     span = until - max(first.start, cutoff)
     weeks = max(0.0, span.total_seconds() / WEEK)
@@ -551,13 +552,12 @@ def _first_care(scan: RecordScan, cutoff: datetime, now: datetime
     open_end = None
     if latest.until == ONGOING and latest.start is not None and latest.start < until:
         # what the record documents: each course to its end, an open order to its own date
-        opened = max(h.start for h in episode if h.until == ONGOING and h.start is not None)
         last = max(h.start if h.until == ONGOING and h.start is not None
                    else _care_until(h, now) for h in episode)
         before = max(0.0, (last - max(first.start, cutoff)).total_seconds() / WEEK)
-        open_end = (("care-order-still-active-alone", opened.date().isoformat(), 0, "")
+        open_end = (("care-order-still-active-alone", latest.start.date().isoformat(), 0, "")
                     if len(episode) == 1 else
-                    ("care-order-still-active", opened.date().isoformat(), int(before),
+                    ("care-order-still-active", latest.start.date().isoformat(), int(before),
                      last.date().isoformat()))
     return weeks, evidence, False, open_end
 
