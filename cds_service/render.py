@@ -64,13 +64,15 @@ PHRASES: dict[str, tuple[str, ...]] = {
 # The assumptions the clinical rules make (common.yaml "assumptions"), with their placeholders.
 ASSUMPTIONS: dict[str, tuple[str, ...]] = {
     "candidate-after-failed-care": ("weeks",), "duration-from-recorded-date": (),
-    "care-order-still-active": ("date", "weeks", "last"),
+    "care-order-still-active": ("date", "first", "last"),
+    "care-orders-still-active": ("date", "first", "last", "count"),
     "care-order-still-active-alone": ("date",)}
 PHRASE_SAMPLE = {"span": "10 days", "found": "fever (R50.9)", "unknown": "cancer",
                  "checked": "cancer", "weeks": 3, "needed": 6, "questions": "2 questions",
                  "day": "2026-01-01", "entries": "Breast cancer, on treatment",
                  "answered": "more than 12 weeks", "date": "2026-01-01",
-                 "contrast": "gadolinium contrast", "last": "2026-02-01"}
+                 "contrast": "gadolinium contrast", "first": "2025-11-01",
+                 "last": "2026-02-01", "count": 2}
 
 
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#])")

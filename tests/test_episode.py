@@ -286,35 +286,44 @@ def test_weeks_counted_up_to_today_on_an_active_order_are_said_to_be() -> None:
     """An order still active with no end date is taken as care up to today: the weeks claim
     more than any date on record, so the card names the order and says so."""
     ongoing = medication("nap", "Naproxen 500 mg tablet", 63)
+
+    def said(facts: Any) -> list[tuple[str, dict[str, Any]]]:
+        return [a for a in facts.assumptions if a[0].startswith("care-order")]
+
     facts, _ = rate(record(140, medications=[ongoing]))
-    assert ("care-order-still-active-alone", {"date": day(NOW, 63), "weeks": 0, "last": ""}
-            ) in facts.assumptions
-    # after documented visits: the weeks documented, to the open order's date, are said too
+    assert said(facts) == [("care-order-still-active-alone", {
+        "date": day(NOW, 63), "first": day(NOW, 63), "last": day(NOW, 63), "count": 1})]
+    # after documented visits: the care on record, to the open order's date
     facts, _ = rate(record(140, procedures=[pt("a", 84)], medications=[ongoing]))
-    assert ("care-order-still-active", {"date": day(NOW, 63), "weeks": 3,
-                                        "last": day(NOW, 63)}) in facts.assumptions
+    assert said(facts) == [("care-order-still-active", {
+        "date": day(NOW, 63), "first": day(NOW, 84), "last": day(NOW, 63), "count": 1})]
     # the open order is the oldest care and dated visits follow it: it is not the only care,
-    # and the care documented runs to the latest visit (the Synthea patient whose 2014 order
-    # was never closed, with later courses)
+    # and the care on record runs to the latest visit
     facts, _ = rate(record(140, procedures=[pt("a", 49), pt("b", 21)], medications=[ongoing]))
-    assert ("care-order-still-active", {"date": day(NOW, 63), "weeks": 6,
-                                        "last": day(NOW, 21)}) in facts.assumptions
-    assert not [a for a in facts.assumptions if a[0] == "care-order-still-active-alone"]
+    assert said(facts) == [("care-order-still-active", {
+        "date": day(NOW, 63), "first": day(NOW, 63), "last": day(NOW, 21), "count": 1})]
+    # two open orders (the Synthea patient whose 2014 order was never closed, beside a 2024
+    # one): both are counted, the latest named, and it is the latest care in the findings
+    later = medication("ibu", "Ibuprofen 400 mg tablet", 28)
+    facts, _ = rate(record(140, procedures=[pt("b", 42)], medications=[ongoing, later]))
+    assert said(facts) == [("care-orders-still-active", {
+        "date": day(NOW, 28), "first": day(NOW, 63), "last": day(NOW, 28), "count": 2})]
+    assert facts.conservative_care.evidence[-1].resource == "MedicationRequest/ibu"
     ended = medication("nap", "Naproxen 500 mg tablet", 70, "active", dispenseRequest={
         "validityPeriod": {"start": day(NOW, 70), "end": day(NOW, 42)}})
     once = medication("nap", "Naproxen 500 mg tablet", 63, "completed")
     visits = [pt("a", 56), pt("b", 7)]
     for care in ([ended], [once]):
         facts, _ = rate(record(140, medications=care))
-        assert not [a for a in facts.assumptions if a[0].startswith("care-order")], care
+        assert not said(facts), care
     facts, _ = rate(record(140, procedures=visits))
-    assert not [a for a in facts.assumptions if a[0].startswith("care-order")]
+    assert not said(facts)
     # an older active order, and a later dated visit that ends the span: nothing counted to
     # today, nothing said
     facts, _ = rate(record(140, procedures=[pt("b", 7)], medications=[
         medication("nap", "Naproxen 500 mg tablet", 63, "active", dispenseRequest={
             "validityPeriod": {"start": day(NOW, 63), "end": day(NOW, 35)}})]))
-    assert not [a for a in facts.assumptions if a[0].startswith("care-order")]
+    assert not said(facts)
 
 
 def test_care_is_never_longer_than_the_episode() -> None:

@@ -61,8 +61,8 @@ def derive_facts(scan: RecordScan, order: Mapping[str, Any],
     candidate = found["intervention_candidate"] = candidate_fact(ctx)
     found["conservative_care"], care_weeks, care_states, open_end = care_fact(ctx, candidate)
     if open_end is not None:  # the weeks run up to today on an order with no end: said so
-        code, date, before, last = open_end
-        assumptions.append((code, {"date": date, "weeks": before, "last": last}))
+        code, date, first, last, count = open_end
+        assumptions.append((code, {"date": date, "first": first, "last": last, "count": count}))
     assumed = (candidate.value is not Tri.YES and params.assume_candidate_after_failed_care
                and "done" in care_states)
     if assumed:

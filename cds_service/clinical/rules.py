@@ -521,14 +521,19 @@ def _care_until(hit: Hit, now: datetime) -> datetime:
     return min(end, now)
 
 
+# the weeks counted up to now on an order still active with no end (rules._first_care): the
+# assumption's code, the latest open order's date, the first and last dates of care on record
+# (an open order's own date its last), and how many orders are open
+OpenEnd = tuple[str, str, str, str, int]
+
+
 def _first_care(scan: RecordScan, cutoff: datetime, now: datetime
-                ) -> tuple[float | None, list[Evidence], bool, tuple[str, str, int, str] | None]:
+                ) -> tuple[float | None, list[Evidence], bool, OpenEnd | None]:
     """Documented weeks of conservative care in this episode (therapy or medication): from the
     first care to the latest (a single order or visit is no week of care). Last, when the
     latest care is an order still active with no documented end, counted up to now (the card
-    says so): an assumption (code, the open order's date, the weeks the record documents and the
-    last date it documents; the weeks and date are 0 and "" where that order is the only care),
-    else None."""
+    says so): that assumption (its code, the latest open order's date, the first and last dates
+    of care on record, the open orders), else None."""
     care = [h for h in scan.procedures + scan.service_requests + scan.medications
             if h.usable and h.sets & CARE_SETS]
     episode = sorted((h for h in care if h.start and h.start <= now
@@ -554,16 +559,16 @@ def _first_care(scan: RecordScan, cutoff: datetime, now: datetime
         # what the record documents: each course to its end, an open order to its own date
         last = max(h.start if h.until == ONGOING and h.start is not None
                    else _care_until(h, now) for h in episode)
-        before = max(0.0, (last - max(first.start, cutoff)).total_seconds() / WEEK)
-        open_end = (("care-order-still-active-alone", latest.start.date().isoformat(), 0, "")
-                    if len(episode) == 1 else
-                    ("care-order-still-active", latest.start.date().isoformat(), int(before),
-                     last.date().isoformat()))
+        opened = sum(1 for h in episode if h.until == ONGOING)
+        code = ("care-order-still-active-alone" if len(episode) == 1
+                else "care-order-still-active" if opened == 1 else "care-orders-still-active")
+        open_end = (code, latest.start.date().isoformat(), first.start.date().isoformat(),
+                    last.date().isoformat(), opened)
     return weeks, evidence, False, open_end
 
 
 def care_fact(ctx: RuleContext, candidate: Fact
-              ) -> tuple[Fact, float | None, tuple[str, ...], tuple[str, str, int, str] | None]:
+              ) -> tuple[Fact, float | None, tuple[str, ...], OpenEnd | None]:
     """Conservative care in this episode: the fact, its weeks, the states it may be in, and
     the assumption (``_first_care``) when the weeks count up to now on an order still active
     with no end (or None)."""
