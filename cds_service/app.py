@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -19,11 +19,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
 from starlette.datastructures import State
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp
 
 from cds_service.api import HOT_ROUTES, router
-from cds_service.api.error_handlers import install_error_handlers
+from cds_service.api.error_handlers import install_error_handlers, unexpected_error
 from cds_service.api.hooks import SERVICES
-from cds_service.api.middleware import BodyLimit, CountRequests, PageHeaders
+from cds_service.api.middleware import Edge
 from cds_service.errors import StoreUnavailable
 from cds_service.openapi import build_openapi
 from cds_service.services import ConfigurationError, Services, audit_hash_key, build_services
@@ -48,7 +50,7 @@ def create_app(settings: Settings | None = None, *,
     settings = settings or get_settings()
     services = build_services(settings, clock or (lambda: datetime.now(UTC)))
     show_openapi = settings.env != "production" or settings.openapi_public
-    app = FastAPI(title="Lumbar imaging appropriateness CDS service", version="0.1.0",
+    app = CdsApi(title="Lumbar imaging appropriateness CDS service", version="0.1.0",
                   docs_url=None, redoc_url=None, lifespan=lifespan,  # no CDN pages
                   openapi_url="/openapi.json" if show_openapi else None,
                   telemetry=NO_TELEMETRY)
@@ -61,15 +63,30 @@ def create_app(settings: Settings | None = None, *,
         app.state.smart = SmartApp(settings, services.engine, services.store, services.clock,
                                    audit_hash_key(settings))
         app.include_router(smart_router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
-                       read_timeout=settings.body_read_timeout_seconds)
-    app.add_middleware(CountRequests, metrics=services.metrics)  # outside: counts 413, 408 too
-    app.add_middleware(PageHeaders, rules=page_headers(app))  # on a 413 page too
-    app.add_middleware(  # outermost, so that even a 413 carries the CORS headers
-        CORSMiddleware, allow_origins=settings.cors_origin_list,
-        allow_methods=["GET", "POST", "OPTIONS"],
-        allow_headers=["Content-Type", "Authorization"], max_age=600)
+    app.outer_middleware = [
+        # outermost, so that every answer (a 413, a 500) carries the CORS headers
+        Middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                   allow_methods=["GET", "POST", "OPTIONS"],
+                   allow_headers=["Content-Type", "Authorization"], max_age=600),
+        Middleware(Edge, metrics=services.metrics, limit=settings.max_body_bytes,
+                   read_timeout=settings.body_read_timeout_seconds,
+                   page_rules=page_headers(app), unexpected=unexpected_error),
+    ]
     return app
+
+
+class CdsApi(FastAPI):
+    """FastAPI with ``outer_middleware``: layers outside the framework's own stack (its error,
+    telemetry and exception layers, and the router), so that a request they answer (the hook
+    call, served by :class:`Edge`) passes through nothing else."""
+
+    outer_middleware: Sequence[Middleware] = ()
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app = super().build_middleware_stack()
+        for cls, args, kwargs in reversed(self.outer_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 # The report page: its own inline style, nothing else loaded, never framed, never cached
