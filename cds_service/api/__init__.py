@@ -7,7 +7,8 @@
     fhir       the service's CodeSystems and Questionnaire
     deps       what the routes share (services, authentication, the JSON body)
 
-``middleware`` (body limit, request counts) and ``error_handlers`` (every error an
+``middleware`` (the outer layer: body limit, page headers, request counts, and the hot routes
+served without the framework's inner stack) and ``error_handlers`` (every error an
 OperationOutcome) are installed by :func:`cds_service.app.create_app`.
 """
 
@@ -20,10 +21,11 @@ from cds_service.api import admin, feedback, fhir, hooks, ops
 from cds_service.codesystems import PATH
 from cds_service.questionnaire import QUESTIONNAIRE_PATH
 
-# The hook call and its feedback are plain routes that create_app puts first on the
-# application's own router: nearly all traffic is theirs, they are matched by one pattern each
-# (not through an included router), and they read their own bodies (no parameters for FastAPI
-# to solve on each call). openapi.py describes them.
+# The hook call and its feedback: nearly all traffic is theirs. The outer layer
+# (middleware.Edge) matches a POST against them and serves it itself, without the framework's
+# inner layers; they are also first on the application's router (the 405 for other methods,
+# url_for) and read their own bodies (no parameters for FastAPI to solve on each call).
+# openapi.py describes them.
 HOT_ROUTES = [
     Route("/cds-services/{service_id}", hooks.hook, methods=["POST"], name="hook"),
     Route("/cds-services/{service_id}/feedback", feedback.feedback, methods=["POST"],
