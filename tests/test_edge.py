@@ -71,6 +71,16 @@ def test_hook_answers_are_counted_by_route_template_and_status(served: str) -> N
                 - requests_counted(before, HOOK_ROUTE, status)) == 1, status
 
 
+def test_other_requests_are_still_counted_by_the_routers_template(served: str) -> None:
+    before = httpx.get(served + "/metrics", timeout=10).text
+    assert httpx.get(served + "/healthz", timeout=10).status_code == 200
+    assert httpx.get(served + "/no-such-page", timeout=10).status_code == 404
+    after = httpx.get(served + "/metrics", timeout=10).text
+    for route, status in (("/healthz", "200"), ("unmatched", "404")):
+        assert (requests_counted(after, route, status)
+                - requests_counted(before, route, status)) == 1, route
+
+
 def test_a_body_too_large_for_the_hook_is_413_before_and_while_it_is_read(served: str) -> None:
     big = b'{"hook": "order-select", "pad": "' + b"x" * 300_000 + b'"}'
     declared = httpx.post(served + SELECT, content=big, timeout=30,
